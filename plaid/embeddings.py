@@ -1,0 +1,352 @@
+"""Turning what users pass as documents or queries into validated float32 arrays.
+
+Documents reach the indexer as one of:
+
+* :class:`Embeddings` — a flat ``[total_tokens, dim]`` array (often ``np.load(path, mmap_mode="r")``)
+  plus the token count of each document;
+* a sequence (list, tuple) of 2-D arrays, one ``[n_tokens, dim]`` array per document;
+* any other iterable of such arrays (a generator), which is read once.
+
+numpy arrays and torch tensors are accepted, in float16, bfloat16 (torch), float32 or float64.
+All of them are wrapped in a :class:`Corpus`, which the indexer reads in document-aligned
+chunks so that the corpus never has to fit in memory.
+
+Empty documents (zero tokens) are allowed: they keep their id, hold no tokens and are never
+returned by a search. :func:`plaid.maxsim` scores them ``-inf``.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .errors import InvalidInputError
+
+__all__ = ["Embeddings", "Corpus", "as_corpus", "as_queries", "to_numpy"]
+
+ArrayLike = Union[np.ndarray, "torch.Tensor"]  # noqa: F821
+
+_FLOAT_KINDS = {"float16", "float32", "float64"}
+
+
+def to_numpy(x, what: str) -> np.ndarray:
+    """Return ``x`` (numpy array or torch tensor) as a numpy array without copying when possible.
+
+    torch bfloat16 is upcast to float32 (numpy has no bfloat16). Raises
+    :class:`InvalidInputError` for any other non-float dtype.
+    """
+    if type(x).__module__.startswith("torch"):
+        import torch
+
+        if not isinstance(x, torch.Tensor):
+            raise InvalidInputError(f"{what}: expected an array or tensor, got {type(x).__name__}")
+        t = x.detach()
+        if t.dtype == torch.bfloat16:
+            t = t.float()
+        if not t.dtype.is_floating_point:
+            raise InvalidInputError(
+                f"{what}: unsupported dtype {t.dtype}; expected float16, bfloat16, float32 or float64"
+            )
+        x = t.cpu().numpy()
+    elif not isinstance(x, np.ndarray):
+        if isinstance(x, (list, tuple)) and len(x) == 0:
+            x = np.zeros((0,), dtype=np.float32)
+        else:
+            try:
+                x = np.asarray(x)
+            except Exception as e:  # ragged nested lists and the like
+                raise InvalidInputError(f"{what}: cannot be read as an array ({e})") from None
+    if x.dtype.name not in _FLOAT_KINDS:
+        raise InvalidInputError(
+            f"{what}: unsupported dtype {x.dtype}; expected float16, bfloat16, float32 or float64"
+        )
+    return x
+
+
+def _check_finite(block: np.ndarray, what: str, first_row_doc: Optional[np.ndarray] = None) -> None:
+    """Raise if ``block`` holds NaN or inf; ``first_row_doc`` maps row -> document position."""
+    ok = np.isfinite(block).all(axis=-1) if block.ndim > 1 else np.isfinite(block)
+    if not ok.all():
+        row = int(np.flatnonzero(~ok.reshape(-1))[0]) if ok.ndim == 1 else int(np.flatnonzero(~ok)[0])
+        where = f"document {int(first_row_doc[row])}" if first_row_doc is not None else f"row {row}"
+        raise InvalidInputError(f"{what}: {where} contains NaN or inf values")
+
+
+class Embeddings:
+    """A corpus of token embeddings stored flat.
+
+    Parameters
+    ----------
+    vectors : array [total_tokens, dim], float16/float32 (numpy, memory-mapped numpy or torch)
+        Token vectors of all documents, document after document. Not copied: a memory-mapped
+        array stays on disk and is read in chunks.
+    doclens : array [n_docs] of non-negative ints
+        Number of tokens of each document; must sum to ``total_tokens``.
+
+    Document ``i`` is ``vectors[offsets[i]:offsets[i + 1]]`` with ``offsets = [0, *cumsum(doclens)]``.
+    """
+
+    def __init__(self, vectors: ArrayLike, doclens: ArrayLike):
+        vectors = to_numpy(vectors, "Embeddings.vectors")
+        if vectors.ndim != 2:
+            raise InvalidInputError(
+                f"Embeddings.vectors must be 2-D [total_tokens, dim], got shape {tuple(vectors.shape)}"
+            )
+        dl = np.asarray(doclens.cpu().numpy() if hasattr(doclens, "cpu") else doclens)
+        if dl.ndim != 1:
+            raise InvalidInputError(f"Embeddings.doclens must be 1-D [n_docs], got shape {tuple(dl.shape)}")
+        if dl.size and not np.issubdtype(dl.dtype, np.integer):
+            if not np.all(np.mod(dl, 1) == 0):
+                raise InvalidInputError("Embeddings.doclens must hold integers")
+        dl = dl.astype(np.int64)
+        if (dl < 0).any():
+            i = int(np.flatnonzero(dl < 0)[0])
+            raise InvalidInputError(f"Embeddings.doclens: document {i} has a negative length {dl[i]}")
+        total = int(dl.sum())
+        if total != vectors.shape[0]:
+            raise InvalidInputError(
+                f"Embeddings: doclens sum to {total} tokens but vectors has {vectors.shape[0]} rows"
+            )
+        self.vectors = vectors
+        self.doclens = dl
+        self.offsets = np.concatenate([[0], np.cumsum(dl)]).astype(np.int64)
+
+    @property
+    def dim(self) -> int:
+        return int(self.vectors.shape[1])
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.vectors.shape[0])
+
+    def __len__(self) -> int:
+        return len(self.doclens)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Document ``i`` as a ``[n_tokens, dim]`` view."""
+        if not -len(self) <= i < len(self):
+            raise IndexError(i)
+        i = i % len(self)
+        return self.vectors[self.offsets[i] : self.offsets[i + 1]]
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        for i in range(len(self)):
+            yield self[i]
+
+    def __repr__(self) -> str:
+        return f"Embeddings(n_docs={len(self)}, num_tokens={self.num_tokens}, dim={self.dim}, dtype={self.vectors.dtype})"
+
+
+class Corpus:
+    """Validated, random-access view of a document collection (internal to the indexer).
+
+    Attributes: ``dim`` (int), ``doclens`` (int64 [n_docs]), ``offsets`` (int64 [n_docs + 1]).
+    Reads return float32 arrays; every read block is checked for NaN/inf.
+    """
+
+    def __init__(self, flat: Optional[Embeddings] = None, docs: Optional[List[np.ndarray]] = None,
+                 cleanup: Optional[str] = None):
+        self._flat = flat
+        self._docs = docs
+        self._cleanup = cleanup
+        if flat is not None:
+            self.dim = flat.dim
+            self.doclens = flat.doclens
+            self.offsets = flat.offsets
+        else:
+            assert docs is not None
+            self.doclens = np.array([d.shape[0] for d in docs], dtype=np.int64)
+            self.offsets = np.concatenate([[0], np.cumsum(self.doclens)]).astype(np.int64)
+            self.dim = int(docs[0].shape[1]) if docs else 0
+
+    @property
+    def num_docs(self) -> int:
+        return len(self.doclens)
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def read(self, doc_start: int, doc_end: int) -> np.ndarray:
+        """Tokens of documents ``[doc_start, doc_end)`` as float32 ``[n_tokens, dim]``, NaN-checked."""
+        if self._flat is not None:
+            block = self._flat.vectors[self.offsets[doc_start] : self.offsets[doc_end]]
+        else:
+            parts = [d for d in self._docs[doc_start:doc_end] if d.shape[0]]
+            block = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
+        block = np.ascontiguousarray(block, dtype=np.float32)
+        if not np.isfinite(block).all():
+            bad = int(np.flatnonzero(~np.isfinite(block).all(axis=1))[0]) + int(self.offsets[doc_start])
+            doc = int(np.searchsorted(self.offsets, bad, side="right") - 1)
+            raise InvalidInputError(f"documents: document {doc} contains NaN or inf values")
+        return block
+
+    def take(self, token_ids: np.ndarray) -> np.ndarray:
+        """Tokens at sorted global positions ``token_ids`` (int64 [n]) as float32 ``[n, dim]``."""
+        if self._flat is not None:
+            out = np.asarray(self._flat.vectors[token_ids], dtype=np.float32)
+        else:
+            doc = np.searchsorted(self.offsets, token_ids, side="right") - 1
+            out = np.empty((len(token_ids), self.dim), np.float32)
+            for d in np.unique(doc):  # sample-sized: a few thousand docs at most per call
+                sel = doc == d
+                out[sel] = self._docs[d][token_ids[sel] - self.offsets[d]]
+        if not np.isfinite(out).all():
+            bad = int(token_ids[np.flatnonzero(~np.isfinite(out).all(axis=1))[0]])
+            doc = int(np.searchsorted(self.offsets, bad, side="right") - 1)
+            raise InvalidInputError(f"documents: document {doc} contains NaN or inf values")
+        return out
+
+    def chunks(self, max_tokens: int) -> Iterator[Tuple[int, int]]:
+        """Document ranges ``(start, end)`` of at most ``max_tokens`` tokens (one long document may exceed it)."""
+        n = self.num_docs
+        start = 0
+        while start < n:
+            limit = self.offsets[start] + max_tokens
+            end = int(np.searchsorted(self.offsets, limit, side="right")) - 1
+            end = min(max(end, start + 1), n)
+            yield start, end
+            start = end
+
+    def close(self) -> None:
+        """Remove the spill file written for a one-shot iterator, if any."""
+        self._flat = None
+        if self._cleanup and os.path.exists(self._cleanup):
+            os.remove(self._cleanup)
+        self._cleanup = None
+
+
+def _check_doc(x, i: int, dim: Optional[int]) -> np.ndarray:
+    a = to_numpy(x, f"document {i}")
+    if a.size == 0 and a.ndim == 1:
+        return np.zeros((0, dim or 0), dtype=a.dtype)
+    if a.ndim != 2:
+        raise InvalidInputError(
+            f"document {i}: expected a 2-D [n_tokens, dim] array, got shape {tuple(a.shape)}"
+        )
+    if dim is not None and a.shape[1] != dim and not (a.shape[0] == 0 and dim == 0):
+        raise InvalidInputError(f"document {i}: dim {a.shape[1]} differs from the first document's dim {dim}")
+    return a
+
+
+def as_corpus(documents, spill_dir: Optional[str] = None, dim: Optional[int] = None) -> Corpus:
+    """Wrap user documents in a :class:`Corpus`.
+
+    ``documents``: :class:`Embeddings`, a sequence of ``[n_tokens, dim]`` arrays, or an iterable of
+    them. A one-shot iterable is spilled to a float16/float32 file in ``spill_dir`` (read once,
+    never held in memory). ``dim``, when given, is the dimension every document must have.
+    """
+    if isinstance(documents, Embeddings):
+        corpus = Corpus(flat=documents)
+    elif isinstance(documents, np.ndarray) or type(documents).__module__.startswith("torch"):
+        a = to_numpy(documents, "documents")
+        if a.ndim != 3:
+            raise InvalidInputError(
+                "documents: a single array must be 3-D [n_docs, n_tokens, dim]; pass a list of 2-D "
+                f"arrays or plaid.Embeddings(vectors, doclens) instead (got shape {tuple(a.shape)})"
+            )
+        corpus = Corpus(docs=[a[i] for i in range(a.shape[0])])
+    elif isinstance(documents, Sequence) and not isinstance(documents, (str, bytes)):
+        docs: List[np.ndarray] = []
+        d = dim
+        for i, x in enumerate(documents):
+            a = _check_doc(x, i, d)
+            if d is None and a.shape[0] > 0:
+                d = a.shape[1]
+            docs.append(a)
+        d = d or 0
+        docs = [a if a.shape[0] else np.zeros((0, d), a.dtype) for a in docs]
+        for i, a in enumerate(docs):
+            if a.shape[1] != d:
+                raise InvalidInputError(f"document {i}: dim {a.shape[1]} differs from the corpus dim {d}")
+        corpus = Corpus(docs=docs)
+    elif isinstance(documents, Iterable) and not isinstance(documents, (str, bytes)):
+        corpus = _spill(documents, spill_dir, dim)
+    else:
+        raise InvalidInputError(
+            "documents must be plaid.Embeddings, a sequence of [n_tokens, dim] arrays, or an iterable "
+            f"of them; got {type(documents).__name__}"
+        )
+    if corpus.num_docs == 0:
+        raise InvalidInputError("documents: the corpus is empty (no documents)")
+    if corpus.num_tokens == 0:
+        raise InvalidInputError("documents: every document is empty (no token vectors to index)")
+    if dim is not None and corpus.dim != dim:
+        raise InvalidInputError(f"documents: dim {corpus.dim} differs from the index dim {dim}")
+    return corpus
+
+
+def _spill(documents: Iterable, spill_dir: Optional[str], dim: Optional[int]) -> Corpus:
+    """Write a one-shot iterable of documents to a raw file, return a Corpus over its mmap."""
+    fd, path = tempfile.mkstemp(prefix="plaid-spill-", suffix=".bin", dir=spill_dir)
+    lens: List[int] = []
+    dtype = None
+    d = dim
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for i, x in enumerate(documents):
+                a = _check_doc(x, i, d)
+                if a.shape[0] == 0:
+                    lens.append(0)
+                    continue
+                if d is None:
+                    d = a.shape[1]
+                if dtype is None:
+                    dtype = np.float16 if a.dtype == np.float16 else np.float32
+                f.write(np.ascontiguousarray(a, dtype=dtype).tobytes())
+                lens.append(a.shape[0])
+    except BaseException:
+        os.remove(path)
+        raise
+    if not lens:
+        os.remove(path)
+        raise InvalidInputError("documents: the corpus is empty (no documents)")
+    if d is None:
+        os.remove(path)
+        raise InvalidInputError("documents: every document is empty (no token vectors to index)")
+    total = int(sum(lens))
+    vec = np.memmap(path, dtype=dtype, mode="r", shape=(total, d))
+    return Corpus(flat=Embeddings(vec, np.asarray(lens, np.int64)), cleanup=path)
+
+
+def as_queries(queries, dim: Optional[int] = None) -> List[np.ndarray]:
+    """Normalise queries to a list of float32 ``[m_i, dim]`` arrays, validated.
+
+    Accepts one ``[m, dim]`` array, a list of such arrays (lengths may differ), or a
+    ``[nq, m, dim]`` array. Raises :class:`InvalidInputError` on empty input, wrong dims,
+    unsupported dtypes and NaN/inf.
+    """
+    if isinstance(queries, (list, tuple)):
+        qs = [to_numpy(q, f"query {i}") for i, q in enumerate(queries)]
+        for i, q in enumerate(qs):
+            if q.ndim != 2:
+                raise InvalidInputError(f"query {i}: expected a 2-D [n_tokens, dim] array, got shape {tuple(q.shape)}")
+    else:
+        a = to_numpy(queries, "queries")
+        if a.ndim == 2:
+            qs = [a]
+        elif a.ndim == 3:
+            qs = [a[i] for i in range(a.shape[0])]
+        else:
+            raise InvalidInputError(
+                f"queries: expected [m, dim], [nq, m, dim] or a list of [m, dim] arrays, got shape {tuple(a.shape)}"
+            )
+    if not qs:
+        raise InvalidInputError("queries: no queries given")
+    out = []
+    for i, q in enumerate(qs):
+        if q.shape[0] == 0:
+            raise InvalidInputError(f"query {i} has no token vectors")
+        if dim is not None and q.shape[1] != dim:
+            raise InvalidInputError(f"query {i}: dim {q.shape[1]} does not match the index dim {dim}")
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if not np.isfinite(q).all():
+            raise InvalidInputError(f"query {i} contains NaN or inf values")
+        out.append(q)
+    d0 = out[0].shape[1]
+    for i, q in enumerate(out):
+        if q.shape[1] != d0:
+            raise InvalidInputError(f"query {i}: dim {q.shape[1]} differs from query 0's dim {d0}")
+    return out

@@ -1,0 +1,40 @@
+"""Exception types raised by plaid.
+
+Every error plaid raises on purpose derives from :class:`PlaidError`, so a service
+can catch one type. The subclasses say which side is at fault: the caller's input,
+or the files on disk.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "PlaidError",
+    "InvalidInputError",
+    "IndexExistsError",
+    "IndexNotFoundError",
+    "IndexCorruptError",
+    "FormatVersionError",
+]
+
+
+class PlaidError(Exception):
+    """Base class of every error raised by plaid."""
+
+
+class InvalidInputError(PlaidError, ValueError):
+    """Documents, queries or parameters that plaid cannot use (wrong shape, dim, dtype, NaN, ...)."""
+
+
+class IndexExistsError(PlaidError, FileExistsError):
+    """Building into a directory that is not empty, without ``overwrite=True``."""
+
+
+class IndexNotFoundError(PlaidError, FileNotFoundError):
+    """The index directory does not exist or holds no committed index."""
+
+
+class IndexCorruptError(PlaidError):
+    """An index file is missing, truncated, altered or inconsistent with the manifest."""
+
+
+class FormatVersionError(IndexCorruptError):
+    """The index was written in a format version this release cannot read."""

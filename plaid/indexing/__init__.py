@@ -1,0 +1,1 @@
+"""Index construction: k-means (``kmeans``), residual codecs (``codecs``), the pipeline (``indexer``)."""

@@ -1,0 +1,1 @@
+"""Search: the PLAID stages (``stages``) and their orchestration (``searcher``)."""

@@ -1,0 +1,160 @@
+"""PLAID's four stages in torch, vectorised over a whole batch of queries: the GPU path.
+
+A batch of ``nq`` queries is padded to ``[nq, m, dim]`` (zero rows past each query's length,
+``qmask`` marks real tokens). Candidates are (query, document) *pairs*, kept sorted by query then
+document, so every stage is vectorised over the whole batch:
+
+1. :func:`centroid_scores` and :func:`candidate_pairs` — ``S = Q·Cᵀ``; the documents listed under the
+   ``ncells`` best centroids of each query token;
+2. :func:`approximate_scores` with pruning — MaxSim over centroid scores only, counting just the
+   tokens whose centroid scores ≥ ``centroid_score_threshold`` for some query token;
+   :func:`top_pairs` keeps ``ndocs`` per query;
+3. the same without pruning; keep ``ndocs / 4``;
+4. :func:`exact_scores` — decompress the survivors' vectors and compute exact MaxSim.
+"""
+from __future__ import annotations
+
+from typing import Callable, Tuple
+
+import numpy as np
+import torch
+
+from ..maxsim import segment_max
+
+__all__ = [
+    "PRUNED_SCORE",
+    "expand_ranges",
+    "centroid_scores",
+    "candidate_pairs",
+    "prune_centroid_scores",
+    "approximate_scores",
+    "top_pairs",
+    "exact_scores",
+]
+
+#: Contribution of a query token none of whose document centroids survives pruning (as PLAID).
+PRUNED_SCORE = -9999.0
+
+
+def expand_ranges(starts: torch.Tensor, lens: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Concatenate ``range(starts[i], starts[i] + lens[i])`` for all i.
+
+    starts, lens: int64 [n]. Returns (positions int64 [sum(lens)], offsets int64 [n + 1]) where
+    segment i occupies ``positions[offsets[i]:offsets[i + 1]]``.
+    """
+    offsets = torch.zeros(lens.numel() + 1, dtype=torch.long, device=lens.device)
+    torch.cumsum(lens, 0, out=offsets[1:])
+    total = int(offsets[-1])
+    owner = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), lens, output_size=total)
+    positions = torch.arange(total, device=lens.device) + (starts - offsets[:-1])[owner]
+    return positions, offsets
+
+
+def centroid_scores(Q: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
+    """Stage 1 scores: float32 Q [nq, m, dim] x centroids [C, dim] -> float32 [nq, m, C]."""
+    return torch.matmul(Q, centroids.T)
+
+
+def candidate_pairs(S: torch.Tensor, qmask: torch.Tensor, ncells: int, ivf: torch.Tensor,
+                    ivf_offsets: torch.Tensor, num_docs: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Stage 1 candidates: documents in the ``ncells`` best centroids of each real query token.
+
+    S: float [nq, m, C]; qmask: bool [nq, m]; ivf: int [P] document ids grouped by centroid,
+    ``ivf_offsets`` int64 [C + 1]. Returns (pair_q, pair_doc), int64 [npairs], sorted by query
+    then document, without duplicates.
+    """
+    nq, m, C = S.shape
+    ncells = min(ncells, C)
+    cells = S.topk(ncells, dim=2).indices  # [nq, m, ncells]
+    q = torch.arange(nq, device=S.device).view(nq, 1, 1).expand(nq, m, ncells)
+    keep = qmask.unsqueeze(2).expand(nq, m, ncells)
+    key = torch.unique(q[keep] * C + cells[keep])  # distinct (query, cell)
+    kq, kc = key // C, key % C
+    starts = ivf_offsets[kc]
+    lens = ivf_offsets[kc + 1] - starts
+    pos, offs = expand_ranges(starts, lens)
+    docs = ivf[pos].long()
+    owner_q = torch.repeat_interleave(kq, lens, output_size=pos.numel())
+    pair = torch.unique(owner_q * num_docs + docs)
+    return pair // num_docs, pair % num_docs
+
+
+def prune_centroid_scores(S: torch.Tensor, qmask: torch.Tensor, threshold: float) -> torch.Tensor:
+    """Stage 2 score table: centroids whose best score over the query's tokens is below
+    ``threshold`` are dropped (their entries become :data:`PRUNED_SCORE`); padded query rows are 0.
+
+    S: float [nq, m, C]; qmask: bool [nq, m]. Returns float [nq, m, C].
+    """
+    best = S.masked_fill(~qmask.unsqueeze(2), float("-inf")).amax(1, keepdim=True)  # [nq, 1, C]
+    out = S.masked_fill(best < threshold, PRUNED_SCORE)
+    return out.masked_fill_(~qmask.unsqueeze(2), 0.0)
+
+
+def approximate_scores(table: torch.Tensor, pair_q: torch.Tensor, pair_doc: torch.Tensor,
+                       doc_offsets: torch.Tensor, take_codes: Callable[[torch.Tensor], torch.Tensor]
+                       ) -> torch.Tensor:
+    """Stages 2-3: MaxSim of each (query, document) pair from centroid scores alone.
+
+    table: float [nq, C, m] — centroid scores per query, centroid-major (pruned for stage 2,
+    raw with padded rows zeroed for stage 3); doc_offsets: int64 [N + 1]; ``take_codes`` maps
+    int64 token positions to their int64 centroid ids. Returns float [npairs].
+    """
+    nq, C, m = table.shape
+    starts = doc_offsets[pair_doc]
+    pos, offs = expand_ranges(starts, doc_offsets[pair_doc + 1] - starts)
+    owner_q = torch.repeat_interleave(pair_q, offs[1:] - offs[:-1], output_size=pos.numel())
+    rows = owner_q * C + take_codes(pos)
+    vals = table.reshape(nq * C, m)[rows]  # [tokens, m]
+    return segment_max(vals, offs).sum(1)
+
+
+def top_pairs(scores: torch.Tensor, pair_q: torch.Tensor, nq: int, n: int) -> torch.Tensor:
+    """Indices of the ``n`` best pairs of every query (pairs sorted by query).
+
+    Returns int64 [nq, n'] with ``n' = min(n, most pairs of any query)``; -1 where a query has
+    fewer pairs. Ties keep the lower document id first.
+    """
+    counts = torch.bincount(pair_q, minlength=nq)
+    width = int(counts.max()) if counts.numel() else 0
+    if width == 0:
+        return torch.full((nq, 0), -1, dtype=torch.long, device=scores.device)
+    starts = torch.zeros(nq, dtype=torch.long, device=scores.device)
+    torch.cumsum(counts[:-1], 0, out=starts[1:])
+    col = torch.arange(pair_q.numel(), device=scores.device) - starts[pair_q]
+    grid = torch.full((nq, width), float("-inf"), dtype=scores.dtype, device=scores.device)
+    grid[pair_q, col] = scores
+    n = min(n, width)
+    if n < width:
+        idx = torch.topk(grid, n, dim=1, sorted=True).indices
+    else:
+        idx = torch.argsort(grid, dim=1, descending=True, stable=True)
+    filled = torch.arange(width, device=scores.device).unsqueeze(0) < counts.unsqueeze(1)  # [nq, width]
+    valid = torch.gather(filled, 1, idx)
+    return torch.where(valid, starts.unsqueeze(1) + idx, torch.full_like(idx, -1))
+
+
+def exact_scores(Q: torch.Tensor, pair_q: torch.Tensor, pair_doc: torch.Tensor,
+                 doc_offsets: torch.Tensor, decompress: Callable[[torch.Tensor], torch.Tensor]
+                 ) -> torch.Tensor:
+    """Stage 4: exact MaxSim of each (query, document) pair on decompressed vectors.
+
+    Q: float [nq, m, dim] (zero rows past each query's length contribute 0);
+    ``decompress`` maps int64 token positions [t] to float32 vectors [t, dim].
+    Returns float [npairs].
+    """
+    nq, m, dim = Q.shape
+    starts = doc_offsets[pair_doc]
+    pos, offs = expand_ranges(starts, doc_offsets[pair_doc + 1] - starts)
+    D = decompress(pos)  # [t, dim]
+    if nq == 1:
+        sims = D @ Q[0].T  # [t, m]
+    else:
+        tq = torch.repeat_interleave(pair_q, offs[1:] - offs[:-1], output_size=pos.numel())
+        counts = torch.bincount(tq, minlength=nq)
+        tstart = torch.zeros(nq, dtype=torch.long, device=D.device)
+        torch.cumsum(counts[:-1], 0, out=tstart[1:])
+        col = torch.arange(pos.numel(), device=D.device) - tstart[tq]
+        padded = D.new_zeros((nq, int(counts.max()), dim))
+        padded[tq, col] = D
+        sims = torch.bmm(padded, Q.transpose(1, 2))[tq, col]  # [t, m]
+    return segment_max(sims, offs).sum(1)
