@@ -97,11 +97,20 @@ class PQCodec(ResidualCodec):
         self._np_shift: np.ndarray | None = None
 
     def train(self, residuals: np.ndarray, seed: int = 0) -> None:
+        x = np.ascontiguousarray(residuals, dtype=np.float32)
+        if len(x) < 1024:
+            # Tiny corpora: each sub-quantiser needs at least 256 points; repeat the sample with
+            # a small jitter (1% of its spread) so training stays well defined.
+            rng = np.random.default_rng(seed)
+            reps = -(-1024 // max(len(x), 1))
+            x = np.tile(x, (reps, 1))
+            x = x + rng.normal(0, 0.01 * (x.std() + 1e-6), x.shape).astype(np.float32)
         pq = faiss.ProductQuantizer(self.dim, self.m, 8)
         pq.cp.niter = self.train_iters
         pq.cp.seed = int(seed)
         pq.cp.max_points_per_centroid = 256
-        pq.train(np.ascontiguousarray(residuals, dtype=np.float32))
+        pq.cp.min_points_per_centroid = 1  # no faiss warning for small samples
+        pq.train(x)
         self._pq = pq
         self.codebooks = faiss.vector_to_array(pq.centroids).reshape(self.m, 256, self.dim // self.m)
         self._table = None

@@ -22,9 +22,45 @@ from ..errors import InvalidInputError
 from .codecs import codec_array_names, codec_from_manifest, make_codec
 from .kmeans import CentroidAssigner, default_num_centroids, sample_token_ids, train_centroids
 
-__all__ = ["Indexer", "Index"]
+__all__ = ["Indexer", "Index", "check_doc_ids", "encode_doc_ids", "decode_doc_ids"]
 
 _VERSION = "0.1.0"
+
+
+def check_doc_ids(doc_ids, n: int) -> Optional[list]:
+    """Validate external ids: None, or ``n`` unique non-empty strings. Returns a list or None."""
+    if doc_ids is None:
+        return None
+    if isinstance(doc_ids, (str, bytes)):
+        raise InvalidInputError("doc_ids must be a sequence of strings, not a single string")
+    names = [str(x) if isinstance(x, (int, np.integer)) else x for x in doc_ids]
+    if len(names) != n:
+        raise InvalidInputError(f"doc_ids has {len(names)} entries for {n} documents")
+    for i, x in enumerate(names):
+        if not isinstance(x, str) or not x:
+            raise InvalidInputError(f"doc_ids[{i}] must be a non-empty string, got {x!r}")
+    if len(set(names)) != n:
+        seen, dups = set(), []
+        for x in names:
+            if x in seen and x not in dups:
+                dups.append(x)
+            seen.add(x)
+        raise InvalidInputError(f"doc_ids are not unique: {len(dups)} duplicated, e.g. {dups[:3]}")
+    return names
+
+
+def encode_doc_ids(names: list) -> tuple:
+    """UTF-8 bytes of all ids concatenated (uint8 [B]) and their offsets (int64 [n + 1])."""
+    encoded = [x.encode("utf-8") for x in names]
+    offsets = np.zeros(len(encoded) + 1, np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
+
+
+def decode_doc_ids(blob: np.ndarray, offsets: np.ndarray) -> list:
+    """Inverse of :func:`encode_doc_ids`."""
+    raw = blob.tobytes()
+    return [raw[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
 
 
 class Indexer:
@@ -91,11 +127,13 @@ class Indexer:
         if self.show_progress:
             tqdm.write(f"plaid: {msg}")
 
-    def build(self, path: str, documents, *, overwrite: bool = False) -> "Index":
+    def build(self, path: str, documents, *, doc_ids=None, overwrite: bool = False) -> "Index":
         """Index ``documents`` into directory ``path``; returns the opened :class:`Index`.
 
         ``documents``: :class:`plaid.Embeddings`, a sequence of ``[n_tokens, dim]`` float arrays
         (numpy or torch), or an iterable of them. Document ids are ``0..N-1`` in input order.
+        ``doc_ids``: optional external ids (strings, unique, one per document), stored in the
+        index as data and returned by ``Results.doc_ids()``.
         ``path`` must be empty or absent unless ``overwrite=True``, which replaces an existing
         plaid index atomically (readers see the old index until the new one is committed).
         A build that fails leaves no index behind (or the previous one, untouched).
@@ -108,6 +146,11 @@ class Indexer:
         corpus = None
         try:
             corpus = as_corpus(documents, spill_dir=path)
+            names = check_doc_ids(doc_ids, corpus.num_docs)
+            if names is not None:
+                blob, offsets = encode_doc_ids(names)
+                writer.write("doc_ids_utf8", blob)
+                writer.write("doc_ids_offsets", offsets)
             manifest = self._build(writer, corpus)
         except BaseException:
             writer.abort()
@@ -222,6 +265,7 @@ class Indexer:
             "num_tokens": T,
             "num_centroids": C,
             "num_empty_documents": int(len(empty)),
+            "has_doc_ids": "doc_ids_utf8" in writer.entries,
             "normalized": normalized,
             "codec": codec.params(),
             "build": {
@@ -295,6 +339,17 @@ class Index:
     def verify(self) -> list:
         """Problems found by checking every file's size and CRC-32 (empty list: intact)."""
         return fmt.verify_index(self.path)
+
+    @property
+    def doc_ids(self) -> Optional[list]:
+        """External ids (list of str, one per document) or None when the index has none."""
+        if not self.manifest.get("has_doc_ids"):
+            return None
+        if getattr(self, "_doc_ids", None) is None:
+            blob = fmt.open_array(self.path, self.manifest, "doc_ids_utf8", mmap=False)
+            offs = fmt.open_array(self.path, self.manifest, "doc_ids_offsets", mmap=False)
+            self._doc_ids = decode_doc_ids(blob, offs)
+        return self._doc_ids
 
     def load_codec(self):
         """The trained residual codec (for decoding)."""

@@ -67,6 +67,7 @@ class CentroidAssigner:
             self.index = faiss.IndexIVFFlat(quantizer, dim, nlist, faiss.METRIC_L2)
             self.index.cp.seed = seed
             self.index.cp.niter = 10
+            self.index.cp.min_points_per_centroid = 1
             self.index.train(centroids)
             self.index.nprobe = max(8, nlist // 8)
             self._quantizer = quantizer  # keep it alive next to the index

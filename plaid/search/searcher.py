@@ -28,6 +28,16 @@ class Results:
 
     ids: np.ndarray
     scores: np.ndarray
+    names: Optional[list] = None  # external ids of the index (list of str), when it has them
+
+    def doc_ids(self) -> list:
+        """External ids of the hits: a list per query of str (``None`` where ``ids`` is -1).
+
+        Raises :class:`InvalidInputError` when the index was built without ``doc_ids``.
+        """
+        if self.names is None:
+            raise InvalidInputError("this index stores no external doc_ids (build it with doc_ids=...)")
+        return [[self.names[i] if i >= 0 else None for i in row] for row in self.ids.tolist()]
 
     def __iter__(self):  # allows ``ids, scores = searcher.search(...)``
         yield self.ids
@@ -129,6 +139,7 @@ class Searcher:
         self.engine = engine if engine != "auto" else ("numpy" if self.device.type == "cpu" else "torch")
         self.batch_size = int(batch_size)
         self._ws = _Workspace()
+        self._doc_ids = None
         m = self.manifest
         try:
             self.dim = int(m["dim"])
@@ -179,7 +190,7 @@ class Searcher:
             self._ivf_offsets_t = torch.from_numpy(ivf_offsets).to(dev)
             self._doc_offsets_t = torch.from_numpy(doc_offsets).to(dev)
             self._codes_t = torch.from_numpy(codes.astype(np.int64)).to(dev)
-            self._residuals_t = torch.from_numpy(np.ascontiguousarray(residuals)).to(dev)
+            self._residuals_t = torch.from_numpy(np.array(residuals)).to(dev)
 
     def _check_consistency(self, centroids, ivf, ivf_offsets, doclens, code_bytes) -> None:
         m = self.manifest
@@ -237,7 +248,19 @@ class Searcher:
                 for i, (bi, bs) in enumerate(run(batch, k, **params)):
                     ids[b + i, : len(bi)] = bi
                     scores[b + i, : len(bs)] = bs
-        return Results(ids, scores)
+        return Results(ids, scores, self.doc_ids)
+
+    @property
+    def doc_ids(self) -> Optional[list]:
+        """External ids of the index (list of str, position = internal id) or None."""
+        if not self.manifest.get("has_doc_ids"):
+            return None
+        if self._doc_ids is None:
+            from ..indexing.indexer import decode_doc_ids
+
+            self._doc_ids = decode_doc_ids(fmt.open_array(self.path, self.manifest, "doc_ids_utf8"),
+                                           fmt.open_array(self.path, self.manifest, "doc_ids_offsets"))
+        return self._doc_ids
 
     @staticmethod
     def _params(k, ncells, threshold, ndocs) -> dict:
