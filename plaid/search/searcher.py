@@ -333,19 +333,24 @@ class Searcher:
             col += m
             # stage 1: candidate generation
             docs = stages.candidates(St, ncells, self._ivf, self._ivf_offsets)
-            # stage 2: pruned centroid interaction (a no-op when everything would be kept)
-            if len(docs) > ndocs:
-                keep = St.max(1) >= centroid_score_threshold
-                approx = stages.centroid_interaction(St, docs, self._doc_offsets, self._codes, keep)
-                docs = np.sort(docs[stages.top_n(approx, ndocs)])
-            # stage 3: full centroid interaction
-            n3 = max(ndocs // 4, k)
-            if len(docs) > n3:
-                approx = stages.centroid_interaction(St, docs, self._doc_offsets, self._codes)
-                docs = np.sort(docs[stages.top_n(approx, n3)])
             if len(docs) == 0:
                 out.append((np.zeros(0, np.int64), np.zeros(0, np.float32)))
                 continue
+            # stages 2-3 share one gather of the candidates' centroid scores
+            vals, offs, pos, cc = stages.gather_centroid_scores(St, docs, self._doc_offsets, self._codes)
+            sel = np.arange(len(docs))
+            if len(docs) > ndocs:  # stage 2: pruned centroid interaction (a no-op when all are kept)
+                keep = St.max(1) >= centroid_score_threshold
+                sel = np.sort(stages.top_n(stages.approximate_maxsim(vals, offs, keep[cc]), ndocs))
+            n3 = max(ndocs // 4, k)
+            if len(sel) > n3:  # stage 3: full centroid interaction over stage 2's survivors
+                if 2 * len(sel) >= len(docs):  # most survived: reduce over all, no copy
+                    approx = stages.approximate_maxsim(vals, offs)[sel]
+                else:
+                    tok, offs3 = stages.expand_ranges(offs[sel], offs[sel + 1] - offs[sel])
+                    approx = stages.approximate_maxsim(vals[tok], offs3)
+                sel = np.sort(sel[stages.top_n(approx, n3)])
+            docs = docs[sel]
             # stage 4: decompress and score exactly
             starts = self._doc_offsets[docs]
             pos, offs = stages.expand_ranges(starts, self._doc_offsets[docs + 1] - starts)
@@ -374,7 +379,11 @@ class Searcher:
             mask[i, : len(q)] = True
         Q = torch.from_numpy(Qnp).to(self.device)
         qmask = torch.from_numpy(mask).to(self.device)
-        S = (Q.to(self._centroids_scoring.dtype) @ self._centroids_scoring.T).float()  # [nq, m, C]
+        # same product as the numpy engine ([C, sum_m]), so both round identically
+        S2 = self._centroid_scores(torch.from_numpy(np.concatenate(qs)).to(self.device))
+        S = torch.zeros((nq, m, S2.shape[0]), dtype=S2.dtype, device=self.device)
+        S[qmask] = S2.T  # real tokens in (query, position) order
+
         pq, pd = stages_torch.candidate_pairs(S, qmask, ncells, self._ivf_t, self._ivf_offsets_t, self.num_documents)
         if pq.numel():
             table = stages_torch.prune_centroid_scores(S, qmask, centroid_score_threshold).transpose(1, 2).contiguous()

@@ -124,10 +124,8 @@ def top_pairs(scores: torch.Tensor, pair_q: torch.Tensor, nq: int, n: int) -> to
     grid = torch.full((nq, width), float("-inf"), dtype=scores.dtype, device=scores.device)
     grid[pair_q, col] = scores
     n = min(n, width)
-    if n < width:
-        idx = torch.topk(grid, n, dim=1, sorted=True).indices
-    else:
-        idx = torch.argsort(grid, dim=1, descending=True, stable=True)
+    # stable: among equal scores the lower document id wins (same rule as the numpy stages)
+    idx = torch.argsort(grid, dim=1, descending=True, stable=True)[:, :n]
     filled = torch.arange(width, device=scores.device).unsqueeze(0) < counts.unsqueeze(1)  # [nq, width]
     valid = torch.gather(filled, 1, idx)
     return torch.where(valid, starts.unsqueeze(1) + idx, torch.full_like(idx, -1))
