@@ -16,6 +16,7 @@ returned by a search. :func:`plaid.maxsim` scores them ``-inf``.
 """
 from __future__ import annotations
 
+import mmap
 import os
 import tempfile
 from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
@@ -72,6 +73,48 @@ def _check_finite(block: np.ndarray, what: str, first_row_doc: Optional[np.ndarr
         row = int(np.flatnonzero(~ok.reshape(-1))[0]) if ok.ndim == 1 else int(np.flatnonzero(~ok)[0])
         where = f"document {int(first_row_doc[row])}" if first_row_doc is not None else f"row {row}"
         raise InvalidInputError(f"{what}: {where} contains NaN or inf values")
+
+
+def _backing_mmap(a: np.ndarray):
+    """(mmap.mmap, byte offset of a[0]) when ``a`` is a C-contiguous view of a memory map, else None."""
+    base = a
+    while base is not None and not isinstance(base, mmap.mmap):
+        mm = getattr(base, "_mmap", None)
+        if isinstance(mm, mmap.mmap):
+            base = mm
+            break
+        base = getattr(base, "base", None)
+    if not isinstance(base, mmap.mmap) or not a.flags.c_contiguous:
+        return None
+    try:
+        start = np.frombuffer(base, dtype=np.uint8).__array_interface__["data"][0]
+    except (TypeError, ValueError):
+        return None
+    return base, a.__array_interface__["data"][0] - start
+
+
+def release_pages(a: np.ndarray, row_start: int, row_end: int) -> None:
+    """Drop rows ``[row_start, row_end)`` of a memory-mapped array from this process' resident set.
+
+    The pages stay in the OS page cache; only our mapping forgets them, so reading a file larger
+    than RAM through ``np.load(..., mmap_mode="r")`` keeps the resident set bounded by the chunk.
+    A no-op for in-memory arrays or where ``madvise`` is unavailable.
+    """
+    found = _backing_mmap(a)
+    if found is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    mm, offset = found
+    row = a.strides[0]
+    page = mmap.PAGESIZE
+    lo = offset + row_start * row
+    hi = offset + row_end * row
+    lo_aligned = (lo + page - 1) // page * page  # only whole pages inside the range
+    hi_aligned = hi // page * page
+    if hi_aligned > lo_aligned:
+        try:
+            mm.madvise(mmap.MADV_DONTNEED, lo_aligned, hi_aligned - lo_aligned)
+        except (OSError, ValueError):
+            pass
 
 
 class Embeddings:
@@ -172,7 +215,9 @@ class Corpus:
     def read(self, doc_start: int, doc_end: int) -> np.ndarray:
         """Tokens of documents ``[doc_start, doc_end)`` as float32 ``[n_tokens, dim]``, NaN-checked."""
         if self._flat is not None:
-            block = self._flat.vectors[self.offsets[doc_start] : self.offsets[doc_end]]
+            lo, hi = int(self.offsets[doc_start]), int(self.offsets[doc_end])
+            block = np.array(self._flat.vectors[lo:hi], dtype=np.float32)
+            release_pages(self._flat.vectors, lo, hi)
         else:
             parts = [d for d in self._docs[doc_start:doc_end] if d.shape[0]]
             block = np.concatenate(parts) if parts else np.zeros((0, self.dim), np.float32)
@@ -186,7 +231,12 @@ class Corpus:
     def take(self, token_ids: np.ndarray) -> np.ndarray:
         """Tokens at sorted global positions ``token_ids`` (int64 [n]) as float32 ``[n, dim]``."""
         if self._flat is not None:
-            out = np.asarray(self._flat.vectors[token_ids], dtype=np.float32)
+            out = np.empty((len(token_ids), self.dim), np.float32)
+            step = 1 << 16  # sorted ids: read and release the file block by block
+            for a in range(0, len(token_ids), step):
+                ids = token_ids[a : a + step]
+                out[a : a + step] = self._flat.vectors[ids]
+                release_pages(self._flat.vectors, int(ids[0]), int(ids[-1]) + 1)
         else:
             doc = np.searchsorted(self.offsets, token_ids, side="right") - 1
             out = np.empty((len(token_ids), self.dim), np.float32)
