@@ -12,11 +12,13 @@ from .errors import (
     FormatVersionError,
     IndexCorruptError,
     IndexExistsError,
+    IndexLockedError,
     IndexNotFoundError,
     InvalidInputError,
     PlaidError,
 )
-from .indexing.indexer import Index, Indexer
+from .indexing.index import Index
+from .indexing.indexer import Indexer
 from .maxsim import maxsim
 from .search.searcher import Results, Searcher, default_search_params
 
@@ -33,6 +35,7 @@ __all__ = [
     "PlaidError",
     "InvalidInputError",
     "IndexExistsError",
+    "IndexLockedError",
     "IndexNotFoundError",
     "IndexCorruptError",
     "FormatVersionError",

@@ -13,6 +13,7 @@ __all__ = [
     "IndexNotFoundError",
     "IndexCorruptError",
     "FormatVersionError",
+    "IndexLockedError",
 ]
 
 
@@ -38,3 +39,7 @@ class IndexCorruptError(PlaidError):
 
 class FormatVersionError(IndexCorruptError):
     """The index was written in a format version this release cannot read."""
+
+
+class IndexLockedError(PlaidError):
+    """Another process is writing to the index (one writer at a time; readers are never blocked)."""

@@ -11,6 +11,7 @@ paths inside an index directory.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -19,7 +20,12 @@ from typing import Dict, Iterable, List, Optional
 
 import numpy as np
 
-from .errors import FormatVersionError, IndexCorruptError, IndexExistsError, IndexNotFoundError
+from .errors import FormatVersionError, IndexCorruptError, IndexExistsError, IndexLockedError, IndexNotFoundError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; single-writer discipline is the caller's
+    fcntl = None
 
 __all__ = [
     "FORMAT_NAME",
@@ -30,6 +36,8 @@ __all__ = [
     "open_array",
     "verify_index",
     "prepare_directory",
+    "writer_lock",
+    "LOCK_FILE",
 ]
 
 FORMAT_NAME = "plaid-index"
@@ -38,6 +46,7 @@ MANIFEST = "manifest.json"
 _ARRAY_RE = re.compile(r"^[a-z][a-z0-9_]*\.\d+\.npy(\.tmp)?$")
 _OWN_RE = re.compile(r"^(manifest\.json(\.tmp)?|manifest\.json\.\w+\.tmp|\.plaid-lock|plaid-spill-.*\.bin)$")
 _CRC_BLOCK = 1 << 24
+LOCK_FILE = ".plaid-lock"
 
 
 def _is_own_file(name: str) -> bool:
@@ -66,6 +75,29 @@ def file_crc32(path: str) -> int:
             if not block:
                 return crc
             crc = zlib.crc32(block, crc)
+
+
+@contextlib.contextmanager
+def writer_lock(path: str):
+    """Hold the index's writer lock for the duration of a ``with`` block.
+
+    An exclusive ``flock`` on ``<path>/.plaid-lock``, taken without waiting: a second writer gets
+    :class:`IndexLockedError` at once. The operating system releases the lock when its process
+    dies, so a killed writer never leaves a stale lock. Readers never take it.
+    """
+    fd = os.open(os.path.join(path, LOCK_FILE), os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        if fcntl is not None:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise IndexLockedError(
+                    f"{path}: another process is writing to this index (lock {LOCK_FILE}); "
+                    "retry when it has finished"
+                ) from None
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the flock
 
 
 def prepare_directory(path: str, overwrite: bool) -> Optional[dict]:
@@ -213,7 +245,8 @@ def remove_unreferenced(path: str, manifest: dict) -> List[str]:
     keep = {e["file"] for e in manifest["arrays"].values()} | {MANIFEST}
     removed = []
     for name in os.listdir(path):
-        if name not in keep and (_ARRAY_RE.match(name) or name.startswith(MANIFEST)):
+        if name not in keep and (_ARRAY_RE.match(name) or name.startswith(MANIFEST)
+                                 or (name.startswith("plaid-spill-") and name.endswith(".bin"))):
             try:
                 os.remove(os.path.join(path, name))
                 removed.append(name)

@@ -4,31 +4,40 @@ The corpus is read twice: once for the k-means / codec training sample, once in 
 chunks of ``chunk_tokens`` tokens for encoding. Codes and residual codes go straight to
 memory-mapped files, so memory stays bounded by the chunk size, the sample and the centroids,
 whatever the corpus size. Nothing is visible to readers until the manifest is committed.
+
+The encoding pass (:func:`encode_segment`) and the inverted-file merge (:func:`merge_ivf`) are
+shared with :meth:`plaid.Index.add`.
 """
 from __future__ import annotations
 
-import json
 import os
 import time
 import warnings
-from typing import Dict, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 from tqdm.auto import tqdm
 
 from .. import format as fmt
-from ..embeddings import as_corpus
+from ..embeddings import Corpus, as_corpus
 from ..errors import InvalidInputError
-from .codecs import codec_array_names, codec_from_manifest, make_codec
+from .codecs import ResidualCodec, make_codec
 from .kmeans import CentroidAssigner, default_num_centroids, sample_token_ids, train_centroids
 
-__all__ = ["Indexer", "Index", "check_doc_ids", "encode_doc_ids", "decode_doc_ids"]
+__all__ = ["Indexer", "check_doc_ids", "encode_doc_ids", "decode_doc_ids", "encode_segment", "merge_ivf",
+           "VERSION"]
 
-_VERSION = "0.1.0"
+VERSION = "0.1.0"
+
+#: Residual-norm quantile recorded at build time; tokens added later beyond it count as outliers.
+OUTLIER_QUANTILE = 0.99
 
 
-def check_doc_ids(doc_ids, n: int) -> Optional[list]:
-    """Validate external ids: None, or ``n`` unique non-empty strings. Returns a list or None."""
+def check_doc_ids(doc_ids, n: int, existing: Optional[set] = None) -> Optional[list]:
+    """Validate external ids: None, or ``n`` unique non-empty strings (ints are converted).
+
+    ``existing``: ids already in the index, which new ones must not repeat. Returns a list or None.
+    """
     if doc_ids is None:
         return None
     if isinstance(doc_ids, (str, bytes)):
@@ -46,10 +55,14 @@ def check_doc_ids(doc_ids, n: int) -> Optional[list]:
                 dups.append(x)
             seen.add(x)
         raise InvalidInputError(f"doc_ids are not unique: {len(dups)} duplicated, e.g. {dups[:3]}")
+    if existing:
+        clash = [x for x in names if x in existing]
+        if clash:
+            raise InvalidInputError(f"{len(clash)} doc_ids are already in the index, e.g. {clash[:3]}")
     return names
 
 
-def encode_doc_ids(names: list) -> tuple:
+def encode_doc_ids(names: List[str]) -> Tuple[np.ndarray, np.ndarray]:
     """UTF-8 bytes of all ids concatenated (uint8 [B]) and their offsets (int64 [n + 1])."""
     encoded = [x.encode("utf-8") for x in names]
     offsets = np.zeros(len(encoded) + 1, np.int64)
@@ -57,10 +70,77 @@ def encode_doc_ids(names: list) -> tuple:
     return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
 
 
-def decode_doc_ids(blob: np.ndarray, offsets: np.ndarray) -> list:
+def decode_doc_ids(blob: np.ndarray, offsets: np.ndarray) -> List[str]:
     """Inverse of :func:`encode_doc_ids`."""
-    raw = blob.tobytes()
+    raw = np.asarray(blob).tobytes()
+    offsets = np.asarray(offsets)
     return [raw[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+
+
+def warn_empty(corpus: Corpus, doc_base: int = 0) -> int:
+    """Warn about empty documents (naming their ids); returns how many there are."""
+    empty = np.flatnonzero(corpus.doclens == 0) + doc_base
+    if len(empty):
+        warnings.warn(
+            f"{len(empty)} empty document(s) (ids {', '.join(map(str, empty[:5]))}"
+            f"{', ...' if len(empty) > 5 else ''}) are indexed as empty: they keep their ids and are never returned",
+            stacklevel=4,
+        )
+    return int(len(empty))
+
+
+def encode_segment(writer: fmt.IndexWriter, segment: str, corpus: Corpus, centroids: np.ndarray,
+                   assigner: CentroidAssigner, codec: ResidualCodec, doc_base: int, chunk_tokens: int,
+                   show_progress: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Encode every token of ``corpus`` into arrays ``<segment>_codes`` / ``<segment>_residuals``.
+
+    Returns the (centroid, document) pairs for the inverted file: int32 cells and int32 global
+    document ids (``doc_base`` + position in ``corpus``), deduplicated, grouped by chunk.
+    """
+    T, N = corpus.num_tokens, corpus.num_docs
+    code_dtype = np.uint16 if len(centroids) <= 1 << 16 else np.int32
+    codes_out = writer.create(f"{segment}_codes", (T,), code_dtype)
+    res_out = writer.create(f"{segment}_residuals", (T, codec.code_bytes), np.uint8)
+    cells, docs = [], []
+    bar = tqdm(total=T, unit="tok", unit_scale=True, desc="plaid: encoding", disable=not show_progress)
+    for start, end in corpus.chunks(chunk_tokens):
+        lo, hi = int(corpus.offsets[start]), int(corpus.offsets[end])
+        if hi == lo:
+            continue
+        x = corpus.read(start, end)
+        a = assigner.assign(x)
+        codes_out[lo:hi] = a
+        res_out[lo:hi] = codec.encode(x - centroids[a])
+        d = np.repeat(np.arange(start, end, dtype=np.int64), corpus.doclens[start:end])
+        key = np.unique(a.astype(np.int64) * N + d)  # (cell, doc) pairs, deduplicated
+        cells.append((key // N).astype(np.int32))
+        docs.append((key % N + doc_base).astype(np.int32))
+        bar.update(hi - lo)
+    bar.close()
+    writer.finish(f"{segment}_codes")
+    writer.finish(f"{segment}_residuals")
+    if not cells:
+        return np.zeros(0, np.int32), np.zeros(0, np.int32)
+    return np.concatenate(cells), np.concatenate(docs)
+
+
+def merge_ivf(num_centroids: int, cells: np.ndarray, docs: np.ndarray,
+              old_ivf: Optional[np.ndarray] = None, old_offsets: Optional[np.ndarray] = None
+              ) -> Tuple[np.ndarray, np.ndarray]:
+    """Inverted file from (cell, doc) pairs, appended after an existing one.
+
+    New documents must have larger ids than any in ``old_ivf`` and be in ascending order per cell
+    (as :func:`encode_segment` returns them), so each cell's list stays sorted.
+    Returns (ivf int32 [P], ivf_offsets int64 [num_centroids + 1]).
+    """
+    if old_ivf is not None and len(old_ivf):
+        old_cells = np.repeat(np.arange(len(old_offsets) - 1, dtype=np.int32), np.diff(old_offsets))
+        cells = np.concatenate([old_cells, cells])
+        docs = np.concatenate([np.asarray(old_ivf, np.int32), docs])
+    order = np.argsort(cells, kind="stable")
+    offsets = np.zeros(num_centroids + 1, np.int64)
+    np.cumsum(np.bincount(cells, minlength=num_centroids), out=offsets[1:])
+    return docs[order].astype(np.int32), offsets
 
 
 class Indexer:
@@ -106,13 +186,16 @@ class Indexer:
         if codec not in ("pq", "scalar"):
             raise InvalidInputError(f"unknown codec {codec!r}; choose 'pq' or 'scalar'")
         for name, v in [("kmeans_niter", kmeans_niter), ("kmeans_points_per_centroid", kmeans_points_per_centroid),
-                        ("codec_sample", codec_sample), ("chunk_tokens", chunk_tokens)]:
-            if not isinstance(v, (int, np.integer)) or v <= 0:
+                        ("codec_sample", codec_sample), ("chunk_tokens", chunk_tokens), ("pq_m", pq_m)]:
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
                 raise InvalidInputError(f"{name} must be a positive integer, got {v!r}")
-        if num_centroids is not None and (not isinstance(num_centroids, (int, np.integer)) or num_centroids <= 0):
+        if num_centroids is not None and (isinstance(num_centroids, bool) or
+                                          not isinstance(num_centroids, (int, np.integer)) or num_centroids <= 0):
             raise InvalidInputError(f"num_centroids must be a positive integer or None, got {num_centroids!r}")
         if normalize not in ("auto", True, False):
             raise InvalidInputError(f"normalize must be 'auto', True or False, got {normalize!r}")
+        if codec == "scalar" and nbits not in (1, 2, 4):
+            raise InvalidInputError(f"scalar codec: nbits must be 1, 2 or 4, got {nbits!r}")
         self.codec, self.pq_m, self.nbits = codec, int(pq_m), int(nbits)
         self.num_centroids = num_centroids
         self.kmeans_niter = int(kmeans_niter)
@@ -122,13 +205,14 @@ class Indexer:
         self.chunk_tokens = int(chunk_tokens)
         self.seed = int(seed)
         self.show_progress = bool(show_progress)
+        self.last_timings: Dict[str, float] = {}
 
     def _log(self, msg: str) -> None:
         if self.show_progress:
             tqdm.write(f"plaid: {msg}")
 
-    def build(self, path: str, documents, *, doc_ids=None, overwrite: bool = False) -> "Index":
-        """Index ``documents`` into directory ``path``; returns the opened :class:`Index`.
+    def build(self, path: str, documents, *, doc_ids=None, overwrite: bool = False):
+        """Index ``documents`` into directory ``path``; returns the opened :class:`plaid.Index`.
 
         ``documents``: :class:`plaid.Embeddings`, a sequence of ``[n_tokens, dim]`` float arrays
         (numpy or torch), or an iterable of them. Document ids are ``0..N-1`` in input order.
@@ -138,41 +222,43 @@ class Indexer:
         plaid index atomically (readers see the old index until the new one is committed).
         A build that fails leaves no index behind (or the previous one, untouched).
         """
+        from .index import Index
+
         path = os.fspath(path)
         created = not os.path.exists(path)
         old = fmt.prepare_directory(path, overwrite)
-        generation = old["generation"] + 1 if old else 0
-        writer = fmt.IndexWriter(path, generation)
-        corpus = None
         try:
-            corpus = as_corpus(documents, spill_dir=path)
-            names = check_doc_ids(doc_ids, corpus.num_docs)
-            if names is not None:
-                blob, offsets = encode_doc_ids(names)
-                writer.write("doc_ids_utf8", blob)
-                writer.write("doc_ids_offsets", offsets)
-            manifest = self._build(writer, corpus)
+            with fmt.writer_lock(path):
+                if overwrite:
+                    old = _reread_manifest(path) or old
+                generation = old["generation"] + 1 if old else 0
+                writer = fmt.IndexWriter(path, generation)
+                corpus = None
+                try:
+                    corpus = as_corpus(documents, spill_dir=path)
+                    names = check_doc_ids(doc_ids, corpus.num_docs)
+                    manifest = self._build(writer, corpus, names)
+                except BaseException:
+                    writer.abort()
+                    raise
+                finally:
+                    if corpus is not None:
+                        corpus.close()
         except BaseException:
-            writer.abort()
-            if created and os.path.isdir(path) and not os.listdir(path):
-                os.rmdir(path)
+            if created and os.path.isdir(path):
+                lock = os.path.join(path, fmt.LOCK_FILE)
+                if os.path.exists(lock) and os.listdir(path) == [fmt.LOCK_FILE]:
+                    os.remove(lock)
+                if not os.listdir(path):
+                    os.rmdir(path)
             raise
-        finally:
-            if corpus is not None:
-                corpus.close()
         return Index(path, _manifest=manifest)
 
-    def _build(self, writer: fmt.IndexWriter, corpus) -> dict:
+    def _build(self, writer: fmt.IndexWriter, corpus: Corpus, names: Optional[list]) -> dict:
         t_start = time.perf_counter()
         timings: Dict[str, float] = {}
         T, N, dim = corpus.num_tokens, corpus.num_docs, corpus.dim
-        empty = np.flatnonzero(corpus.doclens == 0)
-        if len(empty):
-            warnings.warn(
-                f"{len(empty)} empty document(s) (positions {', '.join(map(str, empty[:5]))}"
-                f"{', ...' if len(empty) > 5 else ''}) are indexed as empty: they keep their ids and are never returned",
-                stacklevel=3,
-            )
+        num_empty = warn_empty(corpus)
         C = self.num_centroids or default_num_centroids(T)
         if C > T:
             warnings.warn(f"num_centroids={C} exceeds the {T} tokens of the corpus; using {T}", stacklevel=3)
@@ -181,24 +267,20 @@ class Indexer:
 
         # 1. training sample
         t = time.perf_counter()
-        n_sample = max(C * self.kmeans_points_per_centroid, min(self.codec_sample, T))
-        sample_ids = sample_token_ids(T, n_sample, self.seed)
-        sample = corpus.take(sample_ids)
+        n_km = C * self.kmeans_points_per_centroid
+        sample = corpus.take(sample_token_ids(T, max(n_km, min(self.codec_sample, T)), self.seed))
         norms = np.linalg.norm(sample, axis=1)
         normalized = bool(np.all(np.abs(norms - 1) < 1e-2)) if self.normalize == "auto" else bool(self.normalize)
         timings["sample_s"] = time.perf_counter() - t
 
-        # 2. k-means
+        # 2. k-means (raw centroids: the nearest raw centroid leaves smaller residuals, 3-4% lower
+        #    reconstruction error on msmarco-5k; the searcher normalises its own scoring copy)
         t = time.perf_counter()
-        self._log(f"k-means: {C} centroids from {min(len(sample), C * self.kmeans_points_per_centroid)} "
-                  f"of {T} tokens, {self.kmeans_niter} iterations")
-        km_rows = sample if len(sample) <= C * self.kmeans_points_per_centroid else \
-            sample[np.random.default_rng(self.seed + 1).choice(len(sample), C * self.kmeans_points_per_centroid, replace=False)]
+        km_rows = sample if len(sample) <= n_km else \
+            sample[np.random.default_rng(self.seed + 1).choice(len(sample), n_km, replace=False)]
+        self._log(f"k-means: {C} centroids from {len(km_rows)} of {T} tokens, {self.kmeans_niter} iterations")
         centroids = train_centroids(km_rows, C, self.kmeans_niter, self.seed, show_progress=self.show_progress)
-        # Not normalised: the nearest raw centroid leaves smaller residuals (3-4% lower
-        # reconstruction error measured on msmarco-5k); the searcher normalises its own copy.
-        # stored as float16 (halves their share of the index); encode against the stored values
-        centroids = centroids.astype(np.float16).astype(np.float32)
+        centroids = centroids.astype(np.float16).astype(np.float32)  # stored as float16: encode against those
         C = len(centroids)
         assigner = CentroidAssigner(centroids, seed=self.seed)
         timings["kmeans_s"] = time.perf_counter() - t
@@ -209,71 +291,55 @@ class Indexer:
             sample[np.random.default_rng(self.seed + 2).choice(len(sample), self.codec_sample, replace=False)]
         residuals = rows - centroids[assigner.assign(rows)]
         codec.train(residuals, seed=self.seed)
+        outlier_norm = float(np.quantile(np.linalg.norm(residuals, axis=1), OUTLIER_QUANTILE))
         del sample, rows, residuals, km_rows
         timings["codec_train_s"] = time.perf_counter() - t
 
-        # 4. streamed encoding
+        # 4. streamed encoding into segment 0
         t = time.perf_counter()
-        code_dtype = np.uint16 if C <= 1 << 16 else np.int32
-        codes_out = writer.create("codes", (T,), code_dtype)
-        res_out = writer.create("residuals", (T, codec.code_bytes), np.uint8)
-        ivf_cells, ivf_docs = [], []
-        bar = tqdm(total=T, unit="tok", unit_scale=True, desc="plaid: encoding", disable=not self.show_progress)
-        for start, end in corpus.chunks(self.chunk_tokens):
-            x = corpus.read(start, end)
-            lo, hi = int(corpus.offsets[start]), int(corpus.offsets[end])
-            if hi == lo:
-                continue
-            a = assigner.assign(x)
-            r = x - centroids[a]
-            codes_out[lo:hi] = a
-            res_out[lo:hi] = codec.encode(r)
-            docs = np.repeat(np.arange(start, end, dtype=np.int64), corpus.doclens[start:end])
-            key = np.unique(a.astype(np.int64) * N + docs)  # (cell, doc) pairs, deduplicated
-            ivf_cells.append((key // N).astype(np.int32))
-            ivf_docs.append((key % N).astype(np.int32))
-            bar.update(hi - lo)
-        bar.close()
-        writer.finish("codes")
-        writer.finish("residuals")
-        del codes_out, res_out
+        cells, docs = encode_segment(writer, "seg0", corpus, centroids, assigner, codec, 0,
+                                     self.chunk_tokens, self.show_progress)
         timings["encode_s"] = time.perf_counter() - t
 
-        # 5. inverted file: centroid -> sorted, deduplicated document ids
+        # 5. inverted file and the small global arrays
         t = time.perf_counter()
-        cells = np.concatenate(ivf_cells)
-        docs = np.concatenate(ivf_docs)
-        del ivf_cells, ivf_docs
-        order = np.argsort(cells, kind="stable")  # chunks are in doc order: docs stay sorted per cell
-        ivf = docs[order]
-        ivf_offsets = np.zeros(C + 1, np.int64)
-        np.cumsum(np.bincount(cells, minlength=C), out=ivf_offsets[1:])
-        del cells, docs, order
+        ivf, ivf_offsets = merge_ivf(C, cells, docs)
+        del cells, docs
         writer.write("ivf", ivf)
         writer.write("ivf_offsets", ivf_offsets)
         writer.write("doclens", corpus.doclens.astype(np.int32))
         writer.write("centroids", centroids.astype(np.float16))
         for name, arr in codec.arrays().items():
             writer.write(name, arr)
+        if names is not None:
+            blob, offsets = encode_doc_ids(names)
+            writer.write("doc_ids_utf8", blob)
+            writer.write("doc_ids_offsets", offsets)
         timings["ivf_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t_start
 
         fields = {
-            "created_by": f"plaid-engine {_VERSION}",
+            "created_by": f"plaid-engine {VERSION}",
             "dim": dim,
             "num_documents": N,
             "num_tokens": T,
             "num_centroids": C,
-            "num_empty_documents": int(len(empty)),
-            "has_doc_ids": "doc_ids_utf8" in writer.entries,
+            "num_empty_documents": num_empty,
+            "num_deleted": 0,
+            "has_doc_ids": names is not None,
             "normalized": normalized,
+            "outlier_residual_norm": outlier_norm,
             "codec": codec.params(),
+            "segments": [{"name": "seg0", "doc_start": 0, "doc_end": N, "num_tokens": T}],
+            "next_segment": 1,
+            "tombstones": [],
             "build": {
                 "seed": self.seed,
                 "kmeans_niter": self.kmeans_niter,
                 "kmeans_points_per_centroid": self.kmeans_points_per_centroid,
                 "codec_sample": self.codec_sample,
                 "chunk_tokens": self.chunk_tokens,
+                "initial_centroids": C,
             },
         }
         manifest = writer.commit(fields)
@@ -283,103 +349,8 @@ class Indexer:
         return manifest
 
 
-class Index:
-    """A committed index on disk (a light handle: opening reads only the manifest).
-
-    ``plaid.Index(path)`` opens an existing index; :meth:`Indexer.build` returns one.
-    Use :meth:`searcher` (or :class:`plaid.Searcher`) to search it.
-    """
-
-    def __init__(self, path: str, *, _manifest: Optional[dict] = None):
-        self.path = os.fspath(path)
-        self.manifest = _manifest if _manifest is not None else fmt.read_manifest(self.path)
-
-    # -- facts ---------------------------------------------------------------------------------
-    @property
-    def dim(self) -> int:
-        return int(self.manifest["dim"])
-
-    @property
-    def num_documents(self) -> int:
-        return int(self.manifest["num_documents"])
-
-    def __len__(self) -> int:
-        return self.num_documents
-
-    @property
-    def num_tokens(self) -> int:
-        return int(self.manifest["num_tokens"])
-
-    @property
-    def num_centroids(self) -> int:
-        return int(self.manifest["num_centroids"])
-
-    @property
-    def codec(self) -> dict:
-        """Codec parameters, e.g. ``{"name": "pq", "m": 32, "nbits": 8, "code_bytes": 32}``."""
-        return dict(self.manifest["codec"])
-
-    @property
-    def generation(self) -> int:
-        return int(self.manifest["generation"])
-
-    def nbytes(self) -> int:
-        """Bytes of all committed array files plus the manifest."""
-        total = sum(e["bytes"] for e in self.manifest["arrays"].values())
-        return total + os.path.getsize(os.path.join(self.path, fmt.MANIFEST))
-
-    def bytes_per_token(self) -> float:
-        """Whole index folder size per document token."""
-        return self.nbytes() / max(1, self.num_tokens)
-
-    def payload_bytes_per_token(self) -> int:
-        """Bytes stored per token: centroid id plus residual code."""
-        return np.dtype(self.manifest["arrays"]["codes"]["dtype"]).itemsize + int(self.codec["code_bytes"])
-
-    def verify(self) -> list:
-        """Problems found by checking every file's size and CRC-32 (empty list: intact)."""
-        return fmt.verify_index(self.path)
-
-    @property
-    def doc_ids(self) -> Optional[list]:
-        """External ids (list of str, one per document) or None when the index has none."""
-        if not self.manifest.get("has_doc_ids"):
-            return None
-        if getattr(self, "_doc_ids", None) is None:
-            blob = fmt.open_array(self.path, self.manifest, "doc_ids_utf8", mmap=False)
-            offs = fmt.open_array(self.path, self.manifest, "doc_ids_offsets", mmap=False)
-            self._doc_ids = decode_doc_ids(blob, offs)
-        return self._doc_ids
-
-    def load_codec(self):
-        """The trained residual codec (for decoding)."""
-        arrays = {n: fmt.open_array(self.path, self.manifest, n, mmap=False) for n in codec_array_names(self.codec)}
-        return codec_from_manifest(self.dim, self.codec, arrays)
-
-    def searcher(self, **kwargs):
-        """A :class:`plaid.Searcher` over this index (keyword arguments are passed on)."""
-        from ..search.searcher import Searcher
-
-        return Searcher(self.path, **kwargs)
-
-    def info(self) -> dict:
-        """Counts, sizes and parameters as a JSON-serialisable dict."""
-        return {
-            "path": self.path,
-            "format_version": self.manifest["format_version"],
-            "generation": self.generation,
-            "num_documents": self.num_documents,
-            "num_tokens": self.num_tokens,
-            "num_centroids": self.num_centroids,
-            "dim": self.dim,
-            "codec": self.codec,
-            "normalized": self.manifest.get("normalized", False),
-            "bytes": self.nbytes(),
-            "bytes_per_token": round(self.bytes_per_token(), 3),
-            "payload_bytes_per_token": self.payload_bytes_per_token(),
-            "build": self.manifest.get("build", {}),
-        }
-
-    def __repr__(self) -> str:
-        return (f"Index({self.path!r}, documents={self.num_documents}, tokens={self.num_tokens}, "
-                f"centroids={self.num_centroids}, codec={json.dumps(self.codec)})")
+def _reread_manifest(path: str) -> Optional[dict]:
+    try:
+        return fmt.read_manifest(path)
+    except Exception:
+        return None

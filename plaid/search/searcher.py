@@ -1,10 +1,18 @@
-"""The Searcher: loads an index, picks parameters, batches queries, runs the four stages."""
+"""The Searcher: loads an index, picks parameters, batches queries, runs the four stages.
+
+A Searcher holds one committed generation of the index (an immutable ``_State``) until
+:meth:`Searcher.reload`; it is safe to share between threads (each search reads the state once,
+scratch buffers are per thread). By default on CPU the per-token arrays (centroid codes and
+residual codes) stay memory-mapped on disk: only centroids, the inverted file, document lengths
+and deletions are loaded into memory.
+"""
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import List, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -13,6 +21,7 @@ from .. import format as fmt
 from ..embeddings import as_queries
 from ..errors import IndexCorruptError, InvalidInputError
 from ..indexing.codecs import codec_array_names, codec_from_manifest
+from ..indexing.index import load_deleted
 from . import stages, stages_torch
 
 __all__ = ["Searcher", "Results", "default_search_params"]
@@ -90,6 +99,138 @@ class _Workspace(threading.local):
         return buf[:n].reshape(shape)
 
 
+class TokenStore:
+    """Per-token rows stored as consecutive segments, addressed by global token position.
+
+    parts: arrays [t_i, ...] (memory-mapped or in memory); bases: int64 [len(parts) + 1], the
+    global position of each part's first row. ``store[pos]`` / :meth:`take` gather rows at
+    ascending positions.
+    """
+
+    def __init__(self, parts: Sequence[np.ndarray], bases: np.ndarray):
+        self.parts = list(parts)
+        self.bases = np.asarray(bases, np.int64)
+        self.dtype = np.result_type(*[p.dtype for p in self.parts])
+
+    def take(self, pos: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+        if len(self.parts) == 1:
+            return np.take(self.parts[0], pos, axis=0, out=out)
+        if out is None:
+            out = np.empty((len(pos),) + self.parts[0].shape[1:], self.dtype)
+        cuts = np.searchsorted(pos, self.bases)
+        for i, part in enumerate(self.parts):
+            lo, hi = cuts[i], cuts[i + 1]
+            if hi > lo:
+                out[lo:hi] = np.take(part, pos[lo:hi] - self.bases[i], axis=0)
+        return out
+
+    __getitem__ = take
+
+    def concatenated(self) -> np.ndarray:
+        return np.concatenate([np.asarray(p, dtype=self.dtype) for p in self.parts]) if len(self.parts) > 1 \
+            else np.asarray(self.parts[0])
+
+
+class _State:
+    """Everything one committed generation of the index needs for search (read-only once built)."""
+
+    def __init__(self, path: str, device: torch.device, load_all: bool, engine: str, precision: str):
+        m = fmt.read_manifest(path)
+        self.manifest = m
+        self.generation = int(m["generation"])
+        try:
+            self.dim = int(m["dim"])
+            self.num_documents = int(m["num_documents"])
+            self.num_tokens = int(m["num_tokens"])
+            self.num_centroids = int(m["num_centroids"])
+            self.normalized = bool(m.get("normalized", False))
+            codec_params = m["codec"]
+            code_bytes = int(codec_params["code_bytes"])
+            segments = list(m["segments"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise IndexCorruptError(f"{path}: manifest lacks a field ({e})") from None
+        arr = lambda name, mmap=False: fmt.open_array(path, m, name, mmap=mmap)  # noqa: E731
+        try:
+            self.codec = codec_from_manifest(self.dim, codec_params,
+                                             {n: arr(n) for n in codec_array_names(codec_params)})
+        except (ValueError, KeyError) as e:
+            raise IndexCorruptError(f"{path}: codec arrays are inconsistent ({e})") from None
+        centroids = np.ascontiguousarray(arr("centroids"), dtype=np.float32)
+        ivf = arr("ivf")
+        ivf_offsets = arr("ivf_offsets").astype(np.int64)
+        doclens = arr("doclens").astype(np.int64)
+        doc_offsets = np.zeros(len(doclens) + 1, np.int64)
+        np.cumsum(doclens, out=doc_offsets[1:])
+        mmap = not load_all and device.type == "cpu"
+        codes = [arr(f"{s['name']}_codes", mmap=mmap) for s in segments]
+        residuals = [arr(f"{s['name']}_residuals", mmap=mmap) for s in segments]
+        bases = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int64)
+        deleted = load_deleted(path, m)
+        _check_consistency(path, self, centroids, ivf, ivf_offsets, doclens, codes, residuals, code_bytes, deleted)
+        self.centroids = centroids
+        self.ivf, self.ivf_offsets, self.doc_offsets = ivf, ivf_offsets, doc_offsets
+        self.codes, self.residuals = TokenStore(codes, bases), TokenStore(residuals, bases)
+        self.deleted = deleted
+        self.alive: Optional[np.ndarray] = None
+        if len(deleted):
+            self.alive = np.ones(self.num_documents, bool)
+            self.alive[deleted] = False
+        self.num_live = self.num_documents - len(deleted) - int(((doclens == 0) & (self.alive if self.alive is not None else True)).sum())
+        # Stages 1-3 score query tokens against unit centroids when the index holds unit vectors
+        # (cosine, the scale PLAID's thresholds are set in); stage 4 decodes with the raw ones.
+        scoring = centroids
+        if self.normalized:
+            scoring = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        self.scoring = torch.from_numpy(np.ascontiguousarray(scoring, np.float32)).to(device).to(
+            torch.bfloat16 if precision == "bfloat16" else torch.float32)
+        if engine == "torch":
+            self.codec.to(device)
+            self.centroids_t = torch.from_numpy(centroids).to(device)
+            self.ivf_t = torch.from_numpy(ivf.astype(np.int64)).to(device)
+            self.ivf_offsets_t = torch.from_numpy(ivf_offsets).to(device)
+            self.doc_offsets_t = torch.from_numpy(doc_offsets).to(device)
+            self.codes_t = torch.from_numpy(self.codes.concatenated().astype(np.int64)).to(device)
+            self.residuals_t = torch.from_numpy(np.array(self.residuals.concatenated())).to(device)
+            self.alive_t = torch.from_numpy(self.alive).to(device) if self.alive is not None else None
+        self._doc_ids: Optional[List[str]] = None
+        self._path = path
+
+    @property
+    def doc_ids(self) -> Optional[List[str]]:
+        if not self.manifest.get("has_doc_ids"):
+            return None
+        if self._doc_ids is None:
+            from ..indexing.indexer import decode_doc_ids
+
+            self._doc_ids = decode_doc_ids(fmt.open_array(self._path, self.manifest, "doc_ids_utf8"),
+                                           fmt.open_array(self._path, self.manifest, "doc_ids_offsets"))
+        return self._doc_ids
+
+
+def _check_consistency(path, st, centroids, ivf, ivf_offsets, doclens, codes, residuals, code_bytes, deleted) -> None:
+    T = st.num_tokens
+    problems = []
+    if len(doclens) != st.num_documents:
+        problems.append(f"doclens has {len(doclens)} entries for {st.num_documents} documents")
+    elif int(doclens.sum()) != T:
+        problems.append(f"doclens sum to {int(doclens.sum())}, not {T} tokens")
+    if centroids.shape != (st.num_centroids, st.dim):
+        problems.append(f"centroids have shape {centroids.shape}, expected {(st.num_centroids, st.dim)}")
+    if len(ivf_offsets) != st.num_centroids + 1 or int(ivf_offsets[-1]) != len(ivf) \
+            or (len(ivf_offsets) and int(ivf_offsets[0]) != 0) or (np.diff(ivf_offsets) < 0).any():
+        problems.append("ivf_offsets do not delimit ivf")
+    elif len(ivf) and (int(ivf.min()) < 0 or int(ivf.max()) >= st.num_documents):
+        problems.append("ivf holds document ids out of range")
+    if sum(len(c) for c in codes) != T or any(len(c) != len(r) for c, r in zip(codes, residuals)):
+        problems.append("segment codes / residuals do not hold num_tokens rows")
+    if any(r.ndim != 2 or r.shape[1] != code_bytes for r in residuals):
+        problems.append(f"residuals are not [tokens, {code_bytes}]")
+    if len(deleted) and (deleted.min() < 0 or deleted.max() >= st.num_documents):
+        problems.append("tombstones hold document ids out of range")
+    if problems:
+        raise IndexCorruptError(f"{path}: inconsistent index: " + "; ".join(problems))
+
+
 class Searcher:
     """Searches a PLAID index with MaxSim.
 
@@ -101,15 +242,17 @@ class Searcher:
         Where search runs. "cuda" moves the whole index to the GPU and runs every stage there.
     load_all : bool, default False
         Load codes and residuals into memory. By default (CPU) they stay memory-mapped on disk and
-        only centroids, the inverted file and document lengths are loaded. Always True on GPU.
+        only centroids, the inverted file, document lengths and deletions are loaded. Always
+        True on GPU.
     verify : bool, default False
         Check every file's size and CRC-32 before loading (reads the whole index once).
     batch_size : int, default 32
         Queries processed together; bounds the memory of a call.
     centroid_precision : {"auto", "float32", "bfloat16"}, default "auto"
-        Precision of the query-centroid scores of stages 1-3 on CPU ("auto": bfloat16 where the CPU
-        has native bfloat16 arithmetic, which halves the memory traffic of the largest product;
-        float32 elsewhere). Stage 4 is always float32.
+        Precision of the query-centroid scores of stages 1-3 ("auto": bfloat16 on a CPU with
+        native bfloat16 arithmetic, which halves the memory traffic of the largest product;
+        float32 elsewhere). Stage 4 is always float32. bfloat16 rounding makes exact ties
+        between centroid scores more frequent; use float32 for bit-identical results across engines.
     engine : {"auto", "numpy", "torch"}, default "auto"
         Implementation of the stages: "numpy" (per query, the fastest on CPU) or "torch"
         (batched over queries; the one used on GPU). "auto" picks by device.
@@ -120,11 +263,6 @@ class Searcher:
                  engine: str = "auto"):
         path = getattr(path, "path", path)
         self.path = os.fspath(path)
-        self.manifest = fmt.read_manifest(self.path)
-        if verify:
-            problems = fmt.verify_index(self.path)
-            if problems:
-                raise IndexCorruptError(f"{self.path}: index verification failed: " + "; ".join(problems))
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InvalidInputError("device='cuda' was asked for but torch sees no CUDA device")
@@ -137,85 +275,79 @@ class Searcher:
         if engine == "numpy" and self.device.type != "cpu":
             raise InvalidInputError("engine='numpy' runs on the CPU only")
         self.engine = engine if engine != "auto" else ("numpy" if self.device.type == "cpu" else "torch")
-        self.batch_size = int(batch_size)
-        self._ws = _Workspace()
-        self._doc_ids = None
-        m = self.manifest
-        try:
-            self.dim = int(m["dim"])
-            self.num_documents = int(m["num_documents"])
-            self.num_tokens = int(m["num_tokens"])
-            self.num_centroids = int(m["num_centroids"])
-            self.normalized = bool(m.get("normalized", False))
-            codec_params = m["codec"]
-            code_bytes = int(codec_params["code_bytes"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise IndexCorruptError(f"{self.path}: manifest lacks a field ({e})") from None
-        arr = lambda name, mmap=False: fmt.open_array(self.path, m, name, mmap=mmap)  # noqa: E731
-        try:
-            self.codec = codec_from_manifest(self.dim, codec_params,
-                                             {n: arr(n) for n in codec_array_names(codec_params)})
-        except (ValueError, KeyError) as e:
-            raise IndexCorruptError(f"{self.path}: codec arrays are inconsistent ({e})") from None
-        centroids = np.ascontiguousarray(arr("centroids"), dtype=np.float32)
-        ivf = arr("ivf")
-        ivf_offsets = arr("ivf_offsets").astype(np.int64)
-        doclens = arr("doclens").astype(np.int64)
-        doc_offsets = np.zeros(len(doclens) + 1, np.int64)
-        np.cumsum(doclens, out=doc_offsets[1:])
-        self._check_consistency(centroids, ivf, ivf_offsets, doclens, code_bytes)
-        mmap = not load_all and self.device.type == "cpu"
-        codes = arr("codes", mmap=mmap)
-        residuals = arr("residuals", mmap=mmap)
         if centroid_precision == "auto":
             centroid_precision = "bfloat16" if self.device.type == "cpu" and _cpu_has_native_bf16() else "float32"
         self.centroid_precision = centroid_precision
-        dev = self.device
-        self._centroids_t = torch.from_numpy(centroids).to(dev)
-        # Stages 1-3 score query tokens against unit centroids when the index holds unit vectors
-        # (cosine, the scale PLAID's thresholds are set in); stage 4 decodes with the raw ones.
-        scoring = centroids
-        if self.normalized:
-            scoring = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-        self._centroids_scoring = torch.from_numpy(np.ascontiguousarray(scoring, np.float32)).to(dev).to(
-            torch.bfloat16 if centroid_precision == "bfloat16" else torch.float32)
-        if self.engine == "numpy":
-            self._centroids = centroids
-            self._ivf, self._ivf_offsets = ivf, ivf_offsets
-            self._doc_offsets = doc_offsets
-            self._codes, self._residuals = codes, residuals
-        else:
-            self.codec.to(dev)
-            self._ivf_t = torch.from_numpy(ivf.astype(np.int64)).to(dev)
-            self._ivf_offsets_t = torch.from_numpy(ivf_offsets).to(dev)
-            self._doc_offsets_t = torch.from_numpy(doc_offsets).to(dev)
-            self._codes_t = torch.from_numpy(codes.astype(np.int64)).to(dev)
-            self._residuals_t = torch.from_numpy(np.array(residuals)).to(dev)
+        self.load_all = bool(load_all)
+        self.batch_size = int(batch_size)
+        self._ws = _Workspace()
+        self._reload_lock = threading.Lock()
+        fmt.read_manifest(self.path)  # clear errors for a missing or unfinished index first
+        if verify:
+            problems = fmt.verify_index(self.path)
+            if problems:
+                raise IndexCorruptError(f"{self.path}: index verification failed: " + "; ".join(problems))
+        self._state = self._load()
 
-    def _check_consistency(self, centroids, ivf, ivf_offsets, doclens, code_bytes) -> None:
-        m = self.manifest
-        T = self.num_tokens
-        problems = []
-        if len(doclens) != self.num_documents:
-            problems.append(f"doclens has {len(doclens)} entries for {self.num_documents} documents")
-        elif int(doclens.sum()) != T:
-            problems.append(f"doclens sum to {int(doclens.sum())}, not {T} tokens")
-        if centroids.shape != (self.num_centroids, self.dim):
-            problems.append(f"centroids have shape {centroids.shape}, expected {(self.num_centroids, self.dim)}")
-        if len(ivf_offsets) != self.num_centroids + 1 or int(ivf_offsets[-1]) != len(ivf) \
-                or (len(ivf_offsets) and int(ivf_offsets[0]) != 0) or (np.diff(ivf_offsets) < 0).any():
-            problems.append("ivf_offsets do not delimit ivf")
-        elif len(ivf) and (int(ivf.min()) < 0 or int(ivf.max()) >= self.num_documents):
-            problems.append("ivf holds document ids out of range")
-        for name, shape in (("codes", [T]), ("residuals", [T, code_bytes])):
-            if m["arrays"].get(name, {}).get("shape") != shape:
-                problems.append(f"{name} has shape {m['arrays'].get(name, {}).get('shape')}, expected {shape}")
-        if problems:
-            raise IndexCorruptError(f"{self.path}: inconsistent index: " + "; ".join(problems))
+    def _load(self) -> _State:
+        """Open the committed generation; retry when a writer replaced it while we were opening."""
+        for attempt in range(5):
+            before = fmt.read_manifest(self.path)["generation"]
+            try:
+                return _State(self.path, self.device, self.load_all, self.engine, self.centroid_precision)
+            except IndexCorruptError:
+                if attempt == 4 or fmt.read_manifest(self.path)["generation"] == before:
+                    raise  # really corrupt, not a concurrent commit
+
+    def reload(self) -> bool:
+        """Switch to the newest committed generation; returns True when it changed.
+
+        Searches running in other threads finish on the generation they started with.
+        """
+        with self._reload_lock:
+            if fmt.read_manifest(self.path)["generation"] == self._state.generation:
+                return False
+            self._state = self._load()
+            return True
+
+    # -- facts -------------------------------------------------------------------------------------
+    @property
+    def generation(self) -> int:
+        return self._state.generation
+
+    @property
+    def dim(self) -> int:
+        return self._state.dim
+
+    @property
+    def num_documents(self) -> int:
+        return self._state.num_documents
+
+    @property
+    def num_centroids(self) -> int:
+        return self._state.num_centroids
+
+    @property
+    def normalized(self) -> bool:
+        return self._state.normalized
+
+    @property
+    def codec(self):
+        return self._state.codec
+
+    @property
+    def manifest(self) -> dict:
+        return self._state.manifest
+
+    @property
+    def doc_ids(self) -> Optional[list]:
+        """External ids of the index (list of str, position = internal id) or None."""
+        return self._state.doc_ids
 
     # -- search -----------------------------------------------------------------------------------
     def search(self, queries, k: int = 10, *, ncells: Optional[int] = None,
-               centroid_score_threshold: Optional[float] = None, ndocs: Optional[int] = None) -> Results:
+               centroid_score_threshold: Optional[float] = None, ndocs: Optional[int] = None,
+               subset=None) -> Results:
         """Top-``k`` documents by MaxSim for each query.
 
         Parameters
@@ -231,6 +363,11 @@ class Searcher:
             query token count.
         ndocs : int, optional
             Candidates kept after stage 2; stage 3 keeps ``ndocs // 4`` (at least ``k``).
+        subset : ids, or a list of ids per query, optional
+            Restrict results to these documents (internal int ids or external str ids; deleted
+            ones are ignored, unknown ones raise). A subset of at most ``max(ndocs, 4k)``
+            documents is scored exhaustively on the decompressed vectors (exact within it);
+            a larger one runs the pipeline with ``ncells`` scaled up by its selectivity.
 
         Returns
         -------
@@ -238,29 +375,20 @@ class Searcher:
         """
         params = self._params(k, ncells, centroid_score_threshold, ndocs)
         k = int(k)
-        qs = as_queries(queries, dim=self.dim)
+        st = self._state  # one generation for the whole call
+        qs = as_queries(queries, dim=st.dim)
+        subsets = self._subsets(st, subset, len(qs))
         ids = np.full((len(qs), k), -1, dtype=np.int64)
         scores = np.full((len(qs), k), -np.inf, dtype=np.float32)
         with torch.inference_mode():
             for b in range(0, len(qs), self.batch_size):
                 batch = qs[b : b + self.batch_size]
+                bsub = None if subsets is None else subsets[b : b + self.batch_size]
                 run = self._search_batch_numpy if self.engine == "numpy" else self._search_batch_torch
-                for i, (bi, bs) in enumerate(run(batch, k, **params)):
+                for i, (bi, bs) in enumerate(run(st, batch, bsub, k, **params)):
                     ids[b + i, : len(bi)] = bi
                     scores[b + i, : len(bs)] = bs
-        return Results(ids, scores, self.doc_ids)
-
-    @property
-    def doc_ids(self) -> Optional[list]:
-        """External ids of the index (list of str, position = internal id) or None."""
-        if not self.manifest.get("has_doc_ids"):
-            return None
-        if self._doc_ids is None:
-            from ..indexing.indexer import decode_doc_ids
-
-            self._doc_ids = decode_doc_ids(fmt.open_array(self.path, self.manifest, "doc_ids_utf8"),
-                                           fmt.open_array(self.path, self.manifest, "doc_ids_offsets"))
-        return self._doc_ids
+        return Results(ids, scores, st.doc_ids)
 
     @staticmethod
     def _params(k, ncells, threshold, ndocs) -> dict:
@@ -282,39 +410,57 @@ class Searcher:
             params["centroid_score_threshold"] = threshold
         return params
 
-    def _centroid_scores(self, Qcat: torch.Tensor) -> torch.Tensor:
+    def _subsets(self, st: _State, subset, nq: int) -> Optional[List[np.ndarray]]:
+        """One sorted int64 array of live, non-empty document ids per query, or None."""
+        if subset is None:
+            return None
+        per_query = isinstance(subset, (list, tuple)) and len(subset) > 0 and all(
+            isinstance(s, (list, tuple, set, frozenset, np.ndarray)) for s in subset)
+        if per_query and len(subset) != nq:
+            raise InvalidInputError(f"subset: {len(subset)} subsets given for {nq} queries")
+        groups = list(subset) if per_query else [subset]
+        out = []
+        doclens = np.diff(st.doc_offsets)
+        for g in groups:
+            if isinstance(g, (str, bytes, int, np.integer)):
+                g = [g]
+            ids = _resolve_subset(st, list(g.tolist() if isinstance(g, np.ndarray) else g))
+            ids = ids[doclens[ids] > 0]
+            if st.alive is not None:
+                ids = ids[st.alive[ids]]
+            out.append(ids)
+        return out if per_query else out * nq
+
+    def _centroid_scores(self, st: _State, Qcat: torch.Tensor) -> torch.Tensor:
         """float32 [C, sum_m]: scores of every centroid for every query token of the batch."""
-        return (self._centroids_scoring @ Qcat.to(self._centroids_scoring.dtype).T).float()
+        return (st.scoring @ Qcat.to(st.scoring.dtype).T).float()
 
     # -- numpy engine (CPU) -------------------------------------------------------------------
     def decompress(self, pos: np.ndarray) -> np.ndarray:
-        """Reconstructed vectors of the tokens at positions ``pos`` (int64 [t]) -> float32 [t, dim].
+        """Reconstructed vectors of the tokens at positions ``pos`` (int64 [t], ascending) -> float32 [t, dim].
 
         centroid + decoded residual, renormalised to unit length when the index was built from
         unit vectors. Stage 4 scores are exact MaxSim on exactly these vectors.
         """
+        st = self._state
         pos = np.asarray(pos, dtype=np.int64)
-        D = self.codec.decode_numpy(np.take(self._residuals, pos, axis=0)) if self.engine == "numpy" else \
-            self.codec.decode_numpy(self._residuals_t[torch.from_numpy(pos).to(self.device)].cpu().numpy())
-        centroids = self._centroids if self.engine == "numpy" else self._centroids_t.cpu().numpy()
-        codes = self._codes if self.engine == "numpy" else self._codes_t.cpu().numpy()
-        D += centroids.take(codes[pos], axis=0)
-        if self.normalized:
+        D = st.codec.decode_numpy(st.residuals.take(pos))
+        D += st.centroids.take(st.codes.take(pos), axis=0)
+        if st.normalized:
             D /= np.maximum(np.sqrt(np.einsum("ij,ij->i", D, D)), 1e-12)[:, None]
         return D
 
-    def _stage4_sims(self, pos: np.ndarray, q: np.ndarray) -> np.ndarray:
+    def _stage4_sims(self, st: _State, pos: np.ndarray, q: np.ndarray) -> np.ndarray:
         """float32 [t, m]: decompressed tokens at ``pos`` · query tokens, in reused buffers."""
         ws = self._ws
         n = len(pos)
-        R = ws.get("residuals", (n, self.codec.code_bytes), np.uint8)
-        np.take(self._residuals, pos, axis=0, out=R)
-        D = self.codec.decode_numpy(R, out=ws.get("D", (n, self.dim), np.float32))
-        G = ws.get("G", (n, self.dim), np.float32)
-        np.take(self._centroids, self._codes[pos], axis=0, out=G)
+        R = st.residuals.take(pos, out=ws.get("residuals", (n, st.codec.code_bytes), np.uint8))
+        D = st.codec.decode_numpy(R, out=ws.get("D", (n, st.dim), np.float32))
+        G = ws.get("G", (n, st.dim), np.float32)
+        np.take(st.centroids, st.codes.take(pos), axis=0, out=G)
         D += G
         sims = (torch.from_numpy(D) @ torch.from_numpy(q).T).numpy()  # torch: see stages.py
-        if self.normalized:
+        if st.normalized:
             norms = ws.get("norms", (n,), np.float32)
             np.einsum("ij,ij->i", D, D, out=norms)
             np.sqrt(norms, out=norms)
@@ -322,22 +468,46 @@ class Searcher:
             sims /= norms[:, None]
         return sims
 
-    def _search_batch_numpy(self, qs, k: int, ncells: int, centroid_score_threshold: float, ndocs: int):
+    def _exact(self, st: _State, q: np.ndarray, docs: np.ndarray, k: int):
+        """Stage 4 for one query: exact MaxSim of ``docs`` (sorted, non-empty) on decompressed vectors."""
+        starts = st.doc_offsets[docs]
+        pos, offs = stages.expand_ranges(starts, st.doc_offsets[docs + 1] - starts)
+        exact = stages.maxsim_scores(self._stage4_sims(st, pos, q), offs)
+        top = stages.top_n(exact, k)
+        return docs[top], exact[top]
+
+    def _search_batch_numpy(self, st: _State, qs, subsets, k: int, ncells: int,
+                            centroid_score_threshold: float, ndocs: int):
         Qcat = torch.from_numpy(np.concatenate(qs))
-        S_all = self._centroid_scores(Qcat).numpy()  # [C, sum_m]
+        S_all = self._centroid_scores(st, Qcat).numpy()  # [C, sum_m]
         out = []
         col = 0
-        for q in qs:
+        empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
+        for qi, q in enumerate(qs):
             m = q.shape[0]
             St = np.ascontiguousarray(S_all[:, col : col + m])
             col += m
+            sub = None if subsets is None else subsets[qi]
+            nc = ncells
+            if sub is not None:
+                if len(sub) == 0:
+                    out.append(empty)
+                    continue
+                if len(sub) <= max(ndocs, 4 * k):  # small subset: exact within it
+                    out.append(self._exact(st, q, sub, k))
+                    continue
+                nc = _scaled_ncells(ncells, len(sub), st)
             # stage 1: candidate generation
-            docs = stages.candidates(St, ncells, self._ivf, self._ivf_offsets)
+            docs = stages.candidates(St, nc, st.ivf, st.ivf_offsets)
+            if st.alive is not None:
+                docs = docs[st.alive[docs]]
+            if sub is not None:
+                docs = docs[np.isin(docs, sub, assume_unique=True)]
             if len(docs) == 0:
-                out.append((np.zeros(0, np.int64), np.zeros(0, np.float32)))
+                out.append(empty)
                 continue
             # stages 2-3 share one gather of the candidates' centroid scores
-            vals, offs, pos, cc = stages.gather_centroid_scores(St, docs, self._doc_offsets, self._codes)
+            vals, offs, pos, cc = stages.gather_centroid_scores(St, docs, st.doc_offsets, st.codes)
             sel = np.arange(len(docs))
             if len(docs) > ndocs:  # stage 2: pruned centroid interaction (a no-op when all are kept)
                 keep = St.max(1) >= centroid_score_threshold
@@ -350,53 +520,69 @@ class Searcher:
                     tok, offs3 = stages.expand_ranges(offs[sel], offs[sel + 1] - offs[sel])
                     approx = stages.approximate_maxsim(vals[tok], offs3)
                 sel = np.sort(sel[stages.top_n(approx, n3)])
-            docs = docs[sel]
             # stage 4: decompress and score exactly
-            starts = self._doc_offsets[docs]
-            pos, offs = stages.expand_ranges(starts, self._doc_offsets[docs + 1] - starts)
-            sims = self._stage4_sims(pos, q)
-            exact = stages.maxsim_scores(sims, offs)
-            top = stages.top_n(exact, k)
-            out.append((docs[top], exact[top]))
+            out.append(self._exact(st, q, docs[sel], k))
         return out
 
     # -- torch engine (GPU, or CPU for testing) ---------------------------------------------------
-    def _take_codes_torch(self, pos: torch.Tensor) -> torch.Tensor:
-        return self._codes_t[pos]
-
-    def _decompress_torch(self, pos: torch.Tensor) -> torch.Tensor:
-        D = self._centroids_t[self._codes_t[pos]] + self.codec.decode(self._residuals_t[pos])
-        if self.normalized:
-            D = torch.nn.functional.normalize(D, dim=1)
-        return D
-
-    def _search_batch_torch(self, qs, k: int, ncells: int, centroid_score_threshold: float, ndocs: int):
+    def _search_batch_torch(self, st: _State, qs, subsets, k: int, ncells: int,
+                            centroid_score_threshold: float, ndocs: int):
+        dev = self.device
         nq, m = len(qs), max(q.shape[0] for q in qs)
-        Qnp = np.zeros((nq, m, self.dim), np.float32)
+        Qnp = np.zeros((nq, m, st.dim), np.float32)
         mask = np.zeros((nq, m), bool)
         for i, q in enumerate(qs):
             Qnp[i, : len(q)] = q
             mask[i, : len(q)] = True
-        Q = torch.from_numpy(Qnp).to(self.device)
-        qmask = torch.from_numpy(mask).to(self.device)
+        Q = torch.from_numpy(Qnp).to(dev)
+        qmask = torch.from_numpy(mask).to(dev)
         # same product as the numpy engine ([C, sum_m]), so both round identically
-        S2 = self._centroid_scores(torch.from_numpy(np.concatenate(qs)).to(self.device))
-        S = torch.zeros((nq, m, S2.shape[0]), dtype=S2.dtype, device=self.device)
+        S2 = self._centroid_scores(st, torch.from_numpy(np.concatenate(qs)).to(dev))
+        S = torch.zeros((nq, m, S2.shape[0]), dtype=S2.dtype, device=dev)
         S[qmask] = S2.T  # real tokens in (query, position) order
+        take_codes = lambda pos: st.codes_t[pos]  # noqa: E731
 
-        pq, pd = stages_torch.candidate_pairs(S, qmask, ncells, self._ivf_t, self._ivf_offsets_t, self.num_documents)
+        def decompress(pos):
+            D = st.centroids_t[st.codes_t[pos]] + st.codec.decode(st.residuals_t[pos])
+            return torch.nn.functional.normalize(D, dim=1) if st.normalized else D
+
+        N = st.num_documents
+        exhaustive = None
+        nc = ncells
+        if subsets is not None:
+            sizes = [len(s) for s in subsets]
+            small = [len(s) <= max(ndocs, 4 * k) for s in subsets]
+            exhaustive = [(qi, s) for qi, (s, sm) in enumerate(zip(subsets, small)) if sm]
+            if not all(small):
+                nc = max(_scaled_ncells(ncells, sz, st) for sz, sm in zip(sizes, small) if not sm)
+            sub_keys = torch.from_numpy(np.concatenate(
+                [qi * N + s for qi, s in enumerate(subsets) if not small[qi]] + [np.zeros(0, np.int64)])).to(dev)
+        pq, pd = stages_torch.candidate_pairs(S, qmask, nc, st.ivf_t, st.ivf_offsets_t, N)
+        if st.alive_t is not None:
+            live = st.alive_t[pd]
+            pq, pd = pq[live], pd[live]
+        if subsets is not None:
+            keep = torch.isin(pq * N + pd, sub_keys)
+            pq, pd = pq[keep], pd[keep]
+        if exhaustive:  # small subsets: every subset document goes straight to stage 4
+            eq = torch.cat([torch.full((len(s),), qi, dtype=torch.long) for qi, s in exhaustive]).to(dev)
+            ed = torch.cat([torch.from_numpy(s) for _, s in exhaustive]).to(dev)
         if pq.numel():
             table = stages_torch.prune_centroid_scores(S, qmask, centroid_score_threshold).transpose(1, 2).contiguous()
-            approx = stages_torch.approximate_scores(table, pq, pd, self._doc_offsets_t, self._take_codes_torch)
+            approx = stages_torch.approximate_scores(table, pq, pd, st.doc_offsets_t, take_codes)
             pq, pd = self._select(stages_torch.top_pairs(approx, pq, nq, max(ndocs, k)), pq, pd)
             table = S.masked_fill(~qmask.unsqueeze(2), 0.0).transpose(1, 2).contiguous()
-            approx = stages_torch.approximate_scores(table, pq, pd, self._doc_offsets_t, self._take_codes_torch)
+            approx = stages_torch.approximate_scores(table, pq, pd, st.doc_offsets_t, take_codes)
             pq, pd = self._select(stages_torch.top_pairs(approx, pq, nq, max(ndocs // 4, k)), pq, pd)
-            exact = stages_torch.exact_scores(Q, pq, pd, self._doc_offsets_t, self._decompress_torch)
+        if exhaustive:
+            key = torch.unique(torch.cat([pq * N + pd, eq * N + ed]))
+            pq, pd = key // N, key % N
+        if pq.numel():
+            exact = stages_torch.exact_scores(Q, pq, pd, st.doc_offsets_t, decompress)
             keep = stages_torch.top_pairs(exact, pq, nq, k)
         else:
-            exact = torch.zeros(0, device=self.device)
-            keep = torch.full((nq, 0), -1, dtype=torch.long, device=self.device)
+            exact = torch.zeros(0, device=dev)
+            keep = torch.full((nq, 0), -1, dtype=torch.long, device=dev)
         keep = keep.cpu().numpy()
         pd_np, ex_np = pd.cpu().numpy(), exact.float().cpu().numpy()
         return [(pd_np[row[row >= 0]], ex_np[row[row >= 0]]) for row in keep]
@@ -409,4 +595,35 @@ class Searcher:
 
     def __repr__(self) -> str:
         return (f"Searcher({self.path!r}, documents={self.num_documents}, centroids={self.num_centroids}, "
-                f"device={self.device}, engine={self.engine!r})")
+                f"generation={self.generation}, device={self.device}, engine={self.engine!r})")
+
+
+def _scaled_ncells(ncells: int, subset_size: int, st: _State) -> int:
+    """More cells for a selective subset, so about as many candidates fall inside it."""
+    live = max(1, st.num_live)
+    return int(min(st.num_centroids, max(ncells, math.ceil(ncells * live / max(1, subset_size)))))
+
+
+def _resolve_subset(st: _State, ids: list) -> np.ndarray:
+    """Sorted unique internal ids named by a subset (external str or internal int ids)."""
+    out = np.empty(len(ids), np.int64)
+    unknown = []
+    lookup = None
+    for i, x in enumerate(ids):
+        if isinstance(x, str):
+            names = st.doc_ids
+            if names is None:
+                raise InvalidInputError("subset: this index has no external doc_ids; use internal (int) ids")
+            if lookup is None:
+                lookup = {n: j for j, n in enumerate(names)}
+            j = lookup.get(x, -1)
+        elif isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+            j = int(x) if 0 <= int(x) < st.num_documents else -1
+        else:
+            raise InvalidInputError(f"subset ids must be str (external) or int (internal), got {x!r}")
+        if j < 0:
+            unknown.append(x)
+        out[i] = j
+    if unknown:
+        raise InvalidInputError(f"subset names {len(unknown)} unknown document id(s), e.g. {unknown[:5]}")
+    return np.unique(out)
