@@ -20,7 +20,7 @@ from typing import Optional, Tuple
 
 import numpy as np
 
-__all__ = ["PRUNED_SCORE", "expand_ranges", "top_n", "candidates", "gather_centroid_scores",
+__all__ = ["PRUNED_SCORE", "expand_ranges", "top_n", "best_cells", "candidates", "gather_centroid_scores",
            "approximate_maxsim", "maxsim_scores"]
 
 #: Contribution of a query token none of whose document centroids survives pruning (as PLAID).
@@ -57,20 +57,32 @@ def segment_max_sum(vals: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     return np.maximum.reduceat(vals, offsets[:-1], axis=0).sum(1, dtype=np.float32)
 
 
+def best_cells(St: np.ndarray, ncells: int) -> np.ndarray:
+    """Distinct ids of the ``ncells`` best centroids of each query token, sorted.
+
+    St: float32 [C, m]. Ties at the cut are broken towards the lower centroid id (both engines
+    use this rule, so they probe the same cells even when bfloat16 rounding makes scores tie).
+    """
+    C = St.shape[0]
+    if ncells >= C:
+        return np.arange(C)
+    if ncells == 1:
+        return np.unique(St.argmax(0))  # argmax returns the first (lowest) index among ties
+    kth = -np.partition(-St, ncells - 1, axis=0)[ncells - 1]  # [m]: the ncells-th best score
+    above = St > kth
+    tied = St == kth
+    need = ncells - above.sum(0)  # ties to take per token
+    take = above | (tied & (np.cumsum(tied, axis=0) <= need))
+    return np.unique(np.nonzero(take)[0])
+
+
 def candidates(St: np.ndarray, ncells: int, ivf: np.ndarray, ivf_offsets: np.ndarray) -> np.ndarray:
     """Stage 1: sorted distinct ids of the documents in the ``ncells`` best centroids of each token.
 
     St: float32 [C, m] centroid scores (centroid-major); ivf: int32 [P] document ids grouped by
     centroid, ivf_offsets: int64 [C + 1]. Returns int64 [n_candidates].
     """
-    C = St.shape[0]
-    if ncells == 1:
-        cells = St.argmax(0)
-    elif ncells >= C:
-        cells = np.arange(C)
-    else:
-        cells = np.argpartition(-St, ncells - 1, axis=0)[:ncells].ravel()
-    cells = np.unique(cells)
+    cells = best_cells(St, ncells)
     starts = ivf_offsets[cells]
     pos, _ = expand_ranges(starts, ivf_offsets[cells + 1] - starts)
     return np.unique(ivf[pos]).astype(np.int64)

@@ -55,20 +55,26 @@ def centroid_scores(Q: torch.Tensor, centroids: torch.Tensor) -> torch.Tensor:
     return torch.matmul(Q, centroids.T)
 
 
-def candidate_pairs(S: torch.Tensor, qmask: torch.Tensor, ncells: int, ivf: torch.Tensor,
+def candidate_pairs(S: torch.Tensor, qmask: torch.Tensor, ncells, ivf: torch.Tensor,
                     ivf_offsets: torch.Tensor, num_docs: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """Stage 1 candidates: documents in the ``ncells`` best centroids of each real query token.
 
-    S: float [nq, m, C]; qmask: bool [nq, m]; ivf: int [P] document ids grouped by centroid,
-    ``ivf_offsets`` int64 [C + 1]. Returns (pair_q, pair_doc), int64 [npairs], sorted by query
-    then document, without duplicates.
+    S: float [nq, m, C]; qmask: bool [nq, m]; ncells: int, or int64 [nq] (one per query);
+    ivf: int [P] document ids grouped by centroid, ``ivf_offsets`` int64 [C + 1]. Returns
+    (pair_q, pair_doc), int64 [npairs], sorted by query then document, without duplicates.
     """
     nq, m, C = S.shape
-    ncells = min(ncells, C)
-    cells = S.topk(ncells, dim=2).indices  # [nq, m, ncells]
-    q = torch.arange(nq, device=S.device).view(nq, 1, 1).expand(nq, m, ncells)
-    keep = qmask.unsqueeze(2).expand(nq, m, ncells)
-    key = torch.unique(q[keep] * C + cells[keep])  # distinct (query, cell)
+    nc = torch.as_tensor(ncells, device=S.device).long().clamp(1, C).expand(nq).reshape(nq, 1, 1)
+    # every centroid above the ncells-th best score, then ties towards the lower centroid id
+    # (the rule of the numpy stages: both engines probe the same cells)
+    top = S.topk(int(nc.max()), dim=2).values  # [nq, m, max ncells]
+    kth = top.gather(2, (nc - 1).expand(nq, m, 1))  # [nq, m, 1]
+    tied = S == kth
+    need = nc - (S > kth).sum(2, keepdim=True)
+    take = (S > kth) | (tied & (torch.cumsum(tied.int(), dim=2) <= need))
+    take &= qmask.unsqueeze(2)
+    qi, _, cell = torch.nonzero(take, as_tuple=True)
+    key = torch.unique(qi * C + cell)  # distinct (query, cell)
     kq, kc = key // C, key % C
     starts = ivf_offsets[kc]
     lens = ivf_offsets[kc + 1] - starts
