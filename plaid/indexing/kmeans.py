@@ -101,12 +101,15 @@ def train_centroids(sample: np.ndarray, num_centroids: int, niter: int, seed: in
     bar = tqdm(range(niter), desc="plaid: k-means", unit="iter", disable=not show_progress)
     for _ in bar:
         a = CentroidAssigner(centroids, seed=seed).assign(x)
-        order = np.argsort(a, kind="stable")
         counts = np.bincount(a, minlength=k)
+        sums = np.zeros((k, dim), np.float64)
+        for lo in range(0, n, 1 << 16):  # per chunk: no second copy of the whole sample
+            ac = a[lo : lo + (1 << 16)]
+            order = np.argsort(ac, kind="stable")
+            cells, starts = np.unique(ac[order], return_index=True)
+            sums[cells] += np.add.reduceat(x[lo : lo + (1 << 16)][order], starts, axis=0)
         nonempty = np.flatnonzero(counts)
-        starts = np.concatenate([[0], np.cumsum(counts[nonempty])[:-1]])
-        sums = np.add.reduceat(x[order], starts, axis=0)
-        centroids[nonempty] = sums / counts[nonempty, None]
+        centroids[nonempty] = (sums[nonempty] / counts[nonempty, None]).astype(np.float32)
         empty = np.flatnonzero(counts == 0)
         if len(empty):
             centroids[empty] = x[rng.choice(n, size=len(empty), replace=False)]
