@@ -24,7 +24,7 @@ from ..errors import InvalidInputError
 from .codecs import ResidualCodec, make_codec
 from .kmeans import CentroidAssigner, default_num_centroids, sample_token_ids, train_centroids
 
-__all__ = ["Indexer", "check_doc_ids", "encode_doc_ids", "decode_doc_ids", "encode_segment", "merge_ivf",
+__all__ = ["Indexer", "DocIdTable", "check_doc_ids", "encode_doc_ids", "decode_doc_ids", "encode_segment", "merge_ivf",
            "VERSION"]
 
 VERSION = "0.1.0"
@@ -75,6 +75,35 @@ def decode_doc_ids(blob: np.ndarray, offsets: np.ndarray) -> List[str]:
     raw = np.asarray(blob).tobytes()
     offsets = np.asarray(offsets)
     return [raw[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
+
+
+class DocIdTable:
+    """External ids stored as UTF-8 blob + offsets (possibly memory-mapped), decoded on demand.
+
+    ``table[i]`` -> str; ``table.lookup(name)`` -> internal id or -1 (the reverse map is built on
+    first use; with duplicates, e.g. an id deleted then added again, the latest wins).
+    """
+
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
+        self.blob = blob
+        self.offsets = np.asarray(offsets)
+        self._reverse: Optional[Dict[str, int]] = None
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i: int) -> str:
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return bytes(self.blob[self.offsets[i] : self.offsets[i + 1]]).decode("utf-8")
+
+    def tolist(self) -> List[str]:
+        return decode_doc_ids(self.blob, self.offsets)
+
+    def lookup(self, name: str) -> int:
+        if self._reverse is None:
+            self._reverse = {n: i for i, n in enumerate(self.tolist())}
+        return self._reverse.get(name, -1)
 
 
 def warn_empty(corpus: Corpus, doc_base: int = 0) -> int:

@@ -22,6 +22,7 @@ from ..embeddings import as_queries
 from ..errors import IndexCorruptError, InvalidInputError
 from ..indexing.codecs import codec_array_names, codec_from_manifest
 from ..indexing.index import load_deleted
+from ..indexing.indexer import DocIdTable
 from . import stages, stages_torch
 
 __all__ = ["Searcher", "Results", "default_search_params"]
@@ -37,7 +38,7 @@ class Results:
 
     ids: np.ndarray
     scores: np.ndarray
-    names: Optional[list] = None  # external ids of the index (list of str), when it has them
+    names: Optional["DocIdTable"] = None  # external ids of the index, when it has them
 
     def doc_ids(self) -> list:
         """External ids of the hits: a list per query of str (``None`` where ``ids`` is -1).
@@ -196,19 +197,10 @@ class _State:
             self.codes_t = torch.from_numpy(self.codes.concatenated().astype(np.int64)).to(device)
             self.residuals_t = torch.from_numpy(np.array(self.residuals.concatenated())).to(device)
             self.alive_t = torch.from_numpy(self.alive).to(device) if self.alive is not None else None
-        self._doc_ids: Optional[List[str]] = None
-        self._path = path
-
-    @property
-    def doc_ids(self) -> Optional[List[str]]:
-        if not self.manifest.get("has_doc_ids"):
-            return None
-        if self._doc_ids is None:
-            from ..indexing.indexer import decode_doc_ids
-
-            self._doc_ids = decode_doc_ids(fmt.open_array(self._path, self.manifest, "doc_ids_utf8"),
-                                           fmt.open_array(self._path, self.manifest, "doc_ids_offsets"))
-        return self._doc_ids
+        # external ids: mapped now (a map outlives a writer deleting the file), decoded on demand
+        self.doc_ids: Optional[DocIdTable] = None
+        if m.get("has_doc_ids"):
+            self.doc_ids = DocIdTable(arr("doc_ids_utf8", mmap=True), arr("doc_ids_offsets", mmap=True))
 
 
 def _check_consistency(path, st, centroids, ivf, ivf_offsets, doclens, codes, residuals, code_bytes, deleted) -> None:
@@ -344,8 +336,8 @@ class Searcher:
         return self._state.manifest
 
     @property
-    def doc_ids(self) -> Optional[list]:
-        """External ids of the index (list of str, position = internal id) or None."""
+    def doc_ids(self) -> Optional["DocIdTable"]:
+        """External ids of the index (``doc_ids[i]`` is document i's id; ``.tolist()``), or None."""
         return self._state.doc_ids
 
     # -- search -----------------------------------------------------------------------------------
@@ -626,15 +618,12 @@ def _resolve_subset(st: _State, ids: list) -> np.ndarray:
     """Sorted unique internal ids named by a subset (external str or internal int ids)."""
     out = np.empty(len(ids), np.int64)
     unknown = []
-    lookup = None
     for i, x in enumerate(ids):
         if isinstance(x, str):
             names = st.doc_ids
             if names is None:
                 raise InvalidInputError("subset: this index has no external doc_ids; use internal (int) ids")
-            if lookup is None:
-                lookup = {n: j for j, n in enumerate(names)}
-            j = lookup.get(x, -1)
+            j = names.lookup(x)
         elif isinstance(x, (int, np.integer)) and not isinstance(x, bool):
             j = int(x) if 0 <= int(x) < st.num_documents else -1
         else:
