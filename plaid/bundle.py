@@ -123,7 +123,8 @@ class BundleWriter:
         self.ids.append(id)
 
     def _vectors(self) -> np.ndarray:
-        self._f.flush()
+        if not self._f.closed:
+            self._f.flush()
         total = int(sum(self.lens))
         if total == 0:
             return np.zeros((0, self.dim or 0), np.float16)
