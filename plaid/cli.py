@@ -271,7 +271,11 @@ def _cmd_info(args) -> int:
             rows.append(("verify", "ok" if not info["problems"] else "; ".join(info["problems"])))
         width = max(len(k) for k, _ in rows)
         print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
-    return 1 if args.verify and info["problems"] else 0
+    if args.verify and info["problems"]:
+        print(f"plaid: error: {args.index_dir}: index verification failed: {'; '.join(info['problems'])}",
+              file=sys.stderr)
+        return 2
+    return 0
 
 
 _COMMANDS = {"index": _cmd_index, "search": _cmd_search, "evaluate": _cmd_evaluate, "info": _cmd_info}

@@ -198,9 +198,11 @@ def test_bad_bundles(capsys, small_cli, small_corpus, tmp_path):
     assert_input_error(code, err, "bundle not found")
     code, _, err = run_cli(capsys, "search", tmp_path / "nowhere", "--query-embeddings", bad)
     assert_input_error(code, err, "no index at")
+    code, _, err = run_cli(capsys, "search", small_cli[2], "--query-embeddings", bad)
+    assert_input_error(code, err, "has no query_embeddings.f16.npy")
 
 
-def test_bad_text_inputs(capsys, tmp_path):
+def test_bad_text_inputs(capsys, tmp_path, small_cli):
     beir = write_beir(str(tmp_path / "beir"), [("a", "", "x"), ("b", "", "y")], [("q", "x")], [("q", "a", 1)])
     with open(f"{beir}/corpus.jsonl", "a") as f:
         f.write('{"_id": "c", "text": "unterminated\n')
@@ -210,10 +212,23 @@ def test_bad_text_inputs(capsys, tmp_path):
         f.write('{"_id": "a", "text": "x"}\n{"_id": "a", "text": "y"}\n')
     code, _, err = run_cli(capsys, "index", tmp_path / "i", "--corpus", f"{beir}/corpus.jsonl", "--checkpoint", beir)
     assert_input_error(code, err, "corpus.jsonl:2: duplicate document id 'a'")
+    code, _, err = run_cli(capsys, "index", tmp_path / "i", "--corpus", f"{beir}/corpus.jsonl", "--checkpoint", beir,
+                           "--save-embeddings", tmp_path / "beir")
+    assert_input_error(code, err, "embeddings folder")  # refused before anything is encoded
+    assert not os.path.exists(tmp_path / "i")
     with open(f"{beir}/queries.jsonl", "w") as f:
         f.write('{"id": "q", "text": "x"}\n')
-    code, _, err = run_cli(capsys, "search", tmp_path / "i", "--queries", f"{beir}/queries.jsonl", "--checkpoint", beir)
-    assert_input_error(code, err, "no index at")  # the index is checked first...
+    idx = small_cli[2]
+    code, _, err = run_cli(capsys, "search", idx, "--queries", f"{beir}/queries.jsonl", "--checkpoint", beir)
+    assert_input_error(code, err, "queries.jsonl:1: missing field '_id'")
+    code, _, err = run_cli(capsys, "index", tmp_path / "i", "--corpus", f"{beir}/corpus.jsonl", "--checkpoint",
+                           tmp_path / "no-such-model")
+    assert_input_error(code, err, "corpus.jsonl:2: duplicate")  # the corpus is read before the model
+    with open(f"{beir}/corpus.jsonl", "w") as f:
+        f.write('{"_id": "a", "text": "x"}\n')
+    code, _, err = run_cli(capsys, "index", tmp_path / "i", "--corpus", f"{beir}/corpus.jsonl", "--checkpoint",
+                           tmp_path / "no-such-model")
+    assert_input_error(code, err, "checkpoint folder not found")
     assert not os.path.exists(tmp_path / "i")
 
 
