@@ -266,8 +266,8 @@ def test_bad_runs_and_qrels(capsys, small_cli, tmp_path):
     (["index", "x", "--bogus"], "unrecognized arguments: --bogus"),
     (["frobnicate"], "invalid choice"),
 ])
-def test_usage_errors(capsys, tmp_path, argv, match):
-    os.chdir(tmp_path)
+def test_usage_errors(capsys, tmp_path, monkeypatch, argv, match):
+    monkeypatch.chdir(tmp_path)
     code, _, err = run_cli(capsys, *argv)
     assert_input_error(code, err, match)
 
