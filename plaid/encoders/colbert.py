@@ -130,7 +130,7 @@ def _load_tensors(path: str, names: Optional[Sequence[str]] = None) -> dict:
             with safe_open(path, framework="pt", device="cpu") as f:
                 keys = [k for k in f.keys() if names is None or k in names]
                 return {k: f.get_tensor(k) for k in keys}
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only, never code
     except ImportError:
         raise CheckpointError("reading .safetensors needs safetensors: pip install 'plaid-engine[encode]'") from None
     except Exception as e:  # truncated or foreign files
