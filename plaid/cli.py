@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 import time
 import warnings
 from typing import List, Optional
@@ -180,21 +178,8 @@ def _cmd_index(args) -> int:
     return 0
 
 
-def _write_atomic(path: str, write) -> None:
-    d = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".plaid-", suffix=".tmp", dir=d)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            write(f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
 def _cmd_search(args) -> int:
-    from .evaluation import write_run
+    from .evaluation import save_run, write_run
     from .pipeline import check_output_file, search
 
     t = time.perf_counter()
@@ -205,12 +190,11 @@ def _cmd_search(args) -> int:
         k=args.k, ncells=args.ncells, centroid_score_threshold=args.centroid_score_threshold, ndocs=args.ndocs,
         device=args.device, batch_size=args.batch_size, query_maxlen=args.query_maxlen,
         show_progress=not args.quiet, log=lambda m: _note(args, m))
-    write = lambda f: write_run(f, qids, doc_ids, scores, tag=args.tag)  # noqa: E731
     if args.output is None or args.output == "-":
-        write(sys.stdout)
+        write_run(sys.stdout, qids, doc_ids, scores, tag=args.tag)
         sys.stdout.flush()
     else:
-        _write_atomic(args.output, write)
+        save_run(args.output, qids, doc_ids, scores, tag=args.tag)
         _note(args, f"run written to {args.output}")
     _note(args, f"search: {' '.join(f'{k} {v:.2f}s' for k, v in timings.items())}, "
                 f"total {time.perf_counter() - t:.1f}s")

@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import tempfile
 import warnings
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -35,6 +36,7 @@ __all__ = [
     "load_qrels",
     "read_run",
     "write_run",
+    "save_run",
     "evaluate",
     "format_table",
     "DEFAULT_METRICS",
@@ -229,6 +231,21 @@ def write_run(f, query_ids: Sequence[str], doc_ids: Sequence[Sequence[Optional[s
             f.write(f"{qid} Q0 {did} {rank} {float(s):.6f} {tag}\n")
             lines += 1
     return lines
+
+
+def save_run(path: str, query_ids: Sequence[str], doc_ids: Sequence[Sequence[Optional[str]]], scores,
+             tag: str = "plaid") -> int:
+    """:func:`write_run` to the file ``path``, atomically (a temporary file renamed over it)."""
+    fd, tmp = tempfile.mkstemp(prefix=".plaid-run-", suffix=".tmp", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            n = write_run(f, query_ids, doc_ids, scores, tag=tag)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return n
 
 
 def _parse_metrics(metrics: Sequence[str]):
