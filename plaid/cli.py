@@ -1,0 +1,301 @@
+"""The ``plaid`` command (also ``python -m plaid``): index, search, evaluate, info.
+
+Argument parsing, and calls into ``plaid.pipeline``, ``plaid.evaluation`` and ``plaid.Index``;
+nothing else. Exit codes: 0 success, 2 usage or input error (one line on stderr, no traceback),
+130 interrupted. Progress bars and notes go to stderr; data (a run without ``--output``,
+``--json``) to stdout.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import warnings
+from typing import List, Optional
+
+from . import __version__
+from .errors import PlaidError
+
+__all__ = ["main", "build_parser"]
+
+EXAMPLES = """\
+examples:
+  plaid index idx/ --embeddings msmarco-5k/
+  plaid index idx/ --corpus corpus.jsonl --checkpoint colbertv2.0/ --save-embeddings emb/
+  plaid search idx/ --queries queries.jsonl --checkpoint colbertv2.0/ --k 100 --output run.trec
+  plaid evaluate --run run.trec --qrels qrels/test.tsv --metrics nDCG@10 RR@10 R@100
+  plaid info idx/
+"""
+
+
+class _UsageError(Exception):
+    pass
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a usage error in one line (and exit code 2) instead of the usage block."""
+
+    def error(self, message):
+        raise _UsageError(f"{self.prog}: error: {message} (see {self.prog} --help)")
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
+    if v <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or notes on stderr (warnings and errors still show)")
+
+
+class _Help(argparse.HelpFormatter):
+    """Appends "(default: X)" to an option's help where the default is a value worth showing."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        value = " ".join(map(str, action.default)) if isinstance(action.default, list) else "%(default)s"
+        return f"{text} (default: {value})"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = _Help
+    parser = _Parser(prog="plaid", description="PLAID late-interaction (ColBERT) index and search engine.",
+                     epilog=EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"plaid {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    # -- index ----------------------------------------------------------------------------------
+    p = sub.add_parser("index", formatter_class=fmt, help="build an index from embeddings or from a text corpus",
+                       description="Build a compressed PLAID index from an embeddings bundle (read memory-mapped) "
+                                   "or from a BEIR corpus.jsonl encoded with a local ColBERT checkpoint.")
+    p.add_argument("index_dir", metavar="INDEX_DIR", help="directory to write the index to (must be empty or absent unless --overwrite)")
+    src = p.add_argument_group("input (one of)")
+    src.add_argument("--embeddings", metavar="BUNDLE_DIR", default=None,
+                     help="embeddings bundle: doc_embeddings.f16.npy, doclens.npy and doc_ids.txt (as in shared/data/msmarco-5k)")
+    src.add_argument("--corpus", metavar="CORPUS_JSONL", default=None,
+                     help="BEIR corpus.jsonl (_id, optional title, text); needs --checkpoint")
+    enc = p.add_argument_group("text encoding (with --corpus)")
+    enc.add_argument("--checkpoint", metavar="MODEL_DIR", default=None,
+                     help="local ColBERT checkpoint folder (Stanford ColBERT or PyLate layout); nothing is downloaded")
+    enc.add_argument("--save-embeddings", metavar="BUNDLE_DIR", default=None,
+                     help="also write the document embeddings there as a bundle (reusable with --embeddings)")
+    enc.add_argument("--batch-size", type=_positive_int, default=32, help="texts per encoder forward pass")
+    enc.add_argument("--doc-maxlen", type=_positive_int, default=None,
+                     help="document length in tokens (default: the checkpoint's)")
+    enc.add_argument("--device", default="cpu", help="torch device of the encoder (cpu, cuda)")
+    ix = p.add_argument_group("index parameters (see plaid.Indexer)")
+    ix.add_argument("--codec", choices=["pq", "scalar"], default="pq",
+                    help="residual codec: product quantisation or ColBERTv2 scalar buckets")
+    ix.add_argument("--pq-m", type=_positive_int, default=32, help="PQ sub-quantisers = residual bytes per token")
+    ix.add_argument("--nbits", type=int, choices=[1, 2, 4], default=2, help="bits per dimension of the scalar codec")
+    ix.add_argument("--num-centroids", type=_positive_int, default=None,
+                    help="k-means centroids (default: PLAID's 2**floor(log2(16*sqrt(tokens))))")
+    ix.add_argument("--kmeans-niter", type=_positive_int, default=4, help="k-means iterations")
+    ix.add_argument("--seed", type=int, default=0, help="seed of sampling, k-means and codec training")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing index (and --save-embeddings folder)")
+    _add_common(p)
+
+    # -- search ---------------------------------------------------------------------------------
+    p = sub.add_parser("search", formatter_class=fmt, help="search queries and write a TREC run",
+                       description="Search every query of a file and write a TREC run "
+                                   "(qid Q0 docid rank score tag) with the documents' external ids.")
+    p.add_argument("index_dir", metavar="INDEX_DIR", help="the index to search")
+    src = p.add_argument_group("queries (one of)")
+    src.add_argument("--queries", metavar="QUERIES", default=None,
+                     help="BEIR queries.jsonl (_id, text) or a qid<TAB>text .tsv; needs --checkpoint")
+    src.add_argument("--query-embeddings", metavar="BUNDLE_DIR", default=None,
+                     help="bundle with query_embeddings.f16.npy, query_lens.npy and query_ids.txt")
+    enc = p.add_argument_group("text encoding (with --queries)")
+    enc.add_argument("--checkpoint", metavar="MODEL_DIR", default=None,
+                     help="local ColBERT checkpoint folder, the one the index was built with")
+    enc.add_argument("--batch-size", type=_positive_int, default=32, help="queries per encoder forward pass")
+    enc.add_argument("--query-maxlen", type=_positive_int, default=None,
+                     help="query length in tokens, [MASK]-padded (default: the checkpoint's)")
+    s = p.add_argument_group("search parameters (defaults by k: see plaid.default_search_params)")
+    s.add_argument("--k", type=_positive_int, default=10, help="results per query")
+    s.add_argument("--ncells", type=_positive_int, default=None, help="centroids probed per query token (default: by --k)")
+    s.add_argument("--centroid-score-threshold", type=float, default=None, help="stage-2 pruning threshold (default: by --k)")
+    s.add_argument("--ndocs", type=_positive_int, default=None, help="candidates kept after stage 2 (default: by --k)")
+    p.add_argument("--device", default="cpu", help="torch device for search and encoding (cpu, cuda)")
+    p.add_argument("--output", "-o", metavar="RUN", default=None, help="TREC run file to write (default: stdout)")
+    p.add_argument("--tag", default="plaid", help="run tag, the last column of the run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    _add_common(p)
+
+    # -- evaluate -------------------------------------------------------------------------------
+    p = sub.add_parser("evaluate", formatter_class=fmt, help="score a TREC run against qrels (ir-measures)",
+                       description="Score a TREC run against BEIR or TREC qrels with ir-measures. Queries "
+                                   "without judgements are left out of the averages, as trec_eval does.")
+    p.add_argument("--run", required=True, metavar="RUN", help="TREC run file (qid Q0 docid rank score tag)")
+    p.add_argument("--qrels", required=True, metavar="QRELS",
+                   help="BEIR qrels (query-id corpus-id score; header line optional) or TREC qrels (qid iter docid rel)")
+    p.add_argument("--metrics", nargs="+", default=["nDCG@10", "RR@10", "R@100"], metavar="METRIC",
+                   help="ir-measures names (nDCG@10, RR@10, R@100, P@10, AP, ...)")
+    p.add_argument("--index", metavar="INDEX_DIR", default=None,
+                   help="check the run's and the qrels' document ids against this index")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of a table")
+    _add_common(p)
+
+    # -- info -----------------------------------------------------------------------------------
+    p = sub.add_parser("info", formatter_class=fmt, help="counts, sizes and parameters of an index",
+                       description="Counts, sizes, bytes per token, codec, build parameters and format version of an index.")
+    p.add_argument("index_dir", metavar="INDEX_DIR", help="the index")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--verify", action="store_true", help="also check every file's size and CRC-32 (reads the whole index)")
+    _add_common(p)
+    return parser
+
+
+# -- commands ------------------------------------------------------------------------------------
+def _note(args, msg: str) -> None:
+    if not args.quiet:
+        print(f"plaid: {msg}", file=sys.stderr, flush=True)
+
+
+def _cmd_index(args) -> int:
+    from .pipeline import build_index
+
+    t = time.perf_counter()
+    options = {"codec": args.codec, "pq_m": args.pq_m, "nbits": args.nbits, "num_centroids": args.num_centroids,
+               "kmeans_niter": args.kmeans_niter, "seed": args.seed}
+    index, timings = build_index(
+        args.index_dir, embeddings=args.embeddings, corpus=args.corpus, checkpoint=args.checkpoint,
+        save_embeddings=args.save_embeddings, overwrite=args.overwrite, device=args.device,
+        batch_size=args.batch_size, doc_maxlen=args.doc_maxlen, indexer_options=options,
+        show_progress=not args.quiet, log=lambda m: _note(args, m))
+    info = index.info()
+    _note(args, f"index {args.index_dir}: {info['num_documents']} documents, {info['num_tokens']} tokens, "
+                f"{info['bytes'] / 2**20:.1f} MiB ({info['bytes_per_token']:.1f} bytes/token); "
+                f"{' '.join(f'{k} {v:.1f}s' for k, v in timings.items())}, total {time.perf_counter() - t:.1f}s")
+    return 0
+
+
+def _cmd_search(args) -> int:
+    from .evaluation import save_run, write_run
+    from .pipeline import check_output_file, search
+
+    t = time.perf_counter()
+    if args.output is not None and args.output != "-":
+        check_output_file(args.output, args.overwrite, "run file")
+    qids, doc_ids, scores, timings = search(
+        args.index_dir, queries=args.queries, checkpoint=args.checkpoint, query_embeddings=args.query_embeddings,
+        k=args.k, ncells=args.ncells, centroid_score_threshold=args.centroid_score_threshold, ndocs=args.ndocs,
+        device=args.device, batch_size=args.batch_size, query_maxlen=args.query_maxlen,
+        show_progress=not args.quiet, log=lambda m: _note(args, m))
+    if args.output is None or args.output == "-":
+        write_run(sys.stdout, qids, doc_ids, scores, tag=args.tag)
+        sys.stdout.flush()
+    else:
+        save_run(args.output, qids, doc_ids, scores, tag=args.tag)
+        _note(args, f"run written to {args.output}")
+    _note(args, f"search: {' '.join(f'{k} {v:.2f}s' for k, v in timings.items())}, "
+                f"total {time.perf_counter() - t:.1f}s")
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluation import evaluate, format_table, load_qrels, read_run
+    from .indexing.indexer import Index
+
+    qrels = load_qrels(args.qrels)
+    run = read_run(args.run)
+    doc_ids = None
+    if args.index is not None:
+        doc_ids = Index(args.index).doc_ids
+        if doc_ids is None:
+            warnings.warn(f"{args.index} stores no document ids: the run's ids are not checked")
+    result = evaluate(run, qrels, args.metrics, doc_ids=doc_ids)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(format_table(result))
+    return 0
+
+
+def _cmd_info(args) -> int:
+    from .indexing.indexer import Index
+
+    index = Index(args.index_dir)
+    info = index.info()
+    info["has_doc_ids"] = bool(index.manifest.get("has_doc_ids"))
+    info["num_empty_documents"] = int(index.manifest.get("num_empty_documents", 0))
+    info["created_by"] = index.manifest.get("created_by")
+    if args.verify:
+        info["problems"] = index.verify()
+    if args.json:
+        print(json.dumps(info, indent=1))
+    else:
+        codec = info["codec"]
+        rows = [
+            ("path", info["path"]),
+            ("format version", info["format_version"]),
+            ("created by", info["created_by"]),
+            ("documents", f"{info['num_documents']} ({info['num_empty_documents']} empty)"),
+            ("tokens", info["num_tokens"]),
+            ("centroids", info["num_centroids"]),
+            ("dim", info["dim"]),
+            ("codec", " ".join(f"{k}={v}" for k, v in codec.items())),
+            ("normalized", info["normalized"]),
+            ("size", f"{info['bytes']} bytes ({info['bytes'] / 2**20:.2f} MiB)"),
+            ("bytes per token", f"{info['bytes_per_token']} (payload {info['payload_bytes_per_token']}: "
+                                f"centroid id + residual code)"),
+            ("external ids", "yes" if info["has_doc_ids"] else "no"),
+            ("build", " ".join(f"{k}={v}" for k, v in info["build"].items())),
+            ("generation", info["generation"]),
+        ]
+        if args.verify:
+            rows.append(("verify", "ok" if not info["problems"] else "; ".join(info["problems"])))
+        width = max(len(k) for k, _ in rows)
+        print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    if args.verify and info["problems"]:
+        print(f"plaid: error: {args.index_dir}: index verification failed: {'; '.join(info['problems'])}",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+_COMMANDS = {"index": _cmd_index, "search": _cmd_search, "evaluate": _cmd_evaluate, "info": _cmd_info}
+
+
+def _show_warning(message, category, filename, lineno, file=None, line=None):
+    print(f"plaid: warning: {str(message).splitlines()[0] if str(message) else category.__name__}",
+          file=sys.stderr, flush=True)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Run the ``plaid`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    parser = build_parser()
+    old_show = warnings.showwarning
+    warnings.showwarning = _show_warning
+    try:
+        args = parser.parse_args(argv)
+        if args.command is None:
+            parser.print_help(sys.stderr)
+            return 2
+        return _COMMANDS[args.command](args)
+    except _UsageError as e:
+        print(str(e), file=sys.stderr)
+        return 2
+    except PlaidError as e:
+        print(f"plaid: error: {e}", file=sys.stderr)
+        return 2
+    except (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
+        print(f"plaid: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("plaid: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        warnings.showwarning = old_show
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
