@@ -1,4 +1,4 @@
-"""The ``plaid`` command (also ``python -m plaid``): index, search, evaluate, info.
+"""The ``plaid`` command (also ``python -m plaid``): index, search, evaluate, info, verify.
 
 Argument parsing, and calls into ``plaid.pipeline``, ``plaid.evaluation`` and ``plaid.Index``;
 nothing else. Exit codes: 0 success, 2 usage or input error (one line on stderr, no traceback),
@@ -26,6 +26,7 @@ examples:
   plaid search idx/ --queries queries.jsonl --checkpoint colbertv2.0/ --k 100 --output run.trec
   plaid evaluate --run run.trec --qrels qrels/test.tsv --metrics nDCG@10 RR@10 R@100
   plaid info idx/
+  plaid verify idx/
 """
 
 
@@ -151,6 +152,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--verify", action="store_true", help="also check every file's size and CRC-32 (reads the whole index)")
     _add_common(p)
+
+    # -- verify ---------------------------------------------------------------------------------
+    p = sub.add_parser("verify", formatter_class=fmt, help="check every index file against the manifest",
+                       description="Check the size and CRC-32 of every file the index's manifest lists, and that "
+                                   "the index opens. Prints 'ok' and exits 0 when intact; names every missing, "
+                                   "truncated or altered file and exits 2 otherwise.")
+    p.add_argument("index_dir", metavar="INDEX_DIR", help="the index")
+    _add_common(p)
     return parser
 
 
@@ -203,7 +212,7 @@ def _cmd_search(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from .evaluation import evaluate, format_table, load_qrels, read_run
-    from .indexing.indexer import Index
+    from .indexing.index import Index
 
     qrels = load_qrels(args.qrels)
     run = read_run(args.run)
@@ -221,7 +230,7 @@ def _cmd_evaluate(args) -> int:
 
 
 def _cmd_info(args) -> int:
-    from .indexing.indexer import Index
+    from .indexing.index import Index
 
     index = Index(args.index_dir)
     info = index.info()
@@ -238,7 +247,9 @@ def _cmd_info(args) -> int:
             ("path", info["path"]),
             ("format version", info["format_version"]),
             ("created by", info["created_by"]),
-            ("documents", f"{info['num_documents']} ({info['num_empty_documents']} empty)"),
+            ("documents", f"{info['num_live_documents']} live ({info['num_documents']} ids, "
+                          f"{info['num_deleted']} deleted, {info['num_empty_documents']} empty)"),
+            ("segments", info["num_segments"]),
             ("tokens", info["num_tokens"]),
             ("centroids", info["num_centroids"]),
             ("dim", info["dim"]),
@@ -262,7 +273,24 @@ def _cmd_info(args) -> int:
     return 0
 
 
-_COMMANDS = {"index": _cmd_index, "search": _cmd_search, "evaluate": _cmd_evaluate, "info": _cmd_info}
+def _cmd_verify(args) -> int:
+    from .indexing.index import Index
+    from .search.searcher import Searcher
+
+    index = Index(args.index_dir)
+    problems = index.verify()
+    if not problems:
+        Searcher(args.index_dir)  # also checks shapes and cross-array consistency
+        print(f"ok: {args.index_dir}: {len(index.manifest['arrays'])} files intact (generation {index.generation})")
+        return 0
+    for p in problems:
+        print(f"{args.index_dir}: {p}")
+    print(f"plaid: error: {args.index_dir}: index verification failed ({len(problems)} problem(s))", file=sys.stderr)
+    return 2
+
+
+_COMMANDS = {"index": _cmd_index, "search": _cmd_search, "evaluate": _cmd_evaluate, "info": _cmd_info,
+             "verify": _cmd_verify}
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None):

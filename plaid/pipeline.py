@@ -130,7 +130,7 @@ def search(index_dir: str, *, queries: Optional[str] = None, checkpoint: Optiona
     Returns ``(query_ids, doc_ids, scores, timings)``: ``doc_ids[i]`` the external ids of query
     ``i``'s hits best first (None where fewer than k), ``scores`` float32 [nq, k].
     """
-    from .indexing.indexer import Index
+    from .indexing.index import Index
     from .search.searcher import Searcher
 
     if (queries is None) == (query_embeddings is None):
