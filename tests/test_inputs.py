@@ -108,3 +108,17 @@ def test_same_seed_and_input_give_byte_identical_files(tmp_path, mini_corpus, co
     fc = array_fingerprint(c.path)
     assert fc["centroids"] != fa["centroids"] and fc["codes"] != fa["codes"]
     assert fc["doclens"] == fa["doclens"]
+
+
+def test_generator_of_mixed_float16_and_float32_documents(tmp_path, mini_corpus):
+    """A float32 document after a float16 one is not rounded to float16 on the way (regression)."""
+    docs, _ = mini_corpus
+    mixed = [docs[0].astype(np.float16)] + list(docs[1:])
+    a = build(tmp_path / "list", mixed)
+    b = build(tmp_path / "gen", iter(mixed))
+    assert array_fingerprint(a.path) == array_fingerprint(b.path)
+    # float16 cannot hold 1e6: it must not turn into inf (which fails the build as "NaN or inf")
+    big = mixed[:1] + [docs[1] * 1e6] + list(docs[2:])
+    exact = plaid.maxsim(docs[1], big)
+    np.testing.assert_array_equal(plaid.maxsim(docs[1], iter(big)), exact)
+    build(tmp_path / "big", iter(big))
