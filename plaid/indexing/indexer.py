@@ -154,6 +154,9 @@ class Indexer:
             manifest = self._build(writer, corpus)
         except BaseException:
             writer.abort()
+            if corpus is not None:  # removes the spill file of an iterator, before the emptiness check
+                corpus.close()
+                corpus = None
             if created and os.path.isdir(path) and not os.listdir(path):
                 os.rmdir(path)
             raise
