@@ -27,6 +27,18 @@ MSMARCO_FILES = ("doc_embeddings.f16.npy", "doclens.npy", "doc_ids.txt", "query_
 #: Small test indexes: quiet, PQ with 16 sub-quantisers (dim 64 is divisible by it).
 SMALL_INDEXER = dict(show_progress=False, pq_m=16)
 
+#: Figures measured by test_msmarco.py (config -> metrics), printed at the end of the session.
+MSMARCO_REPORT: Dict[str, dict] = {}
+
+
+def pytest_terminal_summary(terminalreporter):
+    if MSMARCO_REPORT:
+        terminalreporter.section("msmarco-5k")
+        for name, m in sorted(MSMARCO_REPORT.items()):
+            terminalreporter.write_line(
+                f"{name}: recall@10 {m['recall@10']:.3f}, index folder {m['folder_bytes_per_token']:.2f} B/token, "
+                f"payload {m['payload_bytes_per_token']} B/token, codec {m['codec']}")
+
 
 # -- helpers used by several test files -----------------------------------------------------------
 def doc_offsets(docs) -> np.ndarray:
