@@ -9,14 +9,14 @@ import plaid
 from conftest import SMALL_INDEXER, decompressed_docs, doc_offsets
 
 
-def assert_stage4_exact(searcher, offsets, queries, res, atol=1e-4):
+def assert_stage4_exact(searcher, offsets, queries, res, atol=1e-4, rtol=0.0):
     """Every returned score is exact MaxSim over the decompressed vectors of the returned document."""
     checked = 0
     for i, q in enumerate(queries):
         ids = res.ids[i][res.ids[i] >= 0]
         assert len(ids) > 0
         exact = plaid.maxsim(q, decompressed_docs(searcher, offsets, ids))
-        np.testing.assert_allclose(res.scores[i][: len(ids)], exact, rtol=0, atol=atol)
+        np.testing.assert_allclose(res.scores[i][: len(ids)], exact, rtol=rtol, atol=atol)
         assert np.all(np.isneginf(res.scores[i][len(ids):]))
         checked += len(ids)
     return checked
@@ -59,6 +59,20 @@ def test_stage4_exact_without_normalisation(tmp_path, mini_corpus):
     for engine in ("numpy", "torch"):
         s = plaid.Searcher(index, engine=engine)
         assert_stage4_exact(s, doc_offsets(scaled), queries, s.search(queries, k=5))
+
+
+def test_vectors_beyond_the_float16_range(tmp_path, mini_corpus, small_index):
+    """Centroids are stored as float16 unless that would overflow (regression: inf centroids)."""
+    docs, _ = mini_corpus
+    big = [d * 1e6 for d in docs]
+    index = plaid.Indexer(**SMALL_INDEXER).build(tmp_path / "big", big)
+    assert index.manifest["arrays"]["centroids"]["dtype"] == "<f4"
+    assert plaid.Index(small_index).manifest["arrays"]["centroids"]["dtype"] == "<f2"
+    s = plaid.Searcher(index)
+    res = s.search(big[:20], k=3)
+    assert np.isfinite(res.scores).all() and (res.ids >= 0).all()
+    assert np.mean(res.ids[:, 0] == np.arange(20)) >= 0.8  # a document finds itself
+    assert_stage4_exact(s, doc_offsets(big), big[:20], res, atol=0, rtol=1e-4)
 
 
 # -- query forms ---------------------------------------------------------------------------------------
