@@ -122,3 +122,29 @@ def test_generator_of_mixed_float16_and_float32_documents(tmp_path, mini_corpus)
     exact = plaid.maxsim(docs[1], big)
     np.testing.assert_array_equal(plaid.maxsim(docs[1], iter(big)), exact)
     build(tmp_path / "big", iter(big))
+
+
+@pytest.mark.parametrize("chunk_tokens", [1, 7, 40])
+def test_encoding_chunk_size_does_not_change_the_index(tmp_path, mini_corpus, chunk_tokens):
+    """Chunks are document-aligned: any chunk size (smaller than a document, too) gives the same arrays."""
+    docs, _ = mini_corpus
+    docs = list(docs)
+    docs[5] = docs[6] = np.zeros((0, 32), np.float32)  # empty documents at chunk boundaries
+    with pytest.warns(UserWarning, match="empty"):
+        a = build(tmp_path / "default", docs)
+    with pytest.warns(UserWarning, match="empty"):
+        b = build(tmp_path / "chunked", docs, chunk_tokens=chunk_tokens)
+    assert array_fingerprint(a.path) == array_fingerprint(b.path)
+    assert b.manifest["build"]["chunk_tokens"] == chunk_tokens
+
+
+def test_num_centroids(tmp_path, mini_corpus):
+    docs, queries = mini_corpus
+    index = build(tmp_path / "c16", docs, num_centroids=16)
+    assert index.num_centroids == 16 and plaid.Index(index.path).manifest["arrays"]["centroids"]["shape"] == [16, 32]
+    tokens = sum(len(d) for d in docs)
+    with pytest.warns(UserWarning, match=rf"num_centroids=5000 exceeds the {tokens} tokens of the corpus; using {tokens}"):
+        big = build(tmp_path / "c5000", docs, num_centroids=5000)
+    assert big.num_centroids == tokens
+    res = plaid.Searcher(big).search(docs[:10], k=1)
+    assert np.mean(res.ids[:, 0] == np.arange(10)) >= 0.9
