@@ -328,14 +328,35 @@ def as_corpus(documents, spill_dir: Optional[str] = None, dim: Optional[int] = N
     return corpus
 
 
+def _widen_spill(path: str, spill_dir: Optional[str], chunk_rows: int = 1 << 20) -> str:
+    """Copy a float16 spill file to a new float32 one (in chunks); returns the new file's path."""
+    old = np.memmap(path, dtype=np.float16, mode="r") if os.path.getsize(path) else np.zeros(0, np.float16)
+    fd, new_path = tempfile.mkstemp(prefix="plaid-spill-", suffix=".bin", dir=spill_dir)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for start in range(0, len(old), chunk_rows):
+                f.write(np.asarray(old[start : start + chunk_rows], dtype=np.float32).tobytes())
+    except BaseException:
+        os.remove(new_path)
+        raise
+    del old
+    os.remove(path)
+    return new_path
+
+
 def _spill(documents: Iterable, spill_dir: Optional[str], dim: Optional[int]) -> Corpus:
-    """Write a one-shot iterable of documents to a raw file, return a Corpus over its mmap."""
+    """Write a one-shot iterable of documents to a raw file, return a Corpus over its mmap.
+
+    The file is float16 while every document is float16, float32 otherwise: a wider document
+    after float16 ones widens what was written so far instead of being rounded to float16.
+    """
     fd, path = tempfile.mkstemp(prefix="plaid-spill-", suffix=".bin", dir=spill_dir)
     lens: List[int] = []
     dtype = None
     d = dim
+    f = os.fdopen(fd, "wb")
     try:
-        with os.fdopen(fd, "wb") as f:
+        try:
             for i, x in enumerate(documents):
                 a = _check_doc(x, i, d)
                 if a.shape[0] == 0:
@@ -345,8 +366,15 @@ def _spill(documents: Iterable, spill_dir: Optional[str], dim: Optional[int]) ->
                     d = a.shape[1]
                 if dtype is None:
                     dtype = np.float16 if a.dtype == np.float16 else np.float32
+                elif dtype == np.float16 and a.dtype != np.float16:
+                    f.close()
+                    path = _widen_spill(path, spill_dir)
+                    f = open(path, "ab")
+                    dtype = np.float32
                 f.write(np.ascontiguousarray(a, dtype=dtype).tobytes())
                 lens.append(a.shape[0])
+        finally:
+            f.close()
     except BaseException:
         os.remove(path)
         raise

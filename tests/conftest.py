@@ -1,7 +1,16 @@
-"""Shared fixtures: small synthetic corpora, and msmarco-5k when ../shared/data/msmarco-5k exists."""
+"""Shared fixtures: small synthetic corpora, and msmarco-5k when its folder exists.
+
+msmarco-5k is looked for in ``$PLAID_MSMARCO_5K`` when set, else in ``../shared/data/msmarco-5k``
+relative to the repository root (the CI layout: the repository cloned beside ``shared/``). Tests
+that need it skip with the path they looked at when it is absent. Every index here is built once
+per session.
+"""
 from __future__ import annotations
 
+import json
 import os
+from dataclasses import dataclass, field
+from typing import Dict, List
 
 import numpy as np
 import pytest
@@ -10,30 +19,101 @@ import plaid
 from plaid.demo import synthetic_corpus, synthetic_queries
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MSMARCO = os.environ.get("PLAID_MSMARCO_5K", os.path.join(REPO, "..", "shared", "data", "msmarco-5k"))
+MSMARCO_DEFAULT = os.path.normpath(os.path.join(REPO, "..", "shared", "data", "msmarco-5k"))
+MSMARCO = os.environ.get("PLAID_MSMARCO_5K") or MSMARCO_DEFAULT
+MSMARCO_FILES = ("doc_embeddings.f16.npy", "doclens.npy", "doc_ids.txt", "query_embeddings.f16.npy",
+                 "query_lens.npy", "query_ids.txt", "exact_top100.tsv")
+
+#: Small test indexes: quiet, PQ with 16 sub-quantisers (dim 64 is divisible by it).
+SMALL_INDEXER = dict(show_progress=False, pq_m=16)
+
+#: Figures measured by test_msmarco.py (config -> metrics), printed at the end of the session.
+MSMARCO_REPORT: Dict[str, dict] = {}
 
 
+def pytest_terminal_summary(terminalreporter):
+    if MSMARCO_REPORT:
+        terminalreporter.section("msmarco-5k")
+        for name, m in sorted(MSMARCO_REPORT.items()):
+            terminalreporter.write_line(
+                f"{name}: recall@10 {m['recall@10']:.3f}, index folder {m['folder_bytes_per_token']:.2f} B/token, "
+                f"payload {m['payload_bytes_per_token']} B/token, codec {m['codec']}")
+
+
+# -- helpers used by several test files -----------------------------------------------------------
+def doc_offsets(docs) -> np.ndarray:
+    """int64 [n + 1] token offsets of a list of [n_i, dim] documents."""
+    return np.concatenate([[0], np.cumsum([len(d) for d in docs])]).astype(np.int64)
+
+
+def decompressed_docs(searcher: "plaid.Searcher", offsets: np.ndarray, ids) -> List[np.ndarray]:
+    """The reconstructed vectors of every token of documents ``ids``, one array per document."""
+    return [searcher.decompress(np.arange(offsets[i], offsets[i + 1])) for i in ids]
+
+
+def array_fingerprint(path: str) -> Dict[str, tuple]:
+    """name -> (file, dtype, shape, bytes, crc32) of every array of the index at ``path``."""
+    with open(os.path.join(path, "manifest.json")) as f:
+        arrays = json.load(f)["arrays"]
+    return {n: (e["file"], e["dtype"], tuple(e["shape"]), e["bytes"], e["crc32"]) for n, e in arrays.items()}
+
+
+def folder_bytes(path: str) -> int:
+    """Bytes of every file in the index folder (the whole folder, manifest included)."""
+    return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+# -- small synthetic data ---------------------------------------------------------------------------
 @pytest.fixture(scope="session")
 def small_corpus():
-    """600 unit-norm documents (dim 64) and 30 queries."""
+    """600 unit-norm documents (dim 64, 5-40 tokens) and 30 queries (4-12 tokens)."""
     docs = synthetic_corpus(600, dim=64, num_topics=64, seed=3, min_len=5, max_len=40)
     return docs, synthetic_queries(docs, 30, seed=4)
 
 
 @pytest.fixture(scope="session")
 def small_index(tmp_path_factory, small_corpus):
+    """PQ index of ``small_corpus`` with doc_ids ``doc-<i>``; do not modify it (copy it first)."""
     docs, _ = small_corpus
     path = str(tmp_path_factory.mktemp("idx") / "small")
-    plaid.Indexer(show_progress=False, pq_m=16).build(path, docs, doc_ids=[f"doc-{i}" for i in range(len(docs))])
+    plaid.Indexer(**SMALL_INDEXER).build(path, docs, doc_ids=[f"doc-{i}" for i in range(len(docs))])
     return path
 
 
+@pytest.fixture(scope="session")
+def small_scalar_index(tmp_path_factory, small_corpus):
+    """Scalar-codec (nbits=2) index of ``small_corpus``, without doc_ids."""
+    docs, _ = small_corpus
+    path = str(tmp_path_factory.mktemp("idx") / "small-scalar")
+    plaid.Indexer(show_progress=False, codec="scalar", nbits=2).build(path, docs)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mini_corpus():
+    """120 unit-norm documents (dim 32, 3-15 tokens) and 6 queries: for tests that build many indexes."""
+    docs = synthetic_corpus(120, dim=32, num_topics=16, seed=7, min_len=3, max_len=15)
+    return docs, synthetic_queries(docs, 6, seed=8)
+
+
+@pytest.fixture(scope="session")
+def mini_index(tmp_path_factory, mini_corpus):
+    """PQ index of ``mini_corpus`` with doc_ids; copy it before altering it."""
+    docs, _ = mini_corpus
+    path = str(tmp_path_factory.mktemp("idx") / "mini")
+    plaid.Indexer(**SMALL_INDEXER).build(path, docs, doc_ids=[f"m{i}" for i in range(len(docs))])
+    return path
+
+
+# -- msmarco-5k ---------------------------------------------------------------------------------------
 def msmarco_available() -> bool:
-    return os.path.exists(os.path.join(MSMARCO, "doc_embeddings.f16.npy"))
+    return all(os.path.exists(os.path.join(MSMARCO, f)) for f in MSMARCO_FILES)
 
 
 requires_msmarco = pytest.mark.skipif(
-    not msmarco_available(), reason=f"msmarco-5k not found at {MSMARCO} (set PLAID_MSMARCO_5K to its folder)"
+    not msmarco_available(),
+    reason=f"msmarco-5k not found at {MSMARCO} (needs {', '.join(MSMARCO_FILES)}; "
+           "set PLAID_MSMARCO_5K to its folder)",
 )
 
 
@@ -97,3 +177,79 @@ def checkpoints(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("checkpoints")
     return {"stanford": make_stanford(str(root / "stanford")), "pylate": make_pylate(str(root / "pylate"))}
+
+
+@dataclass
+class MsMarco:
+    vectors: np.ndarray  # float16 [T, 128], memory-mapped
+    doclens: np.ndarray  # int [N]
+    doc_ids: List[str]
+    queries: List[np.ndarray]  # float16 [m_i, 128]
+    query_ids: List[str]
+    exact: np.ndarray  # float32 [nq, N]: plaid.maxsim over the stored vectors
+    top100: Dict[str, List[tuple]] = field(default_factory=dict)  # qid -> [(docid, rank, score)] by rank
+
+    @property
+    def embeddings(self) -> "plaid.Embeddings":
+        return plaid.Embeddings(self.vectors, self.doclens)
+
+    @property
+    def offsets(self) -> np.ndarray:
+        return np.concatenate([[0], np.cumsum(self.doclens)]).astype(np.int64)
+
+    def kth_score(self, k: int) -> np.ndarray:
+        """float [nq]: the k-th exact score of every query, from exact_top100.tsv."""
+        return np.array([self.top100[q][k - 1][2] for q in self.query_ids])
+
+
+def _read_lines(path: str) -> List[str]:
+    with open(path, encoding="utf-8") as f:
+        return [line.rstrip("\n") for line in f if line.rstrip("\n")]
+
+
+@pytest.fixture(scope="session")
+def msmarco() -> MsMarco:
+    if not msmarco_available():
+        pytest.skip(f"msmarco-5k not found at {MSMARCO} (set PLAID_MSMARCO_5K to its folder)")
+    vectors = np.load(os.path.join(MSMARCO, "doc_embeddings.f16.npy"), mmap_mode="r")
+    doclens = np.load(os.path.join(MSMARCO, "doclens.npy"))
+    doc_ids = _read_lines(os.path.join(MSMARCO, "doc_ids.txt"))
+    qv = np.load(os.path.join(MSMARCO, "query_embeddings.f16.npy"))
+    qlens = np.load(os.path.join(MSMARCO, "query_lens.npy"))
+    qoff = np.concatenate([[0], np.cumsum(qlens)])
+    queries = [qv[qoff[i] : qoff[i + 1]] for i in range(len(qlens))]
+    query_ids = _read_lines(os.path.join(MSMARCO, "query_ids.txt"))
+    assert len(doc_ids) == len(doclens) and len(query_ids) == len(queries)
+    assert int(doclens.sum()) == vectors.shape[0]
+    top100: Dict[str, List[tuple]] = {}
+    for line in _read_lines(os.path.join(MSMARCO, "exact_top100.tsv")):
+        qid, did, rank, score = line.split("\t")
+        top100.setdefault(qid, []).append((did, int(rank), float(score)))
+    for rows in top100.values():
+        rows.sort(key=lambda r: r[1])
+    exact = plaid.maxsim(queries, plaid.Embeddings(vectors, doclens))
+    return MsMarco(vectors, doclens, doc_ids, queries, query_ids, exact, top100)
+
+
+def _build_msmarco(tmp_path_factory, data: MsMarco, name: str, **kwargs) -> str:
+    path = str(tmp_path_factory.mktemp("msmarco") / name)
+    plaid.Indexer(show_progress=False, **kwargs).build(path, data.embeddings)
+    return path
+
+
+@pytest.fixture(scope="session")
+def msmarco_pq32(tmp_path_factory, msmarco) -> str:
+    """msmarco-5k, default Indexer (PQ, pq_m=32: 34 B/token payload)."""
+    return _build_msmarco(tmp_path_factory, msmarco, "pq32")
+
+
+@pytest.fixture(scope="session")
+def msmarco_pq64(tmp_path_factory, msmarco) -> str:
+    """msmarco-5k, PQ with pq_m=64 (66 B/token payload)."""
+    return _build_msmarco(tmp_path_factory, msmarco, "pq64", pq_m=64)
+
+
+@pytest.fixture(scope="session")
+def msmarco_scalar2(tmp_path_factory, msmarco) -> str:
+    """msmarco-5k, scalar codec with nbits=2."""
+    return _build_msmarco(tmp_path_factory, msmarco, "scalar2", codec="scalar", nbits=2)

@@ -205,7 +205,7 @@ class Index:
                 writer.write("ivf_offsets", ivf_offsets)
                 writer.write("doclens", np.concatenate([self._array("doclens"), corpus.doclens.astype(np.int32)]))
                 if grown:
-                    writer.write("centroids", centroids.astype(np.float16))
+                    writer.write("centroids", centroids.astype(self.manifest["arrays"]["centroids"]["dtype"]))
                 if names is not None:
                     blob, offsets = encode_doc_ids(self.doc_ids + names)
                     writer.write("doc_ids_utf8", blob)
@@ -267,7 +267,14 @@ class Index:
         new = train_centroids(outliers, k, niter=4, seed=int(m["generation"]) + 23, show_progress=False)
         if show_progress:
             tqdm.write(f"plaid: {frac:.0%} of the added tokens are outliers: {len(new)} new centroids")
-        return np.concatenate([centroids, new.astype(np.float16).astype(np.float32)]), True
+        if np.dtype(m["arrays"]["centroids"]["dtype"]) == np.float16:
+            with np.errstate(over="ignore"):
+                rounded = new.astype(np.float16)
+            if np.isfinite(rounded).all():
+                new = rounded.astype(np.float32)
+            else:
+                return centroids, False  # cannot be stored in this index's float16 centroids
+        return np.concatenate([centroids, new]), True
 
     def delete(self, ids) -> int:
         """Delete documents by external id (str) or internal id (int); returns how many.

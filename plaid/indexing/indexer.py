@@ -256,6 +256,7 @@ class Indexer:
         path = os.fspath(path)
         created = not os.path.exists(path)
         old = fmt.prepare_directory(path, overwrite)
+        was_empty = not os.listdir(path)
         try:
             with fmt.writer_lock(path):
                 if overwrite:
@@ -274,11 +275,11 @@ class Indexer:
                     if corpus is not None:
                         corpus.close()
         except BaseException:
-            if created and os.path.isdir(path):
+            if (created or was_empty) and os.path.isdir(path):  # leave it as we found it
                 lock = os.path.join(path, fmt.LOCK_FILE)
                 if os.path.exists(lock) and os.listdir(path) == [fmt.LOCK_FILE]:
                     os.remove(lock)
-                if not os.listdir(path):
+                if created and not os.listdir(path):
                     os.rmdir(path)
             raise
         return Index(path, _manifest=manifest)
@@ -309,7 +310,12 @@ class Indexer:
             sample[np.random.default_rng(self.seed + 1).choice(len(sample), n_km, replace=False)]
         self._log(f"k-means: {C} centroids from {len(km_rows)} of {T} tokens, {self.kmeans_niter} iterations")
         centroids = train_centroids(km_rows, C, self.kmeans_niter, self.seed, show_progress=self.show_progress)
-        centroids = centroids.astype(np.float16).astype(np.float32)  # stored as float16: encode against those
+        # stored as float16 (halves their share of the index); encode against the stored values.
+        # Vectors beyond float16's range (|x| > 65504) keep float32 centroids rather than inf ones.
+        with np.errstate(over="ignore"):
+            c16 = centroids.astype(np.float16)
+        centroid_dtype = np.float16 if np.isfinite(c16).all() else np.float32
+        centroids = c16.astype(np.float32) if centroid_dtype == np.float16 else centroids
         C = len(centroids)
         assigner = CentroidAssigner(centroids, seed=self.seed)
         timings["kmeans_s"] = time.perf_counter() - t
@@ -337,7 +343,7 @@ class Indexer:
         writer.write("ivf", ivf)
         writer.write("ivf_offsets", ivf_offsets)
         writer.write("doclens", corpus.doclens.astype(np.int32))
-        writer.write("centroids", centroids.astype(np.float16))
+        writer.write("centroids", centroids.astype(centroid_dtype))
         for name, arr in codec.arrays().items():
             writer.write(name, arr)
         if names is not None:

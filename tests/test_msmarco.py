@@ -1,0 +1,111 @@
+"""msmarco-5k (real MiniLM token embeddings, 5,000 passages, 50 queries): quality and size targets.
+
+Recall@10 is measured against exhaustive MaxSim, tie-tolerant: a returned document counts when its
+exact score is at least the 10th exact score (from exact_top100.tsv) minus 1e-4. Default search
+settings, k=10. Each index is built once per session (conftest.py).
+"""
+import numpy as np
+import pytest
+
+import plaid
+from conftest import MSMARCO_REPORT, decompressed_docs, folder_bytes, requires_msmarco
+
+pytestmark = [requires_msmarco, pytest.mark.msmarco]
+
+TIE_TOL = 1e-4
+
+
+def recall_at_10(data, ids: np.ndarray) -> float:
+    kth = data.kth_score(10)
+    hits = 0
+    for q in range(len(data.queries)):
+        ret = ids[q][ids[q] >= 0][:10]
+        hits += int(np.sum(data.exact[q, ret] >= kth[q] - TIE_TOL))
+    return hits / (10 * len(data.queries))
+
+
+def test_exact_scores_agree_with_the_reference_file(msmarco):
+    pos = {d: i for i, d in enumerate(msmarco.doc_ids)}
+    assert len(pos) == len(msmarco.doc_ids) == 5000
+    assert set(msmarco.top100) == set(msmarco.query_ids) and len(msmarco.query_ids) == 50
+    worst = 0.0
+    for qi, qid in enumerate(msmarco.query_ids):
+        rows = msmarco.top100[qid]
+        assert [r[1] for r in rows] == list(range(1, 101))
+        file_scores = np.array([r[2] for r in rows])
+        ours = msmarco.exact[qi, [pos[r[0]] for r in rows]]
+        worst = max(worst, float(np.abs(ours - file_scores).max()))
+        # the file's top 100 is our top 100, up to ties: nothing outside it scores above its last
+        outside = np.ones(len(pos), bool)
+        outside[[pos[r[0]] for r in rows]] = False
+        assert msmarco.exact[qi, outside].max() <= file_scores[-1] + TIE_TOL
+    assert worst <= TIE_TOL, worst  # the file prints 6 decimals
+
+
+def test_recall_is_not_vacuous(msmarco):
+    """The metric itself: exact top-10 scores 1.0, a random ranking scores near 0."""
+    exact_top = np.argsort(-msmarco.exact, axis=1, kind="stable")[:, :10]
+    assert recall_at_10(msmarco, exact_top) == 1.0
+    rng = np.random.default_rng(0)
+    assert recall_at_10(msmarco, rng.integers(0, 5000, size=(50, 10))) < 0.05
+    assert recall_at_10(msmarco, np.full((50, 10), -1)) == 0.0
+
+
+CONFIGS = {
+    # fixture: (expected payload bytes/token, min recall@10, max folder bytes/token or None)
+    "msmarco_pq32": (34, 0.92, 43.0),
+    "msmarco_pq64": (66, 0.96, 76.0),
+    "msmarco_scalar2": (34, 0.87, None),
+}
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_recall_and_size(request, msmarco, config):
+    payload, min_recall, max_bytes = CONFIGS[config]
+    path = request.getfixturevalue(config)
+    index = plaid.Index(path)
+    assert index.num_documents == 5000 and index.num_tokens == 393138
+    assert index.payload_bytes_per_token() == payload
+    bytes_per_token = folder_bytes(path) / index.num_tokens
+    assert bytes_per_token == pytest.approx(index.bytes_per_token())
+    res = plaid.Searcher(path).search(msmarco.queries, k=10)  # default search settings
+    assert res.ids.shape == (50, 10)
+    recall = recall_at_10(msmarco, res.ids)
+    MSMARCO_REPORT[config] = {"recall@10": recall, "folder_bytes_per_token": bytes_per_token,
+                              "payload_bytes_per_token": payload, "codec": index.codec}
+    assert recall >= min_recall, f"{config}: recall@10 {recall:.3f} < {min_recall}"
+    if max_bytes is not None:
+        assert bytes_per_token <= max_bytes, f"{config}: {bytes_per_token:.2f} bytes/token > {max_bytes}"
+
+
+def test_default_indexer_is_pq32(msmarco_pq32):
+    assert plaid.Index(msmarco_pq32).codec == {"name": "pq", "m": 32, "nbits": 8, "code_bytes": 32}
+    assert plaid.Index(msmarco_pq32).manifest["arrays"]["seg0_codes"]["dtype"] == "<u2"  # 2-byte centroid ids
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_stage4_scores_are_exact_on_msmarco(msmarco, msmarco_pq32, engine):
+    s = plaid.Searcher(msmarco_pq32, engine=engine)
+    queries = msmarco.queries[::6]
+    res = s.search(queries, k=10)
+    offsets = msmarco.offsets
+    for i, q in enumerate(queries):
+        ids = res.ids[i]
+        assert (ids >= 0).all()
+        exact = plaid.maxsim(q, decompressed_docs(s, offsets, ids))
+        np.testing.assert_allclose(res.scores[i], exact, rtol=0, atol=1e-4)
+        # and the decompressed scores are close to the true ones (the codec is faithful)
+        assert np.abs(res.scores[i] - msmarco.exact[i * 6, ids]).max() < 0.5
+
+
+def test_torch_engine_matches_numpy_engine_k10(msmarco, msmarco_pq32):
+    a = plaid.Searcher(msmarco_pq32).search(msmarco.queries, k=10)
+    b = plaid.Searcher(msmarco_pq32, engine="torch").search(msmarco.queries, k=10)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-5)
+
+
+def test_torch_engine_matches_numpy_engine_k100(msmarco, msmarco_pq32):
+    a = plaid.Searcher(msmarco_pq32, centroid_precision="float32").search(msmarco.queries, k=100)
+    b = plaid.Searcher(msmarco_pq32, engine="torch", centroid_precision="float32").search(msmarco.queries, k=100)
+    np.testing.assert_array_equal(a.ids, b.ids)
