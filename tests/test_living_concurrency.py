@@ -22,8 +22,8 @@ from plaid.demo import synthetic_corpus, synthetic_queries
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from living_util import copy_index  # noqa: E402
 
-ADDS = 10
-ADD_DOCS = 30
+ADDS = 6
+ADD_DOCS = 20
 THREADS = 8
 
 WRITER = textwrap.dedent("""
