@@ -10,7 +10,8 @@ plaid once (torch takes seconds to import; a fork takes milliseconds), then fork
 line ``go LOG INJECT`` read on stdin, prints the writer's pid, and on ``reap PID`` waits for it and
 prints how it ended. Each writer is a separate process that runs add / delete / compact in a loop
 until the parent SIGKILLs it. It appends ``begin <g> <op>`` to LOG before each mutation and
-``commit <g> <op>`` after it returns (unbuffered ``os.write``: a SIGKILL loses nothing written).
+``commit <g> <op>`` after it returns, with the files then in the folder that the manifest does not reference (unbuffered
+``os.write``: a SIGKILL loses nothing written).
 
 INJECT places the kill at an instant random timing almost never hits, on the writer's first
 commit: ``before_rename`` (every array file written and fsynced, the manifest's temporary file
@@ -166,7 +167,11 @@ def writer(path: str, seed: int, log_path: str, inject: str) -> None:
         else:
             index.compact(show_progress=False)
         assert index.generation == g, (index.generation, g)
-        os.write(log, f"commit {g} {op['op']}\n".encode())
+        # once a commit has returned, the folder holds nothing its manifest does not reference
+        # (in particular no file left by an earlier, killed writer)
+        keep = {e["file"] for e in index.manifest["arrays"].values()} | {"manifest.json", ".plaid-lock"}
+        extra = sorted(set(os.listdir(path)) - keep)
+        os.write(log, f"commit {g} {op['op']} {len(extra)} {' '.join(extra)}\n".encode())
 
 
 def serve(path: str, seed: int) -> None:

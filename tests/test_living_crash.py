@@ -128,8 +128,9 @@ def test_crash_kill_at_random_instants(tmp_path):
     outcomes = collections.Counter()
     killed_in = collections.Counter()
     committed_ops = collections.Counter()
-    leftovers_seen = 0
-    pending_leftovers: set = set()
+    leftovers_seen = 0      # trials after which the killed writer had left files behind
+    cleanups = 0            # trials whose writer committed in a folder holding such files
+    had_leftovers = False
     generation = 0
     zygote = Zygote(path)
     try:
@@ -163,15 +164,14 @@ def test_crash_kill_at_random_instants(tmp_path):
                 states = child.expected_states(SEED, 2 * now)
             check_committed_state(path, states[now], now, rng)
 
-            # a killed writer's files are gone once a later writer has committed
-            if now > generation:
-                for name in pending_leftovers:
-                    assert not os.path.exists(os.path.join(path, name)) or name not in unreferenced_files(path), \
-                        f"trial {t}: {name}, left by an earlier killed writer, survived a commit"
-                pending_leftovers = set()
-            left = unreferenced_files(path)
-            leftovers_seen += bool(left)
-            pending_leftovers |= set(left)
+            # a killed writer's files are gone once a later writer has completed a commit: after
+            # every commit the writer logged, the folder held only what the manifest references
+            leftovers = {ln.split()[1]: ln.split()[4:] for ln in lines if ln.startswith("commit")}
+            assert all(not v for v in leftovers.values()), f"trial {t}: files survived a commit: {leftovers}"
+            if commits and had_leftovers:
+                cleanups += 1
+            had_leftovers = bool(unreferenced_files(path))
+            leftovers_seen += had_leftovers
             generation = now
     finally:
         zygote.close()
@@ -186,6 +186,7 @@ def test_crash_kill_at_random_instants(tmp_path):
     report = {"trials": TRIALS, "seed": SEED, "generations_committed": generation,
               "outcome": dict(outcomes), "killed_during": dict(killed_in),
               "ops_committed": dict(committed_ops), "trials_leaving_files": leftovers_seen,
+              "commits_over_leftovers": cleanups,
               "final_documents": len(states[generation].ids), "final_live": len(states[generation].live()),
               "final_centroids": index.num_centroids}
     print("crash trials:", json.dumps(report))
@@ -195,5 +196,6 @@ def test_crash_kill_at_random_instants(tmp_path):
     # the harness really crashed writers in the middle of their work, of every kind
     assert sum(v for k, v in killed_in.items() if not k.startswith("between")) >= TRIALS // 2
     assert all(committed_ops[op] > 0 for op in ("add", "delete", "compact")), committed_ops
+    assert cleanups >= 1
     if TRIALS >= 15:
         assert outcomes["next"] >= 1  # the after_rename / mid_cleanup injections end there
