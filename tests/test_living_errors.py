@@ -201,3 +201,55 @@ def test_compact_keeps_ids_and_reclaims_space(index):
     s.reload()
     np.testing.assert_array_equal(s.search(queries, k=10).ids, pipeline.ids)
     assert index.verify() == []
+
+
+def test_external_ids_are_data_and_round_trip(index):
+    names = ["ドキュメント-1", "émoji-😀", "with space", "g0-5x"]
+    new = index.add(_docs(["g1-0", "g1-1", "g1-2", "g1-3"]), doc_ids=names, show_progress=False)
+    reopened = plaid.Index(index.path)
+    assert reopened.internal_ids(names).tolist() == new.tolist()
+    assert reopened.external_ids(new) == names
+    for name in ("doc_ids_utf8", "doc_ids_offsets"):  # plain arrays: no pickle needed to read them
+        entry = reopened.manifest["arrays"][name]
+        arr = np.load(os.path.join(index.path, entry["file"]), allow_pickle=False)
+        assert arr.dtype.kind in "iu"
+    res = plaid.Searcher(index.path).search(child.doc_vectors(SEED, "g1-1"), k=1)
+    assert res.doc_ids() == [["émoji-😀"]]
+
+
+def test_add_from_a_generator_leaves_no_spill_file(index):
+    names = [f"g1-{i}" for i in range(6)]
+    new = index.add((d for d in _docs(names)), doc_ids=names, show_progress=False)
+    assert new.tolist() == list(range(200, 206))
+    assert unreferenced_files(index.path) == []
+    before = _snapshot(index)
+
+    def bad():
+        yield from _docs(names[:2])
+        yield np.ones((3, 16), np.float32)  # wrong dim, after two good documents
+
+    with pytest.raises(plaid.InvalidInputError, match="dim"):
+        index.add(bad(), doc_ids=["b0", "b1", "b2"], show_progress=False)
+    assert _snapshot(index) == before
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_default_searcher_memory_maps_the_token_arrays(index):
+    def mapped(path):
+        with open("/proc/self/maps") as f:
+            return {os.path.basename(ln.split()[-1]) for ln in f if path in ln}
+
+    files = {e["file"] for n, e in index.manifest["arrays"].items() if n.endswith(("_codes", "_residuals"))}
+    lazy = plaid.Searcher(index.path)
+    assert files <= mapped(index.path)
+    q = [child.doc_vectors(SEED, f"g0-{i}")[:5] for i in range(0, 200, 20)]
+    res_lazy = lazy.search(q, k=5)
+    del lazy
+    import gc
+
+    gc.collect()
+    loaded = plaid.Searcher(index.path, load_all=True)
+    assert not files & mapped(index.path)
+    res = loaded.search(q, k=5)
+    np.testing.assert_array_equal(res.ids, res_lazy.ids)
+    np.testing.assert_array_equal(res.scores, res_lazy.scores)
