@@ -103,16 +103,20 @@ def check_committed_state(path: str, state: child.State, generation: int, rng: n
         assert dec.shape == orig.shape, f"document {state.ids[d]}: {dec.shape[0]} tokens, expected {orig.shape[0]}"
         assert np.einsum("ij,ij->i", dec, orig).mean() > 0.9, f"document {state.ids[d]}: vectors of another document"
 
-    # self-queries: the pipeline finds the exact best live document, never a deleted one
+    # self-queries: the default pipeline returns live documents only, each with its exact score
+    # (stage 4); with ndocs large enough to keep every candidate, it is exhaustive search.
+    # (Not "the default finds the exact top-1": with ~8 live documents per centroid here, many
+    # documents tie on the centroid-level scores of stage 3, and some queries lose their best one.)
     probe = rng.choice(live, size=min(8, len(live)), replace=False)
     queries = [child.doc_vectors(SEED, state.ids[d])[:6] for d in probe]
     exact = flat_maxsim(queries, X, offs)
     res = s.search(queries, k=5)
-    returned = res.ids[res.ids >= 0]
-    assert np.isin(returned, live).all(), "a deleted or unknown document was returned"
     for qi in range(len(queries)):
-        assert abs(res.scores[qi, 0] - exact[qi].max()) <= 1e-4
-        assert exact[qi, np.searchsorted(live, res.ids[qi, 0])] >= exact[qi].max() - 1e-4
+        got = res.ids[qi][res.ids[qi] >= 0]
+        assert np.isin(got, live).all(), "a deleted or unknown document was returned"
+        np.testing.assert_allclose(res.scores[qi, : len(got)], exact[qi, np.searchsorted(live, got)], atol=1e-4)
+    res = s.search(queries, k=5, ndocs=4 * len(live))
+    assert_exact_topk(res.ids, res.scores, live, exact, 5)
 
     # a filtered search by external ids is exact within the subset
     sub = np.sort(rng.choice(live, size=min(120, len(live)), replace=False))
