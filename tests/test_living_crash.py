@@ -95,13 +95,15 @@ def check_committed_state(path: str, state: child.State, generation: int, rng: n
 
     s = plaid.Searcher(path)
     assert s.generation == generation
-    # every live document's stored tokens are its own (no mix of generations or documents)
+    # every live document's stored tokens are its own (no mix of generations or documents):
+    # mean cosine with its original vectors >= 0.97 for in-distribution documents, 0.89-0.98 for
+    # the rotated ones; <= 0.48 against another document's vectors
     X, offs = decompressed_docs(s, live)
     for j, d in enumerate(live):
         orig = child.doc_vectors(SEED, state.ids[d])
         dec = X[offs[j] : offs[j + 1]]
         assert dec.shape == orig.shape, f"document {state.ids[d]}: {dec.shape[0]} tokens, expected {orig.shape[0]}"
-        assert np.einsum("ij,ij->i", dec, orig).mean() > 0.9, f"document {state.ids[d]}: vectors of another document"
+        assert np.einsum("ij,ij->i", dec, orig).mean() > 0.8, f"document {state.ids[d]}: vectors of another document"
 
     # self-queries: the default pipeline returns live documents only, each with its exact score
     # (stage 4); with ndocs large enough to keep every candidate, it is exhaustive search.
