@@ -60,7 +60,8 @@ def full_searcher(full_index):
     return plaid.Searcher(full_index)
 
 
-def _sample_positions(searcher, docs):
+def _decoded(searcher, docs):
+    """Decompressed vectors of ``docs`` (sorted), concatenated."""
     X, _ = decompressed_docs(searcher, np.sort(docs))
     return X
 
@@ -71,7 +72,7 @@ def test_add_second_half_recall_close_to_single_build(ms, full_index, half_index
     index = plaid.Index(path)
     before = plaid.Searcher(path)
     old_docs = np.arange(0, ms.half, 7)
-    old_vectors = _sample_positions(before, old_docs)
+    old_vectors = _decoded(before, old_docs)
     old_segment = {n: e for n, e in index.manifest["arrays"].items() if n.startswith("seg0_")}
 
     new = index.add(_docs(ms, ms.half, ms.N), doc_ids=ms.names[ms.half :], show_progress=False)
@@ -82,7 +83,7 @@ def test_add_second_half_recall_close_to_single_build(ms, full_index, half_index
     # old documents were neither re-read nor re-encoded: same files, same decoded vectors
     assert {n: e for n, e in index.manifest["arrays"].items() if n.startswith("seg0_")} == old_segment
     after = plaid.Searcher(path)
-    np.testing.assert_array_equal(_sample_positions(after, old_docs), old_vectors)
+    np.testing.assert_array_equal(_decoded(after, old_docs), old_vectors)
 
     added = recall_at(ms.exact, after.search(ms.queries, k=K).ids, K)
     single = recall_at(ms.exact, full_searcher.search(ms.queries, k=K).ids, K)
@@ -148,7 +149,7 @@ def test_delete_ten_percent_then_compact(ms, full_index, tmp_path):
     gone = np.array(sorted(gone))
     survivors = np.setdiff1d(np.arange(ms.N), gone)
     probe = survivors[::9]
-    probe_vectors = _sample_positions(s, probe)
+    probe_vectors = _decoded(s, probe)
     by_name, by_id = gone[::2], gone[1::2]
 
     assert index.delete([ms.names[i] for i in by_name]) == len(by_name)
@@ -168,7 +169,7 @@ def test_delete_ten_percent_then_compact(ms, full_index, tmp_path):
     assert s.generation == 0
     np.testing.assert_array_equal(s.search(ms.queries, k=K).ids, r0.ids)
     assert s.reload() and s.generation == 2
-    np.testing.assert_array_equal(_sample_positions(s, probe), probe_vectors)
+    np.testing.assert_array_equal(_decoded(s, probe), probe_vectors)
 
     exact_surv = ms.exact.copy()
     exact_surv[:, gone] = -np.inf
@@ -212,7 +213,7 @@ def test_delete_ten_percent_then_compact(ms, full_index, tmp_path):
     print(f"compact: {size_before} -> {size_after} bytes ({deleted_tokens} tokens dropped)")
     assert size_after <= size_before - 0.9 * deleted_tokens * index.payload_bytes_per_token()
     assert s.reload()
-    np.testing.assert_array_equal(_sample_positions(s, probe), probe_vectors)
+    np.testing.assert_array_equal(_decoded(s, probe), probe_vectors)
     for k, ref in ((K, r1), (100, r100)):
         r2 = s.search(ms.queries, k=k)
         np.testing.assert_array_equal(r2.ids, ref.ids)
