@@ -358,9 +358,17 @@ class Index:
                 writer.write("ivf_offsets", ivf_offsets)
                 writer.write("doclens", keep_len.astype(np.int32))
                 fields = _carry(m)
+                # the old segments and tombstone arrays are replaced: stop referencing them, so
+                # the commit removes their files (else compaction would grow the folder)
+                for s in m["segments"]:
+                    fields["arrays"].pop(f"{s['name']}_codes", None)
+                    fields["arrays"].pop(f"{s['name']}_residuals", None)
+                for name in m.get("tombstones", []):
+                    fields["arrays"].pop(name, None)
                 fields["num_tokens"] = T
                 fields["segments"] = [{"name": seg, "doc_start": 0, "doc_end": N, "num_tokens": T}]
                 fields["next_segment"] = int(m["next_segment"]) + 1
+                fields["tombstones"] = []
                 if len(deleted):
                     name = f"tombstones_g{writer.generation}"
                     writer.write(name, deleted.astype(np.int64))
