@@ -117,6 +117,16 @@ def release_pages(a: np.ndarray, row_start: int, row_end: int) -> None:
             pass
 
 
+def advise_random(a: np.ndarray) -> None:
+    """Tell the OS that a memory-mapped array is read at random (no readahead); else a no-op."""
+    found = _backing_mmap(a)
+    if found is not None and hasattr(mmap, "MADV_RANDOM"):
+        try:
+            found[0].madvise(mmap.MADV_RANDOM)
+        except (OSError, ValueError):
+            pass
+
+
 class Embeddings:
     """A corpus of token embeddings stored flat.
 

@@ -150,10 +150,6 @@ def test_eight_threads_search_while_another_process_adds(tmp_path, plain_index, 
     np.testing.assert_allclose(res.scores, refs[0].scores, atol=1e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=plaid.IndexCorruptError, reason=(
-    "BUG: plaid/search/searcher.py _State.doc_ids loads doc_ids_utf8/doc_ids_offsets lazily on the first "
-    "search, and search() always calls it; an add committed after the Searcher opened has already deleted "
-    "that generation's doc_ids files, so the first search fails with IndexCorruptError 'missing'"))
 def test_searcher_with_doc_ids_survives_an_add_committed_after_it_opened(tmp_path, small_index, small_corpus):
     docs, queries = small_corpus
     path = copy_index(small_index, str(tmp_path / "index"))

@@ -253,3 +253,14 @@ def test_default_searcher_memory_maps_the_token_arrays(index):
     res = loaded.search(q, k=5)
     np.testing.assert_array_equal(res.ids, res_lazy.ids)
     np.testing.assert_array_equal(res.scores, res_lazy.scores)
+
+
+def test_an_index_handle_follows_commits_made_by_another_handle(tmp_path, small_corpus):
+    """A handle opened before another handle's add reads the new generation, not missing files."""
+    docs, _ = small_corpus
+    path = str(tmp_path / "idx")
+    plaid.Indexer(show_progress=False, pq_m=16).build(path, docs[:100], doc_ids=[f"a{i}" for i in range(100)])
+    stale = plaid.Index(path)
+    plaid.Index(path).add(docs[100:105], doc_ids=[f"z{i}" for i in range(5)], show_progress=False)
+    assert stale.internal_ids(["z3"]).tolist() == [103]
+    assert stale.generation == 1 and stale.external_ids([0, 104]) == ["a0", "z4"]

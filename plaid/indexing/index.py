@@ -100,7 +100,15 @@ class Index:
         return np.dtype(self.manifest["arrays"][f"{seg}_codes"]["dtype"]).itemsize + int(self.codec["code_bytes"])
 
     def _array(self, name: str, mmap: bool = False) -> np.ndarray:
-        return fmt.open_array(self.path, self.manifest, name, mmap=mmap)
+        try:
+            return fmt.open_array(self.path, self.manifest, name, mmap=mmap)
+        except IndexCorruptError:
+            # a commit by another process since this handle read the manifest removes the files
+            # of our generation: move to the committed one (and fail for real if it is corrupt)
+            if fmt.read_manifest(self.path)["generation"] == self.generation:
+                raise
+            self.refresh()
+            return fmt.open_array(self.path, self.manifest, name, mmap=mmap)
 
     @property
     def doc_ids(self) -> Optional[List[str]]:
@@ -114,7 +122,13 @@ class Index:
 
     def deleted_ids(self) -> np.ndarray:
         """Sorted internal ids of deleted documents (int64)."""
-        return load_deleted(self.path, self.manifest)
+        try:
+            return load_deleted(self.path, self.manifest)
+        except IndexCorruptError:
+            if fmt.read_manifest(self.path)["generation"] == self.generation:
+                raise
+            self.refresh()
+            return load_deleted(self.path, self.manifest)
 
     def internal_ids(self, ids) -> np.ndarray:
         """Map ids (external strings or internal ints) to internal ids of live documents (int64).

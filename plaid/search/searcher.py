@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .. import format as fmt
-from ..embeddings import as_queries
+from ..embeddings import advise_random, as_queries
 from ..errors import IndexCorruptError, InvalidInputError
 from ..indexing.codecs import codec_array_names, codec_from_manifest
 from ..indexing.index import load_deleted
@@ -169,6 +169,9 @@ class _State:
         mmap = not load_all and device.type == "cpu"
         codes = [arr(f"{s['name']}_codes", mmap=mmap) for s in segments]
         residuals = [arr(f"{s['name']}_residuals", mmap=mmap) for s in segments]
+        if mmap:  # searches touch scattered rows: no readahead (measured: cold-cache resident
+            for a in codes + residuals:  # residual pages after 50 queries on 50k docs 119 MB -> 25 MB)
+                advise_random(a)
         bases = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int64)
         deleted = load_deleted(path, m)
         _check_consistency(path, self, centroids, ivf, ivf_offsets, doclens, codes, residuals, code_bytes, deleted)
