@@ -249,11 +249,15 @@ def test_stage1_tie_breaking_is_the_same_in_both_engines():
     St = np.array([[0.1], [0.5], [0.5], [0.5], [0.5], [0.2], [0.5], [0.0]], np.float32)
     C = len(St)
     ivf, ivf_offsets = np.arange(C, dtype=np.int32), np.arange(C + 1, dtype=np.int64)
-    for ncells in (2, 3, 4):
-        a = stages.candidates(St, ncells, ivf, ivf_offsets)
-        _, b = stages_torch.candidate_pairs(torch.from_numpy(St.T)[None], torch.ones(1, 1, dtype=torch.bool), ncells,
+    R = np.ascontiguousarray(St.T)  # [m, C]
+    for ncells in (1, 2, 3, 4, 5, 6, 7):
+        a = stages.candidates(R, ncells, ivf, ivf_offsets)
+        _, b = stages_torch.candidate_pairs(torch.from_numpy(R)[None], torch.ones(1, 1, dtype=torch.bool), ncells,
                                             torch.from_numpy(ivf.astype(np.int64)), torch.from_numpy(ivf_offsets), C)
         np.testing.assert_array_equal(a, b.numpy(), err_msg=f"ncells={ncells}")
+        # every centroid at or above the ncells-th best score: ties at the cut are all kept
+        expected = [1, 2, 3, 4, 6] if ncells <= 5 else ([1, 2, 3, 4, 5, 6] if ncells == 6 else [0, 1, 2, 3, 4, 5, 6])
+        assert a.tolist() == expected
 
 
 def test_top_pairs_keeps_the_lower_index_first_on_ties():

@@ -431,8 +431,8 @@ class Searcher:
         return out if per_query else out * nq
 
     def _centroid_scores(self, st: _State, Qcat: torch.Tensor) -> torch.Tensor:
-        """float32 [C, sum_m]: scores of every centroid for every query token of the batch."""
-        return (st.scoring @ Qcat.to(st.scoring.dtype).T).float()
+        """float32 [sum_m, C]: scores of every centroid for every query token of the batch."""
+        return (Qcat.to(st.scoring.dtype) @ st.scoring.T).float()
 
     # -- numpy engine (CPU) -------------------------------------------------------------------
     def decompress(self, pos: np.ndarray) -> np.ndarray:
@@ -478,14 +478,15 @@ class Searcher:
     def _search_batch_numpy(self, st: _State, qs, subsets, k: int, ncells: int,
                             centroid_score_threshold: float, ndocs: int):
         Qcat = torch.from_numpy(np.concatenate(qs))
-        S_all = self._centroid_scores(st, Qcat).numpy()  # [C, sum_m]
+        S_all = self._centroid_scores(st, Qcat).numpy()  # [sum_m, C]
         out = []
-        col = 0
+        row = 0
         empty = (np.zeros(0, np.int64), np.zeros(0, np.float32))
         for qi, q in enumerate(qs):
             m = q.shape[0]
-            St = np.ascontiguousarray(S_all[:, col : col + m])
-            col += m
+            R = S_all[row : row + m]  # [m, C], contiguous
+            St = np.ascontiguousarray(R.T)  # [C, m]
+            row += m
             sub = None if subsets is None else subsets[qi]
             nc = ncells
             if sub is not None:
@@ -500,7 +501,7 @@ class Searcher:
             # fewer candidates than stage 2 keeps (short queries probe few cells per query)
             target = max(ndocs, k)
             while True:
-                docs = stages.candidates(St, nc, st.ivf, st.ivf_offsets)
+                docs = stages.candidates(R, nc, st.ivf, st.ivf_offsets)
                 if st.alive is not None:
                     docs = docs[st.alive[docs]]
                 if sub is not None:
@@ -516,7 +517,7 @@ class Searcher:
             sel = np.arange(len(docs))
             n2 = max(ndocs, k)
             if len(docs) > n2:  # stage 2: pruned centroid interaction (a no-op when all are kept)
-                keep = St.max(1) >= centroid_score_threshold
+                keep = R.max(0) >= centroid_score_threshold
                 sel = np.sort(stages.top_n(stages.approximate_maxsim(vals, offs, keep[cc]), n2))
             n3 = max(ndocs // 4, k)
             if len(sel) > n3:  # stage 3: full centroid interaction over stage 2's survivors
@@ -543,9 +544,9 @@ class Searcher:
         Q = torch.from_numpy(Qnp).to(dev)
         qmask = torch.from_numpy(mask).to(dev)
         # same product as the numpy engine ([C, sum_m]), so both round identically
-        S2 = self._centroid_scores(st, torch.from_numpy(np.concatenate(qs)).to(dev))
-        S = torch.zeros((nq, m, S2.shape[0]), dtype=S2.dtype, device=dev)
-        S[qmask] = S2.T  # real tokens in (query, position) order
+        S2 = self._centroid_scores(st, torch.from_numpy(np.concatenate(qs)).to(dev))  # [sum_m, C]
+        S = torch.zeros((nq, m, S2.shape[1]), dtype=S2.dtype, device=dev)
+        S[qmask] = S2  # real tokens in (query, position) order
         take_codes = lambda pos: st.codes_t[pos]  # noqa: E731
 
         def decompress(pos):

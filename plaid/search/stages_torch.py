@@ -65,14 +65,11 @@ def candidate_pairs(S: torch.Tensor, qmask: torch.Tensor, ncells, ivf: torch.Ten
     """
     nq, m, C = S.shape
     nc = torch.as_tensor(ncells, device=S.device).long().clamp(1, C).expand(nq).reshape(nq, 1, 1)
-    # every centroid above the ncells-th best score, then ties towards the lower centroid id
-    # (the rule of the numpy stages: both engines probe the same cells)
+    # every centroid scoring at least the ncells-th best score, ties included (the rule of the
+    # numpy stages: both engines probe the same cells)
     top = S.topk(int(nc.max()), dim=2).values  # [nq, m, max ncells]
     kth = top.gather(2, (nc - 1).expand(nq, m, 1))  # [nq, m, 1]
-    tied = S == kth
-    need = nc - (S > kth).sum(2, keepdim=True)
-    take = (S > kth) | (tied & (torch.cumsum(tied.int(), dim=2) <= need))
-    take &= qmask.unsqueeze(2)
+    take = (S >= kth) & qmask.unsqueeze(2)
     qi, _, cell = torch.nonzero(take, as_tuple=True)
     key = torch.unique(qi * C + cell)  # distinct (query, cell)
     kq, kc = key // C, key % C
