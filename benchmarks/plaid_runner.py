@@ -13,9 +13,11 @@ and a per-stage profile of single-query search for settings marked ``"profile": 
 (the stages' functions wrapped with timers; nothing in plaid changes).
 
 exhaustive — exact MaxSim in torch with all document tokens preloaded as one float32 matrix
-(``_data``/``engine.py``'s ``FlatExhaustive``), single queries in one product each; the batch
-pass scores groups of queries so that one product stays under ~1 GB. There is no index: build
-does nothing and its size is the float16 vectors themselves.
+(``engine.py``'s ``FlatExhaustive``), single queries in one product each; the batch pass scores
+groups of queries so that one product stays under ~1 GB. A corpus whose float32 copy would
+exceed ``max_gb`` (config, default 8) is instead streamed from its float16 file by
+``plaid.maxsim`` (1M tokens per product). There is no index: build does nothing and its size is
+the float16 vectors themselves.
 """
 from __future__ import annotations
 
@@ -164,6 +166,7 @@ class ExhaustiveEngine:
         torch.set_num_threads(threads)
         self.config = dict(config)
         self.group_bytes = float(config.get("group_gb", 1.0)) * 1e9
+        self.max_bytes = float(config.get("max_gb", 8.0)) * 1e9  # float32 corpus held in RAM up to this
 
     def versions(self) -> dict:
         import torch
@@ -175,16 +178,32 @@ class ExhaustiveEngine:
         return {"note": "no index; size = the float16 token vectors (256 B/token at dim 128)"}
 
     def open(self, index: str, bundle: str) -> None:
+        import plaid
         from engine import FlatExhaustive
 
         X, doclens, _ = load_bundle(bundle)
         self.num_tokens = int(doclens.sum())
-        self.ex = FlatExhaustive(X, doclens)
+        self.mode = "flat" if self.num_tokens * X.shape[1] * 4 <= self.max_bytes else "chunked"
+        if self.mode == "flat":
+            self.ex = FlatExhaustive(X, doclens)
+        else:  # too big for RAM as float32: stream the float16 file, 1M tokens per product
+            self.docs = plaid.Embeddings(X, doclens)
 
     def search(self, queries, k: int, params: dict) -> np.ndarray:
-        return self.ex.search(list(queries), k)
+        if self.mode == "flat":
+            return self.ex.search(list(queries), k)
+        import plaid
+        import torch
+
+        scores = torch.from_numpy(plaid.maxsim(list(queries), self.docs, chunk_tokens=1 << 20))
+        return torch.topk(scores, k, dim=1).indices.numpy()
+
+    def extra(self, queries, settings) -> dict:
+        return {"mode": self.mode}
 
     def search_batch(self, queries, k: int, params: dict) -> np.ndarray:
+        if self.mode != "flat":
+            return self.search(queries, k, params)  # plaid.maxsim bounds its own memory
         out, group, width = [], [], 0
         cap = max(1, int(self.group_bytes / (4 * self.num_tokens)))  # query tokens per product
         for q in queries:

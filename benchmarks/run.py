@@ -249,6 +249,7 @@ def bench_engine(spec: dict, size: str, bundle: str, meta: dict, recall, work: s
                       "index_bytes": index_bytes, "bytes_per_token": index_bytes / tokens},
             "search": {"peak_rss_mb": search["peak_rss_mb"], "open_s": search["search"]["open_s"],
                        "num_queries": search["search"]["num_queries"], "loadavg_1min_before": load0,
+                       "extra": {k: v for k, v in extra.items() if k not in ("floor", "profile")},
                        "loadavg_1min_after": os.getloadavg()[0]},
             "settings": rows, "profile": extra.get("profile", {}),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
