@@ -184,7 +184,7 @@ def machine_info(threads: int) -> dict:
 
 # -- one (size, engine) ----------------------------------------------------------------------------
 def bench_engine(spec: dict, size: str, bundle: str, meta: dict, recall, work: str, threads: int,
-                 rebuild: bool, latency_queries: int, log) -> Optional[dict]:
+                 rebuild: bool, latency_queries: int, log, build_only: bool = False) -> Optional[dict]:
     engine, key = spec["engine"], spec["key"]
     cmd = runner_command(engine, work)
     if cmd is None:
@@ -214,6 +214,8 @@ def bench_engine(spec: dict, size: str, bundle: str, meta: dict, recall, work: s
         if build is None:
             return {"corpus": size, "engine": engine, "key": key, "failed": "build"}
         log(f"  {key}: built in {build['build_s']:.1f}s, peak RSS {build['peak_rss_mb']:.0f} MB")
+    if build_only:
+        return None
     tokens = int(meta["num_tokens"])
     if engine == "exhaustive":
         index_bytes = os.path.getsize(os.path.join(bundle, "doc_embeddings.f16.npy"))
@@ -413,10 +415,11 @@ def write_plots(results: dict, outdir: str, log) -> List[str]:
             ax.plot(xs, ys, "o-", color=colors[key], label=key)
             for i in hollow:
                 ax.plot(xs[i], ys[i], "o", mfc="white", color=colors[key])
-    if len(sizes) > 1:
+    anchor = [l.get_ydata()[0] for l in ax.get_lines() if l.get_label().startswith("plaid")]
+    if len(sizes) > 1 and anchor:  # a √N line through plaid's fastest point at the smallest size
         x0 = corpora.parse_size(sizes[0])
         xs = np.array([x0, corpora.parse_size(sizes[-1])], float)
-        ax.plot(xs, 1.0 * np.sqrt(xs / x0), "k:", lw=0.8, label="∝ √N (reference)")
+        ax.plot(xs, min(anchor) * np.sqrt(xs / x0), "k:", lw=0.8, label="∝ √N from plaid's first point")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("documents")
@@ -437,11 +440,12 @@ def write_plots(results: dict, outdir: str, log) -> List[str]:
         for size in sizes:
             r = next((r for r in runs if r["key"] == key and r["corpus"] == size), None)
             bpt.append(r["build"]["bytes_per_token"] if r else 0)
-            bs.append(r["build"]["build_s"] if r else 0)
+            bs.append(r["build"]["build_s"] if r and r["engine"] != "exhaustive" else 0)  # exhaustive: no build
         x = np.arange(len(sizes)) + j * width
         a1.bar(x, bpt, width, color=colors[key], label=key)
         a2.bar(x, bs, width, color=colors[key], label=key)
-    for ax, title in ((a1, "index bytes per token"), (a2, "build time (s, log)")):
+    for ax, title in ((a1, "index bytes per token (exhaustive: the float16 vectors)"),
+                      (a2, "build time (s, log; exhaustive has none)")):
         ax.set_xticks(np.arange(len(sizes)) + 0.4 - width / 2)
         ax.set_xticklabels(sizes)
         ax.set_title(title)
@@ -482,6 +486,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--latency-queries", type=int, default=0, help="time only the first N queries (0: all)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild indexes even when a cached build matches")
     ap.add_argument("--quick", action="store_true", help="one plaid codec, two settings (smoke test)")
+    ap.add_argument("--build-only", action="store_true", help="build (or reuse) the indexes, measure no search")
     ap.add_argument("--report-only", action="store_true", help="rewrite results.md and plots from results.json")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
@@ -509,9 +514,12 @@ def main(argv=None) -> dict:
             recall = corpora.Recall(bundle, gt_ids, gt_scores)
             for spec in specs:
                 r = bench_engine(spec, size, bundle, meta, recall, args.work, args.threads, args.rebuild,
-                                 args.latency_queries, log)
+                                 args.latency_queries, log, args.build_only)
                 if r is not None:
                     new_runs.append(r)
+        if args.build_only:
+            log("built; no search measured (--build-only)")
+            return {}
         results = merge_results(rpath, new_runs, corpora_meta, machine)
         with open(rpath + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
