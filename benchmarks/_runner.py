@@ -150,6 +150,7 @@ def main(engine_cls) -> None:
     engine = engine_cls(config, a.threads)
     res = {"engine": engine.name, "mode": a.mode, "config": config, "threads": a.threads,
            "python": platform.python_version(), "versions": engine.versions()}
+    load0 = os.getloadavg()[0]
     t = time.perf_counter()
     if a.mode == "prepare":
         res["prepare"] = getattr(engine, "prepare", lambda: {})()
@@ -161,6 +162,7 @@ def main(engine_cls) -> None:
     else:
         res["search"] = run_search(engine, a.bundle, a.index, json.loads(a.settings), a.latency_queries, a.batch_repeats, a.out)
     res["wall_s"] = time.perf_counter() - t
+    res["loadavg_1min"] = [load0, os.getloadavg()[0]]  # the machine's load before/after (it may be shared)
     res["peak_rss_self_mb"] = _peak_rss_mb()
     with open(a.out + ".tmp", "w") as f:
         json.dump(res, f, indent=1)

@@ -248,6 +248,7 @@ def bench_engine(spec: dict, size: str, bundle: str, meta: dict, recall, work: s
     return {"corpus": size, "engine": engine, "key": key, "config": spec["config"], "threads": threads,
             "versions": build.get("versions", {}),
             "build": {"build_s": build["build_s"], "peak_rss_mb": build["peak_rss_mb"], "info": build.get("build"),
+                      "loadavg_1min": build.get("loadavg_1min"),
                       "index_bytes": index_bytes, "bytes_per_token": index_bytes / tokens},
             "search": {"peak_rss_mb": search["peak_rss_mb"], "open_s": search["search"]["open_s"],
                        "num_queries": search["search"]["num_queries"], "loadavg_1min_before": load0,
@@ -328,12 +329,14 @@ def write_markdown(results: dict, path: str) -> None:
               "`n_processes` = threads; colbert-ai has no batch API, so its batch figure is a loop of single "
               "queries). Floor (plaid): Q·Cᵀ + exact MaxSim of the final candidates only. RSS: peak of the "
               "build process and of the search process.", "",
-              "| corpus | engine | setting | R@10 | R@100 | median ms | p95 ms | batch q/s | floor ms | build s | B/token | build RSS MB | search RSS MB |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "Load: the machine's 1-minute load average before/after the search process (2 cores; it is "
+              "shared, and latencies of multi-threaded code degrade sharply when it is above ~2).", "",
+              "| corpus | engine | setting | R@10 | R@100 | median ms | p95 ms | batch q/s | floor ms | build s | B/token | build RSS MB | search RSS MB | load |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(results["runs"], key=lambda r: (size_order(r["corpus"]), r["key"])):
         if "settings" not in r:
             lines.append(f"| {r['corpus']} | {r['key']} | {r.get('skipped') or 'failed: ' + str(r.get('failed'))} |"
-                         + " |" * 10)
+                         + " |" * 11)
             continue
         b, s = r["build"], r["search"]
         for i, st in enumerate(r["settings"]):
@@ -341,8 +344,9 @@ def write_markdown(results: dict, path: str) -> None:
                 f"| {r['corpus']} | {r['key']} | {st['label']} | {_f(st['recall@10'], '{:.3f}')} | {_f(st['recall@100'], '{:.3f}')} | "
                 f"{st['median_ms']:.2f} | {st['p95_ms']:.2f} | {st['batch_qps']:.1f} | "
                 f"{_f(st.get('floor', {}).get('median_ms'))} | "
-                + (f"{b['build_s']:.1f} | {b['bytes_per_token']:.1f} | {_f(b['peak_rss_mb'], '{:.0f}')} | {_f(s['peak_rss_mb'], '{:.0f}')} |"
-                   if i == 0 else "| | | |"))
+                + (f"{b['build_s']:.1f} | {b['bytes_per_token']:.1f} | {_f(b['peak_rss_mb'], '{:.0f}')} | {_f(s['peak_rss_mb'], '{:.0f}')} | "
+                   f"{s['loadavg_1min_before']:.1f}/{s['loadavg_1min_after']:.1f} |"
+                   if i == 0 else "| | | | |"))
     lines.append("")
     prof = [(r["corpus"], r["key"], lab, p) for r in results["runs"] for lab, p in r.get("profile", {}).items()]
     if prof:
