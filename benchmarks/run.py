@@ -299,6 +299,28 @@ def headline(results: dict, min_recall: float = 0.95) -> List[dict]:
     return out
 
 
+def versus(results: dict) -> List[dict]:
+    """plaid against each peer at equal or better recall@10: for each peer setting at k=10, the
+    fastest plaid setting (any codec) whose recall@10 is at least the peer's."""
+    out = []
+    runs = [r for r in results["runs"] if "settings" in r]
+    for size in sorted({r["corpus"] for r in runs}, key=size_order):
+        plaid_pts = [(r["key"], s) for r in runs if r["corpus"] == size and r["engine"] == "plaid"
+                     for s in r["settings"] if s["k"] == 10]
+        for r in (r for r in runs if r["corpus"] == size and r["engine"] != "plaid"):
+            for s in (s for s in r["settings"] if s["k"] == 10):
+                ok = [(k, p) for k, p in plaid_pts if (p["recall@10"] or 0) >= (s["recall@10"] or 0) - 1e-9]
+                row = {"corpus": size, "key": r["key"], "setting": s["label"], "recall@10": s["recall@10"],
+                       "median_ms": s["median_ms"], "batch_qps": s["batch_qps"]}
+                if ok:
+                    k, p = min(ok, key=lambda x: x[1]["median_ms"])
+                    row.update(plaid_key=k, plaid_setting=p["label"], plaid_recall=p["recall@10"],
+                               plaid_median_ms=p["median_ms"], latency_ratio=p["median_ms"] / s["median_ms"],
+                               batch_ratio=s["batch_qps"] / p["batch_qps"])
+                out.append(row)
+    return out
+
+
 def _f(x, fmt="{:.2f}", none="–"):
     return none if x is None else fmt.format(x)
 
@@ -323,6 +345,20 @@ def write_markdown(results: dict, path: str) -> None:
             lines.append(f"| {h['corpus']} | {h['key']} | {h['setting'] or 'none reaches 0.95'} | {_f(h['recall@10'], '{:.3f}')} | "
                          f"{_f(h['median_ms'])} | {_f(h['build_s'], '{:.1f}')} | {_f(h['bytes_per_token'], '{:.1f}')} | "
                          f"{_f(h.get('plaid_latency_ratio'))} | {_f(h.get('plaid_build_ratio'))} | {_f(h.get('plaid_size_ratio'))} |")
+        lines.append("")
+    vs = versus(results)
+    if vs:
+        lines += ["## plaid against each peer at equal or better recall@10", "",
+                  "For each setting of a peer (k=10): the fastest plaid setting, any codec, whose recall@10 is at "
+                  "least the peer's. Latency ratio = plaid median / peer median; batch ratio = peer q/s / plaid "
+                  "q/s (< 1: plaid is faster).", "",
+                  "| corpus | peer | peer setting | peer R@10 | peer median ms | plaid | plaid R@10 | plaid median ms | latency ratio | batch ratio |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for v in vs:
+            lines.append(f"| {v['corpus']} | {v['key']} | {v['setting']} | {_f(v['recall@10'], '{:.3f}')} | {v['median_ms']:.2f} | "
+                         + (f"{v['plaid_key']} {v['plaid_setting']} | {v['plaid_recall']:.3f} | {v['plaid_median_ms']:.2f} | "
+                            f"{v['latency_ratio']:.2f} | {v['batch_ratio']:.2f} |" if "plaid_key" in v else
+                            "no plaid setting reaches this recall | | | | |"))
         lines.append("")
     lines += ["## All settings", "",
               "Latency: one query per call (median, p95); batch: all queries in one call (fast-plaid: "
@@ -501,6 +537,9 @@ def main(argv=None) -> dict:
     if args.report_only:
         with open(rpath) as f:
             results = json.load(f)
+        results["headline"], results["versus"] = headline(results), versus(results)
+        with open(rpath, "w") as f:
+            json.dump(results, f, indent=1)
     else:
         os.environ["PLAID_MSMARCO_5K"] = args.source
         engines = set(args.engines.split(","))
@@ -525,6 +564,7 @@ def main(argv=None) -> dict:
             log("built; no search measured (--build-only)")
             return {}
         results = merge_results(rpath, new_runs, corpora_meta, machine)
+        results["headline"], results["versus"] = headline(results), versus(results)
         with open(rpath + ".tmp", "w") as f:
             json.dump(results, f, indent=1)
         os.replace(rpath + ".tmp", rpath)
