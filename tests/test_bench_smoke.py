@@ -58,5 +58,9 @@ def test_harness_on_tiny_corpus(tmp_path):
     assert "plaid-scalar2" in md and "exhaustive" in md
 
     # a second run reuses the cached builds and merges into the same results file
-    res2 = run.main(argv[:-2] + ["--engines", "exhaustive"])
+    # (here with two search passes, the best kept per setting)
+    res2 = run.main(argv[:-2] + ["--engines", "exhaustive", "--search-repeats", "2"])
     assert {r["key"] for r in res2["runs"]} == {"plaid-scalar2", "exhaustive", "colbert-nbits2"}
+    ex2 = {r["key"]: r for r in res2["runs"]}["exhaustive"]
+    assert all(len(s["medians_of_passes_ms"]) == 2 for s in ex2["settings"])
+    assert ex2["settings"][0]["median_ms"] == min(ex2["settings"][0]["medians_of_passes_ms"])
