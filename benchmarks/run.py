@@ -87,6 +87,9 @@ def engine_specs(quick: bool = False) -> List[dict]:
         # colbert-ai: the same PLAID parameters; its own default at k=10 is (1, 0.5, 256)
         {"engine": "colbert", "key": "colbert-nbits2", "config": {"nbits": 2},
          "settings": [_plaid_setting(*s) for s in PLAID_SWEEP] + [_k100()]},
+        # its 4-bit residuals: the colbert-ai setting that reaches recall@10 >= 0.95 (build it with --keys)
+        {"engine": "colbert", "key": "colbert-nbits4", "config": {"nbits": 4},
+         "settings": [_plaid_setting(*s) for s in PLAID_SWEEP] + [_k100()]},
         # fast-plaid: n_ivf_probe x n_full_scores; its default is (8, 4096)
         {"engine": "fastplaid", "key": "fastplaid-nbits4", "config": {"nbits": 4},
          "settings": [{"label": f"k10 probe{p} full{f}", "k": 10, "params": {"n_ivf_probe": p, "n_full_scores": f}}
