@@ -512,21 +512,19 @@ class Searcher:
             if len(docs) == 0:
                 out.append(empty)
                 continue
-            # stages 2-3 share one gather of the candidates' centroid scores
-            vals, offs, pos, cc = stages.gather_centroid_scores(St, docs, st.doc_offsets, st.codes)
+            offs, cc = stages.token_centroids(docs, st.doc_offsets, st.codes)
             sel = np.arange(len(docs))
             n2 = max(ndocs, k)
             if len(docs) > n2:  # stage 2: pruned centroid interaction (a no-op when all are kept)
-                keep = R.max(0) >= centroid_score_threshold
-                sel = np.sort(stages.top_n(stages.approximate_maxsim(vals, offs, keep[cc]), n2))
+                Sp = stages.pruned_scores(St, R, centroid_score_threshold)
+                sel = np.sort(stages.top_n(stages.approximate_maxsim(Sp, cc, offs), n2))
             n3 = max(ndocs // 4, k)
             if len(sel) > n3:  # stage 3: full centroid interaction over stage 2's survivors
-                if 2 * len(sel) >= len(docs):  # most survived: reduce over all, no copy
-                    approx = stages.approximate_maxsim(vals, offs)[sel]
-                else:
-                    tok, offs3 = stages.expand_ranges(offs[sel], offs[sel + 1] - offs[sel])
-                    approx = stages.approximate_maxsim(vals[tok], offs3)
-                sel = np.sort(sel[stages.top_n(approx, n3)])
+                if len(sel) < len(docs):
+                    tok, offs = stages.expand_ranges(offs[sel], offs[sel + 1] - offs[sel])
+                    cc = cc[tok]
+                approx = stages.approximate_maxsim(St, cc, offs)
+                sel = sel[np.sort(stages.top_n(approx, n3))]
             # stage 4: decompress and score exactly
             out.append(self._exact(st, q, docs[sel], k))
         return out

@@ -2,11 +2,10 @@
 
 1. :func:`candidates` — the documents listed under the ``ncells`` best centroids of each query
    token, from the centroid scores ``S = C·Qᵀ``;
-2. :func:`approximate_maxsim` with a token mask — approximate MaxSim from centroid scores alone
-   (gathered once per query by :func:`gather_centroid_scores`), counting only tokens whose
-   centroid scores ≥ ``centroid_score_threshold`` for some query token (a query token with no
-   such document token contributes :data:`PRUNED_SCORE`);
-3. the same without pruning, over the same gathered scores;
+2. :func:`approximate_maxsim` over :func:`pruned_scores` — approximate MaxSim from centroid
+   scores alone, counting only tokens whose centroid scores ≥ ``centroid_score_threshold`` for
+   some query token (a query token with no such document token contributes :data:`PRUNED_SCORE`);
+3. the same without pruning, over stage 2's survivors only;
 4. :func:`maxsim_scores` — exact MaxSim on the decompressed vectors of the survivors.
 
 Every function is vectorised over documents and tokens (no Python loop over either). The
@@ -24,8 +23,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-__all__ = ["PRUNED_SCORE", "expand_ranges", "top_n", "best_cells", "candidates", "gather_centroid_scores",
-           "approximate_maxsim", "maxsim_scores"]
+__all__ = ["PRUNED_SCORE", "expand_ranges", "top_n", "best_cells", "candidates", "token_centroids",
+           "pruned_scores", "approximate_maxsim", "maxsim_scores"]
 
 #: Contribution of a query token none of whose document centroids survives pruning (as PLAID).
 PRUNED_SCORE = -9999.0
@@ -91,31 +90,37 @@ def candidates(R: np.ndarray, ncells: int, ivf: np.ndarray, ivf_offsets: np.ndar
     return np.unique(ivf[pos]).astype(np.int64)
 
 
-def gather_centroid_scores(St: np.ndarray, docs: np.ndarray, doc_offsets: np.ndarray, codes
-                           ) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The centroid scores of every token of ``docs`` (input of stages 2 and 3).
+def token_centroids(docs: np.ndarray, doc_offsets: np.ndarray, codes) -> Tuple[np.ndarray, np.ndarray]:
+    """Offsets and centroid ids of every token of ``docs`` (input of stages 2 and 3).
 
-    St: float32 [C, m] centroid scores (centroid-major); docs: int64 [n] non-empty documents;
-    doc_offsets: int64 [N + 1]; codes: uint16/int32 [T] centroid of every token (may be a memory
-    map). Returns (vals float32 [t, m], offsets int64 [n + 1] delimiting each document's rows,
-    token positions int64 [t], token centroids [t]).
+    docs: int64 [n] non-empty documents; doc_offsets: int64 [N + 1]; codes: uint16/int32 [T]
+    centroid of every token (may be a memory map). Returns (offsets int64 [n + 1] delimiting each
+    document's tokens, centroid ids [t]).
     """
     starts = doc_offsets[docs]
     pos, offs = expand_ranges(starts, doc_offsets[docs + 1] - starts)
-    cc = codes[pos]
-    return St.take(cc, axis=0), offs, pos, cc
+    return offs, codes[pos]
 
 
-def approximate_maxsim(vals: np.ndarray, offsets: np.ndarray, token_keep: Optional[np.ndarray] = None
-                       ) -> np.ndarray:
+def pruned_scores(St: np.ndarray, R: np.ndarray, threshold: float) -> np.ndarray:
+    """Stage 2's score table: ``St`` [C, m] with the rows of centroids that score below
+    ``threshold`` for every query token set to :data:`PRUNED_SCORE`.
+
+    R: the same scores token-major [m, C]. Pruning the [C, m] table once costs C·m; pruning the
+    gathered [t, m] values would cost a pass over every candidate token.
+    """
+    keep = R.max(0) >= threshold
+    return np.where(keep[:, None], St, np.float32(PRUNED_SCORE))
+
+
+def approximate_maxsim(St: np.ndarray, cc: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Stages 2-3: per-document sum over query tokens of the best centroid score.
 
-    vals, offsets: from :func:`gather_centroid_scores`; token_keep: bool [t] — the tokens whose
-    centroid survived pruning (stage 2), or None (stage 3). Returns float32 [n].
+    St: float32 [C, m] centroid scores (centroid-major; :func:`pruned_scores` for stage 2);
+    cc, offsets: the documents' token centroids and offsets from :func:`token_centroids`.
+    Returns float32 [n].
     """
-    if token_keep is not None:
-        vals = np.where(token_keep[:, None], vals, np.float32(PRUNED_SCORE))
-    return segment_max_sum(vals, offsets)
+    return segment_max_sum(St.take(cc, axis=0), offsets)
 
 
 def maxsim_scores(sims: np.ndarray, offsets: np.ndarray) -> np.ndarray:
