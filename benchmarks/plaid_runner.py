@@ -127,7 +127,8 @@ class PlaidEngine:
                     acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
             return w
 
-        patched = {"candidates": "stage1_candidates", "gather_centroid_scores": "stage2_3_gather",
+        patched = {"candidates": "stage1_candidates", "token_centroids": "stage2_3_token_centroids",
+                   "pruned_scores": "stage2_prune_table",
                    "approximate_maxsim": "stage2_3_approx_maxsim", "maxsim_scores": "stage4_maxsim_reduce",
                    "top_n": "top_n", "expand_ranges": "expand_ranges"}
         saved = {n: getattr(stages, n) for n in patched}
