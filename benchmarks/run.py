@@ -188,7 +188,7 @@ def machine_info(threads: int) -> dict:
 # -- one (size, engine) ----------------------------------------------------------------------------
 def bench_engine(spec: dict, size: str, bundle: str, meta: dict, recall, work: str, threads: int,
                  rebuild: bool, latency_queries: int, log, build_only: bool = False,
-                 search_repeats: int = 1) -> Optional[dict]:
+                 search_repeats: int = 1, max_ndocs: int = 0, batch_repeats: int = 0) -> Optional[dict]:
     engine, key = spec["engine"], spec["key"]
     cmd = runner_command(engine, work)
     if cmd is None:
@@ -229,15 +229,23 @@ def bench_engine(spec: dict, size: str, bundle: str, meta: dict, recall, work: s
     search_out = os.path.join(runs, f"{key}.search.json")
     load0 = os.getloadavg()[0]
     lq = latency_queries
+    repeats = search_repeats
     if engine == "exhaustive" and tokens > 2_000_000:
         lq = min(lq or 10**9, 100)  # seconds per query at this size: time a subset, score all
+    settings = [st for st in spec["settings"] if not max_ndocs or max(
+        st["params"].get("ndocs", 0), st["params"].get("n_full_scores", 0)) <= max_ndocs]
+    batch_repeats = batch_repeats or 2
+    if engine == "exhaustive" and tokens > 8_000_000:  # streamed from disk: seconds per query
+        lq, batch_repeats, repeats = min(lq, 20), 1, 1
+        settings = [s for s in settings if s["k"] == 10]  # k=100 costs the same; exact either way
     # The machine may be shared: a search process can be run several times, keeping for each
     # setting the pass with the lowest median latency (best of R; every pass is recorded).
     passes = []
-    for rep in range(max(1, search_repeats)):
+    for rep in range(max(1, repeats)):
         out_r = search_out if rep == 0 else search_out.replace(".search.json", f".search{rep + 1}.json")
-        res_r = run_step(cmd + ["search"] + common + ["--settings", json.dumps(spec["settings"]),
-                                                     "--latency-queries", str(lq)], out_r, log)
+        res_r = run_step(cmd + ["search"] + common + ["--settings", json.dumps(settings),
+                                                     "--latency-queries", str(lq),
+                                                     "--batch-repeats", str(batch_repeats)], out_r, log)
         if res_r is None:
             return {"corpus": size, "engine": engine, "key": key, "failed": "search"}
         passes.append((res_r, np.load(out_r + ".ids.npz")))
@@ -448,8 +456,13 @@ def write_plots(results: dict, outdir: str, log) -> List[str]:
         ax.set_xlabel("median single-query latency (ms, log)")
         ax.set_ylabel("recall@10 vs exhaustive")
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles = {}
+    for ax in axes[0]:  # one legend for every engine of every panel
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend([handles[k] for k in sorted(handles)], sorted(handles), fontsize=7, loc="lower center",
+               ncol=min(len(handles), 5), frameon=False)
+    fig.tight_layout(rect=(0, 0.06 + 0.03 * ((len(handles) - 1) // 5), 1, 1))
     p = os.path.join(outdir, "recall_vs_latency.png")
     fig.savefig(p, dpi=110)
     plt.close(fig)
@@ -544,6 +557,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--latency-queries", type=int, default=0, help="time only the first N queries (0: all)")
     ap.add_argument("--search-repeats", type=int, default=1,
                     help="run each search process R times, keep per setting the pass with the lowest median")
+    ap.add_argument("--max-ndocs", type=int, default=0,
+                    help="skip settings that rerank more than N documents (ndocs / n_full_scores; 0: none)")
+    ap.add_argument("--batch-repeats", type=int, default=2, help="batch passes per setting (best kept)")
     ap.add_argument("--rebuild", action="store_true", help="rebuild indexes even when a cached build matches")
     ap.add_argument("--quick", action="store_true", help="one plaid codec, two settings (smoke test)")
     ap.add_argument("--build-only", action="store_true", help="build (or reuse) the indexes, measure no search")
@@ -577,7 +593,8 @@ def main(argv=None) -> dict:
             recall = corpora.Recall(bundle, gt_ids, gt_scores)
             for spec in specs:
                 r = bench_engine(spec, size, bundle, meta, recall, args.work, args.threads, args.rebuild,
-                                 args.latency_queries, log, args.build_only, args.search_repeats)
+                                 args.latency_queries, log, args.build_only, args.search_repeats,
+                                 args.max_ndocs, args.batch_repeats)
                 if r is not None:
                     new_runs.append(r)
         if args.build_only:
