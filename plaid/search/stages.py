@@ -18,7 +18,7 @@ pruning mask: reductions along contiguous rows are ~30x faster than across colum
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Tuple
 
 import numpy as np
 import torch
