@@ -15,9 +15,10 @@ and a per-stage profile of single-query search for settings marked ``"profile": 
 exhaustive — exact MaxSim in torch with all document tokens preloaded as one float32 matrix
 (``engine.py``'s ``FlatExhaustive``), single queries in one product each; the batch pass scores
 groups of queries so that one product stays under ~1 GB. A corpus whose float32 copy would
-exceed ``max_gb`` (config, default 8) is instead streamed from its float16 file by
-``plaid.maxsim`` (1M tokens per product). There is no index: build does nothing and its size is
-the float16 vectors themselves.
+exceed ``max_gb`` (config, default 12: 200k documents fit) is instead streamed from its float16
+file by ``plaid.maxsim`` (at most 1M tokens per product, fewer for many queries: it bounds its
+block to 512 MiB). There is no index: build does nothing and its size is the float16 vectors
+themselves.
 """
 from __future__ import annotations
 
@@ -117,26 +118,33 @@ class PlaidEngine:
 
         s = self.searcher
         acc = {}
+        stack = []  # time spent in timed callees of each open timed call: times are exclusive
 
         def timed(name, fn):
             def w(*a, **kw):
                 t0 = time.perf_counter()
+                stack.append(0.0)
                 try:
                     return fn(*a, **kw)
                 finally:
-                    acc[name] = acc.get(name, 0.0) + time.perf_counter() - t0
+                    dt = time.perf_counter() - t0
+                    acc[name] = acc.get(name, 0.0) + dt - stack.pop()
+                    if stack:
+                        stack[-1] += dt
             return w
 
-        patched = {"candidates": "stage1_candidates", "token_centroids": "stage2_3_token_centroids",
-                   "pruned_scores": "stage2_prune_table",
-                   "approximate_maxsim": "stage2_3_approx_maxsim", "maxsim_scores": "stage4_maxsim_reduce",
-                   "top_n": "top_n", "expand_ranges": "expand_ranges"}
+        patched = {"candidates": "stage1_candidates", "centroid_table": "stage2_3_centroid_table",
+                   "document_cells": "stage2_3_document_cells", "pruned_cells": "stage2_prune",
+                   "approximate_maxsim": "stage2_3_approx_maxsim", "adc_scores": "stage4_adc",
+                   "maxsim_scores": "stage4_maxsim_reduce", "top_n": "top_n"}
         saved = {n: getattr(stages, n) for n in patched}
         try:
             for n, label in patched.items():
                 setattr(stages, n, timed(label, saved[n]))
             s._centroid_scores = timed("centroid_scores_QCt", type(s)._centroid_scores.__get__(s))
-            s._stage4_sims = timed("stage4_decompress_and_product", type(s)._stage4_sims.__get__(s))
+            s._stage4_sims = timed("stage4_centroid_terms_and_norms", type(s)._stage4_sims.__get__(s))
+            codec = s._state.codec
+            codec.score_table = timed("stage4_score_table", type(codec).score_table.__get__(codec))
             per = []
             for q in queries[:10]:
                 s.search([q], k=k, **params)
@@ -151,7 +159,7 @@ class PlaidEngine:
         finally:
             for n, fn in saved.items():
                 setattr(stages, n, fn)
-            del s._centroid_scores, s._stage4_sims
+            del s._centroid_scores, s._stage4_sims, codec.score_table
         names = sorted({n for d in per for n in d})
         med = {n: float(np.median([d.get(n, 0.0) for d in per]) * 1e3) for n in names}
         mean_total = float(np.mean([d["total"] for d in per]))
@@ -168,7 +176,7 @@ class ExhaustiveEngine:
         torch.set_num_threads(threads)
         self.config = dict(config)
         self.group_bytes = float(config.get("group_gb", 1.0)) * 1e9
-        self.max_bytes = float(config.get("max_gb", 8.0)) * 1e9  # float32 corpus held in RAM up to this
+        self.max_bytes = float(config.get("max_gb", 12.0)) * 1e9  # float32 corpus held in RAM up to this
 
     def versions(self) -> dict:
         import torch

@@ -98,6 +98,11 @@ def engine_specs(quick: bool = False) -> List[dict]:
     ]
 
 
+# columns of the per-stage profile table, in pipeline order (older results may name other stages)
+PROFILE_ORDER = ["centroid_scores_QCt", "stage1_candidates", "stage2_3_centroid_table", "stage2_3_document_cells",
+                 "stage2_prune", "stage2_3_approx_maxsim", "stage4_score_table", "stage4_adc",
+                 "stage4_centroid_terms_and_norms", "stage4_maxsim_reduce", "top_n"]
+
 ENGINE_DEFAULT_LABEL = {"plaid": "k10 nc2 th0.5 nd256", "colbert": "k10 nc1 th0.5 nd256",
                         "fastplaid": "k10 probe8 full4096", "exhaustive": "k10 exact"}
 
@@ -414,8 +419,9 @@ def write_markdown(results: dict, path: str) -> None:
     if prof:
         lines += ["## plaid: where single-query time goes", "",
                   "Median ms per query of each stage (share of the mean total in parentheses).", ""]
-        names = ["centroid_scores_QCt", "stage1_candidates", "stage2_3_gather", "stage2_3_approx_maxsim",
-                 "stage4_decompress_and_product", "stage4_maxsim_reduce", "top_n", "expand_ranges", "other", "total"]
+        names = sorted({n for *_, p in prof for n in p["median_ms"]} - {"other", "total"},
+                       key=lambda n: (PROFILE_ORDER.index(n) if n in PROFILE_ORDER else len(PROFILE_ORDER), n))
+        names += ["other", "total"]
         lines += ["| corpus | engine | setting | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
         for size, key, lab, p in sorted(prof, key=lambda x: (size_order(x[0]), x[1])):
             cells = [f"{p['median_ms'].get(n, 0):.2f}" + (f" ({100 * p['share_of_mean'][n]:.0f}%)"

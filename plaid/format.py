@@ -41,7 +41,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "plaid-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
 _ARRAY_RE = re.compile(r"^[a-z][a-z0-9_]*\.\d+\.npy(\.tmp)?$")
 _OWN_RE = re.compile(r"^(manifest\.json(\.tmp)?|manifest\.json\.\w+\.tmp|\.plaid-lock|plaid-spill-.*\.bin)$")

@@ -56,7 +56,7 @@ def segment_sum_by_query(token_scores: torch.Tensor, qoffsets: torch.Tensor) -> 
 
 
 def maxsim(queries, documents, *, device: Union[str, torch.device] = "cpu",
-           chunk_tokens: int = 1 << 17) -> np.ndarray:
+           chunk_tokens: int = 1 << 17, max_block_bytes: int = 1 << 29) -> np.ndarray:
     """Exact MaxSim of every document for every query (brute force, float32).
 
     Parameters
@@ -64,7 +64,11 @@ def maxsim(queries, documents, *, device: Union[str, torch.device] = "cpu",
     queries : array [m, dim], array [nq, m, dim], or a list of [m_i, dim] arrays (numpy or torch)
     documents : plaid.Embeddings, a sequence of [n_tokens, dim] arrays, or an iterable of them
     device : torch device to compute on ("cpu", "cuda", ...)
-    chunk_tokens : document tokens scored per step (bounds memory to ~chunk_tokens * sum(m) floats)
+    chunk_tokens : at most this many document tokens are scored per step
+    max_block_bytes : fewer tokens per step when needed so that the float32 similarity block
+        ``[tokens, sum(m)]`` of a step stays under this (512 MiB): many queries at once scale the
+        steps down instead of the memory up (a document is never split, so one longer than a
+        step is scored alone)
 
     Returns
     -------
@@ -80,7 +84,8 @@ def maxsim(queries, documents, *, device: Union[str, torch.device] = "cpu",
         qcat = torch.from_numpy(np.concatenate(qs)).to(dev)
         qoffsets = torch.tensor(np.concatenate([[0], np.cumsum([q.shape[0] for q in qs])]), dtype=torch.long)
         out = np.empty((len(qs), corpus.num_docs), dtype=np.float32)
-        for start, end in corpus.chunks(chunk_tokens):
+        step = max(1, min(int(chunk_tokens), int(max_block_bytes) // (4 * qcat.shape[0])))
+        for start, end in corpus.chunks(step):
             block = torch.from_numpy(corpus.read(start, end)).to(dev)
             offs = torch.from_numpy(corpus.offsets[start : end + 1] - corpus.offsets[start])
             sims = block @ qcat.T  # [tokens, sum_m]

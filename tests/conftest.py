@@ -239,13 +239,13 @@ def _build_msmarco(tmp_path_factory, data: MsMarco, name: str, **kwargs) -> str:
 
 @pytest.fixture(scope="session")
 def msmarco_pq32(tmp_path_factory, msmarco) -> str:
-    """msmarco-5k, default Indexer (PQ, pq_m=32: 34 B/token payload)."""
+    """msmarco-5k, default Indexer (PQ, pq_m=32: 36 B/token payload)."""
     return _build_msmarco(tmp_path_factory, msmarco, "pq32")
 
 
 @pytest.fixture(scope="session")
 def msmarco_pq64(tmp_path_factory, msmarco) -> str:
-    """msmarco-5k, PQ with pq_m=64 (66 B/token payload)."""
+    """msmarco-5k, PQ with pq_m=64 (68 B/token payload)."""
     return _build_msmarco(tmp_path_factory, msmarco, "pq64", pq_m=64)
 
 

@@ -10,6 +10,7 @@ import pytest
 import plaid
 from conftest import MSMARCO, REPO, requires_msmarco, write_beir
 from plaid.cli import build_parser, main
+from plaid.format import FORMAT_VERSION
 
 EXHAUSTIVE = {"nDCG@10": 0.8024, "R@100": 0.8248, "RR@10": 1.0}  # msmarco-5k README, exact MaxSim
 
@@ -95,7 +96,7 @@ def test_msmarco_run_file_and_info(msmarco_run, capsys):
     code, out, _ = run_cli(capsys, "info", idx, "--json")
     info = json.loads(out)
     assert code == 0 and info["num_documents"] == 5000 and info["num_tokens"] == 393138
-    assert info["format_version"] == 1 and info["codec"]["name"] == "pq" and info["has_doc_ids"]
+    assert info["format_version"] == FORMAT_VERSION and info["codec"]["name"] == "pq" and info["has_doc_ids"]
     assert 30 < info["bytes_per_token"] < 60
     code, out, _ = run_cli(capsys, "info", idx)
     assert code == 0 and "bytes per token" in out and "format version" in out

@@ -8,6 +8,7 @@ import pytest
 
 import plaid
 from conftest import array_fingerprint
+from plaid.format import FORMAT_VERSION
 
 
 def fast_indexer():
@@ -50,7 +51,7 @@ def assert_same_snapshot(a, b):
     np.testing.assert_array_equal(a[3], b[3])
 
 
-ARRAYS = ["seg0_codes", "seg0_residuals", "ivf", "ivf_offsets", "doclens", "centroids", "pq_codebooks",
+ARRAYS = ["seg0_codes", "seg0_residuals", "seg0_norms", "ivf", "ivf_offsets", "doclens", "centroids", "pq_codebooks",
           "doc_ids_utf8", "doc_ids_offsets"]
 
 
@@ -169,20 +170,21 @@ def test_manifest_missing_a_field(index_copy):
 
 
 # -- manifest versions and JSON ---------------------------------------------------------------------------
-@pytest.mark.parametrize("version", [2, 99])
+@pytest.mark.parametrize("version", [FORMAT_VERSION + 1, 99])
 def test_newer_format_version(index_copy, version):
     m = manifest_of(index_copy)
     m["format_version"] = version
     write_manifest(index_copy, m)
     with pytest.raises(plaid.FormatVersionError,
-                       match=rf"index format version {version} is not supported \(this plaid reads version 1\); "
+                       match=rf"index format version {version} is not supported \(this plaid reads version "
+                             rf"{FORMAT_VERSION}\); "
                              r"it was written by a newer plaid"):
         plaid.Searcher(index_copy)
     with pytest.raises(plaid.IndexCorruptError):  # FormatVersionError is an IndexCorruptError
         plaid.Index(index_copy)
 
 
-@pytest.mark.parametrize("version", [0, -1, "1", None, 1.5])
+@pytest.mark.parametrize("version", [1, 0, -1, "1", None, 1.5])
 def test_older_or_unknown_format_version(index_copy, version):
     m = manifest_of(index_copy)
     m["format_version"] = version
@@ -210,7 +212,7 @@ def test_corrupt_json_manifest(index_copy, text):
 @pytest.mark.parametrize("doc,match", [
     ([1, 2], "is not a plaid index manifest"),
     ({"format": "something-else", "format_version": 1, "arrays": {}}, "is not a plaid index manifest"),
-    ({"format": "plaid-index", "format_version": 1}, "lists no arrays"),
+    ({"format": "plaid-index", "format_version": FORMAT_VERSION}, "lists no arrays"),
 ])
 def test_json_that_is_not_a_manifest(index_copy, doc, match):
     write_manifest(index_copy, doc)
@@ -243,7 +245,7 @@ def test_verify_names_a_byte_flipped_file(index_copy, mini_corpus, name):
 def test_build_into_non_empty_directory_without_overwrite(index_copy, mini_corpus):
     docs, queries = mini_corpus
     before = snapshot(index_copy, queries)
-    with pytest.raises(plaid.IndexExistsError, match=r"is not empty \(11 entries\); pass overwrite=True"):
+    with pytest.raises(plaid.IndexExistsError, match=r"is not empty \(12 entries\); pass overwrite=True"):
         fast_indexer().build(index_copy, docs[:50])
     assert_same_snapshot(snapshot(index_copy, queries), before)
     assert issubclass(plaid.IndexExistsError, FileExistsError)

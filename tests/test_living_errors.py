@@ -184,8 +184,10 @@ def test_compact_keeps_ids_and_reclaims_space(index):
     index.compact(show_progress=False)
     m = index.manifest
     assert len(m["segments"]) == 1
-    assert sorted(n for n in m["arrays"] if n.startswith("seg")) == [f"{m['segments'][0]['name']}_codes",
-                                                                     f"{m['segments'][0]['name']}_residuals"]
+    seg = m["segments"][0]["name"]
+    assert m["normalized"]  # unit-norm corpus: the segment stores norms too
+    assert sorted(n for n in m["arrays"] if n.startswith("seg")) == [f"{seg}_codes", f"{seg}_norms",
+                                                                     f"{seg}_residuals"]
     assert len([n for n in m["arrays"] if n.startswith("tombstones")]) == 1
     assert unreferenced_files(index.path) == []
     assert folder_bytes(index.path) < size

@@ -102,6 +102,17 @@ def test_chunking_does_not_change_scores(data, chunk_tokens):
         np.testing.assert_allclose(got[i], naive_maxsim(q, docs), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("max_block_bytes", [1, 4 * 14 * 5, 4 * 14 * 40])
+def test_block_bound_does_not_change_scores(data, max_block_bytes):
+    """Many query tokens shrink the steps (here to 1, 5 and 40 tokens for 14 query tokens), never
+    the results; a single document longer than a step is scored alone."""
+    docs, queries = data
+    got = plaid.maxsim(queries, docs, max_block_bytes=max_block_bytes)
+    np.testing.assert_allclose(got, plaid.maxsim(queries, docs, chunk_tokens=1), rtol=1e-6, atol=1e-5)
+    for i, q in enumerate(queries):
+        np.testing.assert_allclose(got[i], naive_maxsim(q, docs), rtol=1e-5, atol=1e-4)
+
+
 def test_trailing_empty_documents(data):
     docs, queries = data
     dim = docs[0].shape[1]

@@ -23,15 +23,42 @@ def assert_stage4_exact(searcher, offsets, queries, res, atol=1e-4, rtol=0.0):
 
 
 # -- stage 4 ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("engine", ["numpy", "torch"])
+@pytest.mark.parametrize("engine,precision", [("numpy", "float32"), ("numpy", "bfloat16"), ("torch", "auto")])
 @pytest.mark.parametrize("which", ["small_index", "small_scalar_index"])
-def test_stage4_scores_are_exact_maxsim_on_decompressed_vectors(request, small_corpus, engine, which):
+def test_stage4_scores_are_exact_maxsim_on_decompressed_vectors(request, small_corpus, engine, precision, which):
+    """The CPU engine never decodes (centroid score + per-query byte table, over the stored norm):
+    with float32 centroid scores it reuses them, with bfloat16 ones it rescores the centroids it
+    needs; either way the scores are exact on what ``decompress`` returns."""
     docs, queries = small_corpus
-    searcher = plaid.Searcher(request.getfixturevalue(which), engine=engine)
+    searcher = plaid.Searcher(request.getfixturevalue(which), engine=engine, centroid_precision=precision)
     res = searcher.search(queries, k=10)
     assert assert_stage4_exact(searcher, doc_offsets(docs), queries, res) == 10 * len(queries)
     # and the results are sorted best first
     assert np.all(np.diff(res.scores, axis=1) <= 0)
+
+
+@pytest.mark.parametrize("which", ["small_index", "small_scalar_index"])
+def test_score_table_sums_to_the_decoded_residual_scores(request, which):
+    """Byte j of either codec decodes on its own: summing one table row per byte gives <q, residual>."""
+    from plaid.search.stages import adc_scores
+
+    codec = plaid.Index(request.getfixturevalue(which)).load_codec()
+    rng = np.random.default_rng(3)
+    codes = rng.integers(0, 256, size=(500, codec.code_bytes), dtype=np.uint8)
+    q = rng.normal(size=(6, codec.dim)).astype(np.float32)
+    table = codec.score_table(q)
+    assert table.shape == (codec.code_bytes * 256, 6) and table.dtype == torch.float32
+    np.testing.assert_allclose(adc_scores(table, codes), codec.decode_numpy(codes) @ q.T, rtol=1e-5, atol=1e-5)
+
+
+def test_stored_norms_are_the_norms_of_the_decoded_vectors(small_index):
+    index = plaid.Index(small_index)
+    seg = index.manifest["segments"][0]["name"]
+    norms = index._array(f"{seg}_norms")
+    assert norms.dtype == np.float16 and len(norms) == index.num_tokens
+    raw = index.load_codec().decode_numpy(index._array(f"{seg}_residuals"))
+    raw += index._array("centroids").astype(np.float32)[index._array(f"{seg}_codes")]
+    np.testing.assert_allclose(norms.astype(np.float32), np.linalg.norm(raw, axis=1), rtol=2.0**-11, atol=0)
 
 
 def test_decompress_reconstructs_the_vectors(small_index, small_corpus):
@@ -41,8 +68,10 @@ def test_decompress_reconstructs_the_vectors(small_index, small_corpus):
     pos = np.arange(0, len(flat), 7)
     dec = s.decompress(pos)
     assert dec.dtype == np.float32 and dec.shape == (len(pos), flat.shape[1])
-    # the corpus is unit-norm, so the index renormalises: decoded vectors are unit-norm too
-    np.testing.assert_allclose(np.linalg.norm(dec, axis=1), 1.0, atol=1e-5)
+    # the corpus is unit-norm, so the index renormalises: decoded vectors are unit-norm too, up
+    # to the float16 rounding of the stored norms (relative 2**-11)
+    np.testing.assert_allclose(np.linalg.norm(dec, axis=1), 1.0, atol=2.0**-11 + 1e-6)
+    assert np.abs(np.linalg.norm(dec, axis=1) - 1).mean() < 2e-4
     cos = np.einsum("ij,ij->i", dec, flat[pos])
     assert cos.mean() > 0.9 and cos.min() > 0.5
     # both engines decode identically

@@ -95,9 +95,11 @@ class Index:
         return self.nbytes() / max(1, self.num_tokens)
 
     def payload_bytes_per_token(self) -> int:
-        """Bytes stored per token: centroid id plus residual code."""
+        """Bytes stored per token: centroid id, residual code and (normalised indexes) the norm."""
         seg = self.manifest["segments"][0]["name"]
-        return np.dtype(self.manifest["arrays"][f"{seg}_codes"]["dtype"]).itemsize + int(self.codec["code_bytes"])
+        arrays = self.manifest["arrays"]
+        norm = np.dtype(arrays[f"{seg}_norms"]["dtype"]).itemsize if f"{seg}_norms" in arrays else 0
+        return np.dtype(arrays[f"{seg}_codes"]["dtype"]).itemsize + int(self.codec["code_bytes"]) + norm
 
     def _array(self, name: str, mmap: bool = False) -> np.ndarray:
         try:
@@ -212,7 +214,7 @@ class Index:
                 assigner = CentroidAssigner(centroids, seed=int(m.get("build", {}).get("seed", 0)))
                 seg = f"seg{int(m['next_segment'])}"
                 cells, docs = encode_segment(writer, seg, corpus, centroids, assigner, codec, n_old,
-                                             chunk_tokens, show_progress)
+                                             chunk_tokens, show_progress, bool(m.get("normalized")))
                 ivf, ivf_offsets = merge_ivf(len(centroids), cells, docs, self._array("ivf"),
                                              self._array("ivf_offsets"))
                 writer.write("ivf", ivf)
@@ -335,11 +337,14 @@ class Index:
                 T = int(keep_len.sum())
                 codes_in = [self._array(f"{s['name']}_codes", mmap=True) for s in m["segments"]]
                 res_in = [self._array(f"{s['name']}_residuals", mmap=True) for s in m["segments"]]
+                normalized = bool(m.get("normalized"))
+                norms_in = [self._array(f"{s['name']}_norms", mmap=True) for s in m["segments"]] if normalized else []
                 bases = np.concatenate([[0], np.cumsum([s["num_tokens"] for s in m["segments"]])])
                 seg = f"seg{int(m['next_segment'])}"
                 code_bytes = int(m["codec"]["code_bytes"])
                 codes_out = writer.create(f"{seg}_codes", (T,), codes_in[0].dtype)
                 res_out = writer.create(f"{seg}_residuals", (T, code_bytes), np.uint8)
+                norms_out = writer.create(f"{seg}_norms", (T,), np.float16) if normalized else None
                 N = len(doclens)
                 cells_all, docs_all = [], []
                 out = 0
@@ -355,6 +360,8 @@ class Index:
                         c = _take_segmented(codes_in, bases, pos)
                         codes_out[out : out + len(pos)] = c
                         res_out[out : out + len(pos)] = _take_segmented(res_in, bases, pos)
+                        if norms_out is not None:
+                            norms_out[out : out + len(pos)] = _take_segmented(norms_in, bases, pos)
                         out += len(pos)
                         d = np.repeat(live, lens)
                         key = np.unique(c.astype(np.int64) * N + d)
@@ -364,6 +371,8 @@ class Index:
                 bar.close()
                 writer.finish(f"{seg}_codes")
                 writer.finish(f"{seg}_residuals")
+                if norms_out is not None:
+                    writer.finish(f"{seg}_norms")
                 C = self.num_centroids
                 cells = np.concatenate(cells_all) if cells_all else np.zeros(0, np.int32)
                 docs = np.concatenate(docs_all) if docs_all else np.zeros(0, np.int32)
@@ -377,6 +386,7 @@ class Index:
                 for s in m["segments"]:
                     fields["arrays"].pop(f"{s['name']}_codes", None)
                     fields["arrays"].pop(f"{s['name']}_residuals", None)
+                    fields["arrays"].pop(f"{s['name']}_norms", None)
                 for name in m.get("tombstones", []):
                     fields["arrays"].pop(name, None)
                 fields["num_tokens"] = T

@@ -120,8 +120,10 @@ def warn_empty(corpus: Corpus, doc_base: int = 0) -> int:
 
 def encode_segment(writer: fmt.IndexWriter, segment: str, corpus: Corpus, centroids: np.ndarray,
                    assigner: CentroidAssigner, codec: ResidualCodec, doc_base: int, chunk_tokens: int,
-                   show_progress: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """Encode every token of ``corpus`` into arrays ``<segment>_codes`` / ``<segment>_residuals``.
+                   show_progress: bool, normalized: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """Encode every token of ``corpus`` into arrays ``<segment>_codes`` / ``<segment>_residuals``,
+    and, when ``normalized``, ``<segment>_norms`` (float16 norm of each decoded, not yet
+    renormalised vector: search divides by it instead of decoding to find it).
 
     Returns the (centroid, document) pairs for the inverted file: int32 cells and int32 global
     document ids (``doc_base`` + position in ``corpus``), deduplicated, grouped by chunk.
@@ -130,6 +132,7 @@ def encode_segment(writer: fmt.IndexWriter, segment: str, corpus: Corpus, centro
     code_dtype = np.uint16 if len(centroids) <= 1 << 16 else np.int32
     codes_out = writer.create(f"{segment}_codes", (T,), code_dtype)
     res_out = writer.create(f"{segment}_residuals", (T, codec.code_bytes), np.uint8)
+    norms_out = writer.create(f"{segment}_norms", (T,), np.float16) if normalized else None
     cells, docs = [], []
     bar = tqdm(total=T, unit="tok", unit_scale=True, desc="plaid: encoding", disable=not show_progress)
     for start, end in corpus.chunks(chunk_tokens):
@@ -139,7 +142,10 @@ def encode_segment(writer: fmt.IndexWriter, segment: str, corpus: Corpus, centro
         x = corpus.read(start, end)
         a = assigner.assign(x)
         codes_out[lo:hi] = a
-        res_out[lo:hi] = codec.encode(x - centroids[a])
+        r = codec.encode(x - centroids[a])
+        res_out[lo:hi] = r
+        if norms_out is not None:
+            norms_out[lo:hi] = codec.decoded_norms(centroids, a, r)
         d = np.repeat(np.arange(start, end, dtype=np.int64), corpus.doclens[start:end])
         key = np.unique(a.astype(np.int64) * N + d)  # (cell, doc) pairs, deduplicated
         cells.append((key // N).astype(np.int32))
@@ -148,6 +154,8 @@ def encode_segment(writer: fmt.IndexWriter, segment: str, corpus: Corpus, centro
     bar.close()
     writer.finish(f"{segment}_codes")
     writer.finish(f"{segment}_residuals")
+    if norms_out is not None:
+        writer.finish(f"{segment}_norms")
     if not cells:
         return np.zeros(0, np.int32), np.zeros(0, np.int32)
     return np.concatenate(cells), np.concatenate(docs)
@@ -333,7 +341,7 @@ class Indexer:
         # 4. streamed encoding into segment 0
         t = time.perf_counter()
         cells, docs = encode_segment(writer, "seg0", corpus, centroids, assigner, codec, 0,
-                                     self.chunk_tokens, self.show_progress)
+                                     self.chunk_tokens, self.show_progress, normalized)
         timings["encode_s"] = time.perf_counter() - t
 
         # 5. inverted file and the small global arrays

@@ -169,15 +169,20 @@ class _State:
         mmap = not load_all and device.type == "cpu"
         codes = [arr(f"{s['name']}_codes", mmap=mmap) for s in segments]
         residuals = [arr(f"{s['name']}_residuals", mmap=mmap) for s in segments]
+        norms = [arr(f"{s['name']}_norms", mmap=mmap) for s in segments] if self.normalized else []
         if mmap:  # searches touch scattered rows: no readahead (measured: cold-cache resident
-            for a in codes + residuals:  # residual pages after 50 queries on 50k docs 119 MB -> 25 MB)
+            for a in codes + residuals + norms:  # residual pages after 50 queries on 50k docs 119 MB -> 25 MB)
                 advise_random(a)
         bases = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int64)
         deleted = load_deleted(path, m)
-        _check_consistency(path, self, centroids, ivf, ivf_offsets, doclens, codes, residuals, code_bytes, deleted)
+        _check_consistency(path, self, centroids, ivf, ivf_offsets, doclens, codes, residuals, norms, code_bytes,
+                           deleted)
         self.centroids = centroids
         self.ivf, self.ivf_offsets, self.doc_offsets = ivf, ivf_offsets, doc_offsets
         self.codes, self.residuals = TokenStore(codes, bases), TokenStore(residuals, bases)
+        self.norms: Optional[TokenStore] = TokenStore(norms, bases) if self.normalized else None
+        # stages 2-3 read each document's distinct centroids (the inverted file, transposed)
+        self.dcells, self.dcell_offsets = stages.doc_cells(ivf, ivf_offsets, self.num_documents)
         self.deleted = deleted
         self.alive: Optional[np.ndarray] = None
         if len(deleted):
@@ -187,10 +192,15 @@ class _State:
         # Stages 1-3 score query tokens against unit centroids when the index holds unit vectors
         # (cosine, the scale PLAID's thresholds are set in); stage 4 decodes with the raw ones.
         scoring = centroids
+        # stage 4 turns the unit centroids' float32 scores back into raw ones (x ‖c‖) instead of
+        # a second product; with bfloat16 scores it scores the raw centroids it needs instead
+        self.centroid_norms: Optional[np.ndarray] = None
         if self.normalized:
-            scoring = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+            self.centroid_norms = np.maximum(np.linalg.norm(centroids, axis=1), 1e-12).astype(np.float32)
+            scoring = centroids / self.centroid_norms[:, None]
         self.scoring = torch.from_numpy(np.ascontiguousarray(scoring, np.float32)).to(device).to(
             torch.bfloat16 if precision == "bfloat16" else torch.float32)
+        self.exact_centroid_scores = precision != "bfloat16"
         if engine == "torch":
             self.codec.to(device)
             self.centroids_t = torch.from_numpy(centroids).to(device)
@@ -199,6 +209,8 @@ class _State:
             self.doc_offsets_t = torch.from_numpy(doc_offsets).to(device)
             self.codes_t = torch.from_numpy(self.codes.concatenated().astype(np.int64)).to(device)
             self.residuals_t = torch.from_numpy(np.array(self.residuals.concatenated())).to(device)
+            self.norms_t = torch.from_numpy(self.norms.concatenated().astype(np.float32)).to(device) \
+                if self.norms is not None else None
             self.alive_t = torch.from_numpy(self.alive).to(device) if self.alive is not None else None
         # external ids: mapped now (a map outlives a writer deleting the file), decoded on demand
         self.doc_ids: Optional[DocIdTable] = None
@@ -206,7 +218,8 @@ class _State:
             self.doc_ids = DocIdTable(arr("doc_ids_utf8", mmap=True), arr("doc_ids_offsets", mmap=True))
 
 
-def _check_consistency(path, st, centroids, ivf, ivf_offsets, doclens, codes, residuals, code_bytes, deleted) -> None:
+def _check_consistency(path, st, centroids, ivf, ivf_offsets, doclens, codes, residuals, norms, code_bytes,
+                       deleted) -> None:
     T = st.num_tokens
     problems = []
     if len(doclens) != st.num_documents:
@@ -224,6 +237,8 @@ def _check_consistency(path, st, centroids, ivf, ivf_offsets, doclens, codes, re
         problems.append("segment codes / residuals do not hold num_tokens rows")
     if any(r.ndim != 2 or r.shape[1] != code_bytes for r in residuals):
         problems.append(f"residuals are not [tokens, {code_bytes}]")
+    if norms and any(len(n) != len(c) for n, c in zip(norms, codes)):
+        problems.append("segment norms do not hold one entry per token")
     if len(deleted) and (deleted.min() < 0 or deleted.max() >= st.num_documents):
         problems.append("tombstones hold document ids out of range")
     if problems:
@@ -438,7 +453,7 @@ class Searcher:
     def decompress(self, pos: np.ndarray) -> np.ndarray:
         """Reconstructed vectors of the tokens at positions ``pos`` (int64 [t], ascending) -> float32 [t, dim].
 
-        centroid + decoded residual, renormalised to unit length when the index was built from
+        centroid + decoded residual, divided by its stored norm when the index was built from
         unit vectors. Stage 4 scores are exact MaxSim on exactly these vectors.
         """
         st = self._state
@@ -446,32 +461,36 @@ class Searcher:
         D = st.codec.decode_numpy(st.residuals.take(pos))
         D += st.centroids.take(st.codes.take(pos), axis=0)
         if st.normalized:
-            D /= np.maximum(np.sqrt(np.einsum("ij,ij->i", D, D)), 1e-12)[:, None]
+            D /= st.norms.take(pos)[:, None]
         return D
 
-    def _stage4_sims(self, st: _State, pos: np.ndarray, q: np.ndarray) -> np.ndarray:
-        """float32 [t, m]: decompressed tokens at ``pos`` · query tokens, in reused buffers."""
-        ws = self._ws
-        n = len(pos)
-        R = st.residuals.take(pos, out=ws.get("residuals", (n, st.codec.code_bytes), np.uint8))
-        D = st.codec.decode_numpy(R, out=ws.get("D", (n, st.dim), np.float32))
-        G = ws.get("G", (n, st.dim), np.float32)
-        np.take(st.centroids, st.codes.take(pos), axis=0, out=G)
-        D += G
-        sims = (torch.from_numpy(D) @ torch.from_numpy(q).T).numpy()  # torch: see stages.py
-        if st.normalized:
-            norms = ws.get("norms", (n,), np.float32)
-            np.einsum("ij,ij->i", D, D, out=norms)
-            np.sqrt(norms, out=norms)
-            np.maximum(norms, 1e-12, out=norms)
-            sims /= norms[:, None]
+    def _stage4_sims(self, st: _State, pos: np.ndarray, q: np.ndarray, Re: Optional[np.ndarray] = None) -> np.ndarray:
+        """float32 [t, m]: the decompressed tokens at ``pos`` · query tokens ``q`` [m, dim], with
+        no vector decoded (see :mod:`plaid.search.stages`). ``Re``: this query's centroid table
+        (:func:`stages.centroid_table`), reused for the centroid terms when it is float32."""
+        sims = stages.adc_scores(st.codec.score_table(q), st.residuals.take(pos))
+        cc = st.codes.take(pos)
+        if Re is not None and st.exact_centroid_scores:
+            cs = Re.take(cc, axis=1).T
+            if st.centroid_norms is not None:  # Re scores unit centroids
+                cs *= st.centroid_norms.take(cc)[:, None]
+        else:  # score, in float32, the raw centroids these tokens use (distinct ids by bitmap)
+            used = np.zeros(st.num_centroids, bool)
+            used[cc] = True
+            u = np.flatnonzero(used)
+            slot = np.empty(st.num_centroids, np.int32)
+            slot[u] = np.arange(len(u), dtype=np.int32)
+            cs = (torch.from_numpy(st.centroids[u]) @ torch.from_numpy(q).T).numpy().take(slot[cc], axis=0)
+        sims += cs
+        if st.normalized:  # float16 -> float32 through torch: 4x faster than numpy's cast
+            sims /= torch.from_numpy(st.norms.take(pos)).float().numpy()[:, None]
         return sims
 
-    def _exact(self, st: _State, q: np.ndarray, docs: np.ndarray, k: int):
+    def _exact(self, st: _State, q: np.ndarray, docs: np.ndarray, k: int, Re: Optional[np.ndarray] = None):
         """Stage 4 for one query: exact MaxSim of ``docs`` (sorted, non-empty) on decompressed vectors."""
         starts = st.doc_offsets[docs]
         pos, offs = stages.expand_ranges(starts, st.doc_offsets[docs + 1] - starts)
-        exact = stages.maxsim_scores(self._stage4_sims(st, pos, q), offs)
+        exact = stages.maxsim_scores(self._stage4_sims(st, pos, q, Re), offs)
         top = stages.top_n(exact, k)
         return docs[top], exact[top]
 
@@ -485,7 +504,6 @@ class Searcher:
         for qi, q in enumerate(qs):
             m = q.shape[0]
             R = S_all[row : row + m]  # [m, C], contiguous
-            St = np.ascontiguousarray(R.T)  # [C, m]
             row += m
             sub = None if subsets is None else subsets[qi]
             nc = ncells
@@ -500,8 +518,9 @@ class Searcher:
             # stage 1: candidate generation; ncells is a minimum: probe more cells while there are
             # fewer candidates than stage 2 keeps (short queries probe few cells per query)
             target = max(ndocs, k)
+            cuts = stages.CellCuts(R)
             while True:
-                docs = stages.candidates(R, nc, st.ivf, st.ivf_offsets)
+                docs = stages.candidates(R, nc, st.ivf, st.ivf_offsets, cuts)
                 if st.alive is not None:
                     docs = docs[st.alive[docs]]
                 if sub is not None:
@@ -512,21 +531,22 @@ class Searcher:
             if len(docs) == 0:
                 out.append(empty)
                 continue
-            offs, cc = stages.token_centroids(docs, st.doc_offsets, st.codes)
+            Re = stages.centroid_table(R)  # [m, C + 1]
             sel = np.arange(len(docs))
             n2 = max(ndocs, k)
-            if len(docs) > n2:  # stage 2: pruned centroid interaction (a no-op when all are kept)
-                Sp = stages.pruned_scores(St, R, centroid_score_threshold)
-                sel = np.sort(stages.top_n(stages.approximate_maxsim(Sp, cc, offs), n2))
             n3 = max(ndocs // 4, k)
+            if len(docs) > n3:
+                offs, cells = stages.document_cells(docs, st.dcells, st.dcell_offsets)
+            if len(docs) > n2:  # stage 2: pruned centroid interaction (a no-op when all are kept)
+                pruned = stages.pruned_cells(cells, R, centroid_score_threshold)
+                sel = np.sort(stages.top_n(stages.approximate_maxsim(Re, pruned, offs), n2))
+                if len(sel) > n3:
+                    offs, cells = stages.document_cells(docs[sel], st.dcells, st.dcell_offsets)
             if len(sel) > n3:  # stage 3: full centroid interaction over stage 2's survivors
-                if len(sel) < len(docs):
-                    tok, offs = stages.expand_ranges(offs[sel], offs[sel + 1] - offs[sel])
-                    cc = cc[tok]
-                approx = stages.approximate_maxsim(St, cc, offs)
+                approx = stages.approximate_maxsim(Re, cells, offs)
                 sel = sel[np.sort(stages.top_n(approx, n3))]
-            # stage 4: decompress and score exactly
-            out.append(self._exact(st, q, docs[sel], k))
+            # stage 4: exact MaxSim on the decompressed vectors
+            out.append(self._exact(st, q, docs[sel], k, Re))
         return out
 
     # -- torch engine (GPU, or CPU for testing) ---------------------------------------------------
@@ -549,7 +569,7 @@ class Searcher:
 
         def decompress(pos):
             D = st.centroids_t[st.codes_t[pos]] + st.codec.decode(st.residuals_t[pos])
-            return torch.nn.functional.normalize(D, dim=1) if st.normalized else D
+            return D / st.norms_t[pos].unsqueeze(1) if st.normalized else D
 
         N = st.num_documents
         exhaustive = None
