@@ -134,7 +134,8 @@ class PlaidEngine:
             return w
 
         patched = {"candidates": "stage1_candidates", "centroid_table": "stage2_3_centroid_table",
-                   "document_cells": "stage2_3_document_cells", "pruned_cells": "stage2_prune",
+                   "document_cells": "stage2_3_document_cells", "surviving": "stage2_surviving_centroids",
+                   "pruned_maxsim": "stage2_pruned_maxsim", "pruned_cells": "stage2_prune",
                    "approximate_maxsim": "stage2_3_approx_maxsim", "adc_scores": "stage4_adc",
                    "maxsim_scores": "stage4_maxsim_reduce", "top_n": "top_n"}
         saved = {n: getattr(stages, n) for n in patched}

@@ -99,8 +99,8 @@ def engine_specs(quick: bool = False) -> List[dict]:
 
 
 # columns of the per-stage profile table, in pipeline order (older results may name other stages)
-PROFILE_ORDER = ["centroid_scores_QCt", "stage1_candidates", "stage2_3_centroid_table", "stage2_3_document_cells",
-                 "stage2_prune", "stage2_3_approx_maxsim", "stage4_score_table", "stage4_adc",
+PROFILE_ORDER = ["centroid_scores_QCt", "stage1_candidates", "stage2_3_centroid_table", "stage2_surviving_centroids",
+                 "stage2_pruned_maxsim", "stage2_3_document_cells", "stage2_prune", "stage2_3_approx_maxsim", "stage4_score_table", "stage4_adc",
                  "stage4_centroid_terms_and_norms", "stage4_maxsim_reduce", "top_n"]
 
 ENGINE_DEFAULT_LABEL = {"plaid": "k10 nc2 th0.5 nd256", "colbert": "k10 nc1 th0.5 nd256",

@@ -396,3 +396,36 @@ def test_tiny_corpora_build_and_search(tmp_path, codec, n_docs):
         assert np.all(np.isneginf(res.scores[:, n_docs:]))
         assert res.ids[0, 0] == int(np.argmax(exact))
         assert_stage4_exact(s, doc_offsets(docs), [docs[0], docs[-1][:1]], res)
+
+
+@pytest.mark.parametrize("threshold", [0.2, 0.45, 0.6])
+def test_both_sides_of_stage2_give_the_same_scores(small_index, small_corpus, threshold):
+    """Stage 2 reads the surviving centroids' inverted lists or the candidates' centroids,
+    whichever is shorter: the two give bit-identical pruned scores, as do the two ways of
+    deduplicating stage 1's candidates."""
+    from plaid.search import stages
+
+    _, queries = small_corpus
+    s = plaid.Searcher(small_index, centroid_precision="float32")
+    st = s._state
+    N = st.num_documents
+    for q in queries[:6]:
+        R = s._centroid_scores(st, torch.from_numpy(q)).numpy()
+        mark = np.zeros(N, bool)
+        docs = stages.candidates(R, 3, st.ivf, st.ivf_offsets, mark=mark)
+        np.testing.assert_array_equal(docs, stages.candidates(R, 3, st.ivf, st.ivf_offsets))
+        assert not mark.any()
+        Re = stages.centroid_table(R)
+        keep = stages.surviving(R, threshold)
+        offs, cells = stages.document_cells(docs, st.dcells, st.dcell_offsets)
+        doc_side = stages.approximate_maxsim(Re, stages.pruned_cells(cells, keep), offs)
+        slot = np.full(N, -1, np.int32)
+        ivf_side = stages.pruned_maxsim(keep, Re, docs, st.ivf, st.ivf_offsets, slot)
+        np.testing.assert_array_equal(ivf_side, doc_side)
+        assert (slot == -1).all()
+        # and both are the definition: per query token, the best surviving centroid of the document
+        d = int(docs[len(docs) // 2])
+        own = st.dcells[st.dcell_offsets[d]:st.dcell_offsets[d + 1]]
+        np.testing.assert_array_equal(own, np.unique(st.codes.take(np.arange(st.doc_offsets[d], st.doc_offsets[d + 1]))))
+        sc = np.where(keep[own][None, :], R[:, own], stages.PRUNED_SCORE).max(1).sum()
+        assert ivf_side[len(docs) // 2] == pytest.approx(sc, abs=1e-4)

@@ -2,9 +2,10 @@
 
 1. :func:`candidates` — the documents listed under the ``ncells`` best centroids of each query
    token, from the centroid scores ``R = Q·Cᵀ``;
-2. :func:`approximate_maxsim` over :func:`pruned_cells` — approximate MaxSim from centroid
-   scores alone, counting only centroids that score ≥ ``centroid_score_threshold`` for some
-   query token (a query token with no such centroid in a document contributes :data:`PRUNED_SCORE`);
+2. :func:`pruned_maxsim` (or :func:`approximate_maxsim` over :func:`pruned_cells`) —
+   approximate MaxSim from centroid scores alone, counting only centroids that score ≥
+   ``centroid_score_threshold`` for some query token (a query token with no such centroid in a
+   document contributes :data:`PRUNED_SCORE`);
 3. the same without pruning, over stage 2's survivors only;
 4. :func:`maxsim_scores` over :func:`adc_scores` — exact MaxSim on the decompressed vectors of
    the survivors, computed without decompressing them (below).
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["PRUNED_SCORE", "expand_ranges", "top_n", "CellCuts", "best_cells", "candidates", "doc_cells", "centroid_table",
-           "document_cells", "pruned_cells", "approximate_maxsim", "adc_scores", "maxsim_scores"]
+           "document_cells", "surviving", "pruned_cells", "approximate_maxsim", "pruned_maxsim", "adc_scores", "maxsim_scores"]
 
 #: Contribution of a query token none of whose document centroids survives pruning (as PLAID).
 PRUNED_SCORE = -9999.0
@@ -111,16 +112,25 @@ def best_cells(R: np.ndarray, ncells: int, cuts: CellCuts | None = None) -> np.n
 
 
 def candidates(R: np.ndarray, ncells: int, ivf: np.ndarray, ivf_offsets: np.ndarray,
-               cuts: CellCuts | None = None) -> np.ndarray:
+               cuts: CellCuts | None = None, mark: np.ndarray | None = None) -> np.ndarray:
     """Stage 1: sorted distinct ids of the documents in the ``ncells`` best centroids of each token.
 
     R: float32 [m, C] centroid scores (token-major); ivf: int32 [P] document ids grouped by
-    centroid, ivf_offsets: int64 [C + 1]; cuts: see :func:`best_cells`. Returns int64 [n_candidates].
+    centroid, ivf_offsets: int64 [C + 1]; cuts: see :func:`best_cells`; mark: optional bool [N]
+    scratch, all False (left all False), which replaces a sort by a scan of N flags when the
+    lists are long enough to pay for it. Returns int64 [n_candidates].
     """
     cells = best_cells(R, ncells, cuts)
     starts = ivf_offsets[cells]
     pos, _ = expand_ranges(starts, ivf_offsets[cells + 1] - starts)
-    return np.unique(ivf[pos]).astype(np.int64)
+    listed = ivf[pos]
+    if mark is None or len(mark) > 64 * len(listed):
+        return np.unique(listed).astype(np.int64)
+    mark[listed] = True
+    try:
+        return np.flatnonzero(mark)
+    finally:
+        mark[listed] = False
 
 
 def doc_cells(ivf: np.ndarray, ivf_offsets: np.ndarray, num_documents: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -159,15 +169,17 @@ def document_cells(docs: np.ndarray, cells: np.ndarray, offsets: np.ndarray) -> 
     return offs, cells[pos]
 
 
-def pruned_cells(cells: np.ndarray, R: np.ndarray, threshold: float) -> np.ndarray:
-    """Stage 2's pruning: ``cells`` with every centroid that scores below ``threshold`` for all
-    query tokens replaced by ``C`` (the :data:`PRUNED_SCORE` row of :func:`centroid_table`).
+def surviving(R: np.ndarray, threshold: float) -> np.ndarray:
+    """bool [C]: the centroids that score at least ``threshold`` for some query token (stage 2
+    counts only these). R: float32 [m, C]."""
+    return R.max(0) >= threshold
 
-    R: float32 [m, C] centroid scores (token-major). Costs C·m + len(cells), never a pass over
-    a [C, m] copy of the table.
-    """
-    keep = R.max(0) >= threshold
-    return np.where(keep[cells], cells, np.int32(R.shape[1]))
+
+def pruned_cells(cells: np.ndarray, keep: np.ndarray) -> np.ndarray:
+    """Stage 2's pruning on the document side: ``cells`` with every centroid not in ``keep``
+    (:func:`surviving`) replaced by ``C`` (the :data:`PRUNED_SCORE` column of
+    :func:`centroid_table`)."""
+    return np.where(keep[cells], cells, np.int32(len(keep)))
 
 
 def approximate_maxsim(Re: np.ndarray, cells: np.ndarray, offsets: np.ndarray) -> np.ndarray:
@@ -179,6 +191,36 @@ def approximate_maxsim(Re: np.ndarray, cells: np.ndarray, offsets: np.ndarray) -
     """
     vals = Re.take(cells, axis=1)  # [m, e]
     return np.maximum.reduceat(vals, offsets[:-1], axis=1).sum(0, dtype=np.float32)
+
+
+def pruned_maxsim(keep: np.ndarray, Re: np.ndarray, docs: np.ndarray, ivf: np.ndarray, ivf_offsets: np.ndarray,
+                  slot: np.ndarray) -> np.ndarray:
+    """Stage 2 from the inverted file's side: the same scores as :func:`approximate_maxsim` over
+    :func:`pruned_cells`, reading only the lists of the centroids that survive pruning.
+
+    A centroid below the threshold for every query token contributes nothing, so a document's
+    pruned score depends only on the surviving centroids it has; those are few (4.8% of the
+    candidates' (centroid, document) entries on a 50k-document corpus at threshold 0.5: 5x
+    faster than the document side there), and their inverted lists name their documents.
+    keep: bool [C] from :func:`surviving`; Re: from :func:`centroid_table`; docs: int64 [n]
+    sorted candidates; slot: int32 [N] scratch, all -1 (left all -1). Returns float32 [n].
+    """
+    kept = np.flatnonzero(keep)
+    starts = ivf_offsets[kept]
+    lens = ivf_offsets[kept + 1] - starts
+    pos, _ = expand_ranges(starts, lens)
+    slot[docs] = np.arange(len(docs), dtype=np.int32)
+    try:
+        where = slot[ivf[pos]]  # candidate index of each (surviving centroid, document) entry, or -1
+    finally:
+        slot[docs] = -1
+    hit = where >= 0
+    m = Re.shape[0]
+    vals = Re.take(np.repeat(kept, lens)[hit], axis=1)  # [m, e]
+    best = torch.full((m, len(docs)), PRUNED_SCORE)
+    best.scatter_reduce_(1, torch.from_numpy(where[hit].astype(np.int64)).expand(m, -1),
+                         torch.from_numpy(vals), reduce="amax")
+    return best.numpy().sum(0, dtype=np.float32)  # the same reduction as approximate_maxsim's
 
 
 def adc_scores(table: torch.Tensor, residual_codes: np.ndarray) -> np.ndarray:
