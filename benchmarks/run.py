@@ -19,7 +19,10 @@ under ``benchmarks/_work/`` with their ground truth on first use.
 Engines run as separate processes through ``benchmarks/_runner.py``'s protocol: plaid and
 exhaustive with this python (``benchmarks/plaid_runner.py``), colbert-ai and fast-plaid with
 their own virtual environments (``benchmarks/peers/``). A peer that is not installed is skipped
-and reported as such. Builds are cached (``benchmarks/_work/indexes/``, reused while the engine
+and reported as such. Each engine's search runs ``--search-repeats`` times, in rounds that
+interleave the engines (every engine once per round, the order alternating), keeping per setting
+each engine's fastest pass: the machine may be shared, and a slow phase then falls on every engine
+alike. Builds are cached (``benchmarks/_work/indexes/``, reused while the engine
 config is unchanged; ``--rebuild`` forces them). Results merge into an existing results.json,
 replacing the (size, engine) rows that were rerun, so parts can be rerun alone::
 
@@ -191,9 +194,14 @@ def machine_info(threads: int) -> dict:
 
 
 # -- one (size, engine) ----------------------------------------------------------------------------
-def bench_engine(spec: dict, size: str, bundle: str, meta: dict, recall, work: str, threads: int,
-                 rebuild: bool, latency_queries: int, log, build_only: bool = False,
-                 search_repeats: int = 1, max_ndocs: int = 0, batch_repeats: int = 0) -> Optional[dict]:
+# An engine is built once (or its cached build reused), then searched in R passes; the harness
+# interleaves the passes of all engines of a size (pass 1 of every engine, then pass 2, ...), so
+# that a phase of a shared machine's load (its speed drifted 2.5x within minutes here) falls on
+# every engine alike, and keeps per setting each engine's fastest pass.
+def build_engine(spec: dict, size: str, bundle: str, meta: dict, work: str, threads: int, rebuild: bool,
+                 log) -> dict:
+    """Build (or reuse) one engine's index. Returns a context for :func:`search_pass`, or a row
+    with ``skipped`` / ``failed``."""
     engine, key = spec["engine"], spec["key"]
     cmd = runner_command(engine, work)
     if cmd is None:
@@ -223,37 +231,60 @@ def bench_engine(spec: dict, size: str, bundle: str, meta: dict, recall, work: s
         if build is None:
             return {"corpus": size, "engine": engine, "key": key, "failed": "build"}
         log(f"  {key}: built in {build['build_s']:.1f}s, peak RSS {build['peak_rss_mb']:.0f} MB")
-    if build_only:
-        return None
-    tokens = int(meta["num_tokens"])
-    if engine == "exhaustive":
-        index_bytes = os.path.getsize(os.path.join(bundle, "doc_embeddings.f16.npy"))
-    else:
-        index_bytes = folder_bytes(index)
+    return {"spec": spec, "size": size, "cmd": cmd, "common": common, "build": build, "index": index,
+            "bundle": bundle, "runs": runs, "passes": []}
 
-    search_out = os.path.join(runs, f"{key}.search.json")
-    load0 = os.getloadavg()[0]
+
+def search_settings(spec: dict, tokens: int, latency_queries: int, batch_repeats: int, max_ndocs: int):
+    """(settings, latency queries, batch repeats, passes cap) of one engine at a corpus size."""
     lq = latency_queries
-    repeats = search_repeats
-    if engine == "exhaustive" and tokens > 2_000_000:
+    cap = None
+    if spec["engine"] == "exhaustive" and tokens > 2_000_000:
         lq = min(lq or 10**9, 100)  # seconds per query at this size: time a subset, score all
     settings = [st for st in spec["settings"] if not max_ndocs or max(
         st["params"].get("ndocs", 0), st["params"].get("n_full_scores", 0)) <= max_ndocs]
     batch_repeats = batch_repeats or 2
-    if engine == "exhaustive" and tokens > 8_000_000:  # streamed from disk: seconds per query
-        lq, batch_repeats, repeats = min(lq, 20), 1, 1
-        settings = [s for s in settings if s["k"] == 10]  # k=100 costs the same; exact either way
-    # The machine may be shared: a search process can be run several times, keeping for each
-    # setting the pass with the lowest median latency (best of R; every pass is recorded).
-    passes = []
-    for rep in range(max(1, repeats)):
-        out_r = search_out if rep == 0 else search_out.replace(".search.json", f".search{rep + 1}.json")
-        res_r = run_step(cmd + ["search"] + common + ["--settings", json.dumps(settings),
-                                                     "--latency-queries", str(lq),
-                                                     "--batch-repeats", str(batch_repeats)], out_r, log)
-        if res_r is None:
-            return {"corpus": size, "engine": engine, "key": key, "failed": "search"}
-        passes.append((res_r, np.load(out_r + ".ids.npz")))
+    if spec["engine"] == "exhaustive" and tokens > 8_000_000:  # a second per query or more: one pass,
+        lq, batch_repeats, cap = min(lq, 20), 1, 1  # k=10 only (k=100 costs the same; exact either way)
+        settings = [s for s in settings if s["k"] == 10]
+    return settings, lq, batch_repeats, cap
+
+
+def search_pass(ctx: dict, rep: int, meta: dict, latency_queries: int, log, max_ndocs: int = 0,
+                batch_repeats: int = 0) -> None:
+    """One search process of an engine (pass ``rep``), appended to ``ctx["passes"]``."""
+    if ctx.get("failed"):
+        return
+    spec = ctx["spec"]
+    settings, lq, br, cap = search_settings(spec, int(meta["num_tokens"]), latency_queries, batch_repeats,
+                                            max_ndocs)
+    if cap is not None and rep >= cap:
+        return
+    out = os.path.join(ctx["runs"], f"{spec['key']}.search.json" if rep == 0 else f"{spec['key']}.search{rep + 1}.json")
+    load0 = os.getloadavg()[0]
+    res = run_step(ctx["cmd"] + ["search"] + ctx["common"] + ["--settings", json.dumps(settings),
+                                                             "--latency-queries", str(lq),
+                                                             "--batch-repeats", str(br)], out, log)
+    if res is None:
+        ctx["failed"] = "search"
+        return
+    res["loadavg"] = [load0, os.getloadavg()[0]]
+    ctx["passes"].append((res, np.load(out + ".ids.npz")))
+    log(f"  {spec['key']}: search pass {rep + 1} done ({res['process_wall_s']:.0f}s)")
+
+
+def finish_engine(ctx: dict, meta: dict, recall) -> dict:
+    """The result row of a built and searched engine."""
+    spec, build = ctx["spec"], ctx["build"]
+    engine, key, size = spec["engine"], spec["key"], ctx["size"]
+    if ctx.get("failed") or not ctx["passes"]:
+        return {"corpus": size, "engine": engine, "key": key, "failed": ctx.get("failed", "search")}
+    tokens = int(meta["num_tokens"])
+    if engine == "exhaustive":
+        index_bytes = os.path.getsize(os.path.join(ctx["bundle"], "doc_embeddings.f16.npy"))
+    else:
+        index_bytes = folder_bytes(ctx["index"])
+    passes = ctx["passes"]
     search = passes[0][0]
     ids = passes[0][1]
     extra = search["search"].get("extra", {})
@@ -276,15 +307,17 @@ def bench_engine(spec: dict, size: str, bundle: str, meta: dict, recall, work: s
         if st["label"] in extra.get("floor", {}):
             row["floor"] = extra["floor"][st["label"]]
         rows.append(row)
-    return {"corpus": size, "engine": engine, "key": key, "config": spec["config"], "threads": threads,
+    loads = [p[0]["loadavg"] for p in passes]
+    return {"corpus": size, "engine": engine, "key": key, "config": spec["config"], "threads": search["threads"],
             "versions": build.get("versions", {}),
             "build": {"build_s": build["build_s"], "peak_rss_mb": build["peak_rss_mb"], "info": build.get("build"),
                       "loadavg_1min": build.get("loadavg_1min"),
                       "index_bytes": index_bytes, "bytes_per_token": index_bytes / tokens},
             "search": {"peak_rss_mb": search["peak_rss_mb"], "open_s": search["search"]["open_s"],
-                       "num_queries": search["search"]["num_queries"], "loadavg_1min_before": load0,
+                       "num_queries": search["search"]["num_queries"], "passes": len(passes),
+                       "loadavg_1min_before": min(l[0] for l in loads),
                        "extra": {k: v for k, v in extra.items() if k not in ("floor", "profile")},
-                       "loadavg_1min_after": os.getloadavg()[0]},
+                       "loadavg_1min_after": min(l[1] for l in loads)},
             "settings": rows, "profile": extra.get("profile", {}),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
 
@@ -562,7 +595,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--pseudo-queries", type=int, default=corpora.GROW_DEFAULTS["pseudo_queries"])
     ap.add_argument("--latency-queries", type=int, default=0, help="time only the first N queries (0: all)")
     ap.add_argument("--search-repeats", type=int, default=1,
-                    help="run each search process R times, keep per setting the pass with the lowest median")
+                    help="search passes per engine, interleaved across engines (round 1 of every engine, "
+                         "then round 2, ...); per setting the pass with the lowest median is kept")
     ap.add_argument("--max-ndocs", type=int, default=0,
                     help="skip settings that rerank more than N documents (ndocs / n_full_scores; 0: none)")
     ap.add_argument("--batch-repeats", type=int, default=2, help="batch passes per setting (best kept)")
@@ -597,12 +631,15 @@ def main(argv=None) -> dict:
                                                            "pseudo_queries", "noise", "generator_version")
                                   if meta.get(k) is not None}
             recall = corpora.Recall(bundle, gt_ids, gt_scores)
-            for spec in specs:
-                r = bench_engine(spec, size, bundle, meta, recall, args.work, args.threads, args.rebuild,
-                                 args.latency_queries, log, args.build_only, args.search_repeats,
-                                 args.max_ndocs, args.batch_repeats)
-                if r is not None:
-                    new_runs.append(r)
+            ctxs = [build_engine(spec, size, bundle, meta, args.work, args.threads, args.rebuild, log)
+                    for spec in specs]
+            if args.build_only:
+                continue
+            live = [c for c in ctxs if "spec" in c]
+            for rep in range(max(1, args.search_repeats)):  # interleaved: every engine once per round,
+                for c in (live if rep % 2 == 0 else live[::-1]):  # in alternating order
+                    search_pass(c, rep, meta, args.latency_queries, log, args.max_ndocs, args.batch_repeats)
+            new_runs += [finish_engine(c, meta, recall) if "spec" in c else c for c in ctxs]
         if args.build_only:
             log("built; no search measured (--build-only)")
             return {}
