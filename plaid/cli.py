@@ -257,7 +257,7 @@ def _cmd_info(args) -> int:
             ("normalized", info["normalized"]),
             ("size", f"{info['bytes']} bytes ({info['bytes'] / 2**20:.2f} MiB)"),
             ("bytes per token", f"{info['bytes_per_token']} (payload {info['payload_bytes_per_token']}: "
-                                f"centroid id + residual code)"),
+                                f"centroid id + residual code{' + norm' if info['normalized'] else ''})"),
             ("external ids", "yes" if info["has_doc_ids"] else "no"),
             ("build", " ".join(f"{k}={v}" for k, v in info["build"].items())),
             ("generation", info["generation"]),

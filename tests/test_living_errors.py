@@ -241,7 +241,8 @@ def test_default_searcher_memory_maps_the_token_arrays(index):
         with open("/proc/self/maps") as f:
             return {os.path.basename(ln.split()[-1]) for ln in f if path in ln}
 
-    files = {e["file"] for n, e in index.manifest["arrays"].items() if n.endswith(("_codes", "_residuals"))}
+    files = {e["file"] for n, e in index.manifest["arrays"].items() if n.endswith(("_codes", "_residuals", "_norms"))}
+    assert any(n.endswith("_norms") for n in index.manifest["arrays"])
     lazy = plaid.Searcher(index.path)
     assert files <= mapped(index.path)
     q = [child.doc_vectors(SEED, f"g0-{i}")[:5] for i in range(0, 200, 20)]

@@ -103,11 +103,26 @@ def test_chunking_does_not_change_scores(data, chunk_tokens):
 
 
 @pytest.mark.parametrize("max_block_bytes", [1, 4 * 14 * 5, 4 * 14 * 40])
-def test_block_bound_does_not_change_scores(data, max_block_bytes):
+def test_block_bound_does_not_change_scores(data, max_block_bytes, monkeypatch):
     """Many query tokens shrink the steps (here to 1, 5 and 40 tokens for 14 query tokens), never
     the results; a single document longer than a step is scored alone."""
+    import importlib
+
+    maxsim_module = importlib.import_module("plaid.maxsim")  # the module (plaid.maxsim is the function)
+
     docs, queries = data
+    seen = []
+    real = maxsim_module.segment_max
+
+    def spy(values, offsets):
+        seen.append((values.shape[0], int((offsets[1:] - offsets[:-1]).max())))
+        return real(values, offsets)
+
+    monkeypatch.setattr(maxsim_module, "segment_max", spy)
     got = plaid.maxsim(queries, docs, max_block_bytes=max_block_bytes)
+    step = max(1, max_block_bytes // (4 * 14))
+    assert seen and all(rows <= step or rows == longest for rows, longest in seen)  # bounded, or one document
+    monkeypatch.undo()
     np.testing.assert_allclose(got, plaid.maxsim(queries, docs, chunk_tokens=1), rtol=1e-6, atol=1e-5)
     for i, q in enumerate(queries):
         np.testing.assert_allclose(got[i], naive_maxsim(q, docs), rtol=1e-5, atol=1e-4)

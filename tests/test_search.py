@@ -85,8 +85,9 @@ def test_stage4_exact_without_normalisation(tmp_path, mini_corpus):
     scaled = [d * rng.uniform(0.5, 2.0, size=(len(d), 1)).astype(np.float32) for d in docs]
     index = plaid.Indexer(**SMALL_INDEXER).build(tmp_path / "u", scaled)
     assert index.manifest["normalized"] is False
-    for engine in ("numpy", "torch"):
-        s = plaid.Searcher(index, engine=engine)
+    assert not any(n.endswith("_norms") for n in index.manifest["arrays"])
+    for engine, precision in (("numpy", "float32"), ("numpy", "bfloat16"), ("torch", "float32")):
+        s = plaid.Searcher(index, engine=engine, centroid_precision=precision)
         assert_stage4_exact(s, doc_offsets(scaled), queries, s.search(queries, k=5))
 
 
@@ -398,8 +399,9 @@ def test_tiny_corpora_build_and_search(tmp_path, codec, n_docs):
         assert_stage4_exact(s, doc_offsets(docs), [docs[0], docs[-1][:1]], res)
 
 
+@pytest.mark.parametrize("scale", [1.0, 1e6])
 @pytest.mark.parametrize("threshold", [0.2, 0.45, 0.6])
-def test_both_sides_of_stage2_give_the_same_scores(small_index, small_corpus, threshold):
+def test_both_sides_of_stage2_give_the_same_scores(small_index, small_corpus, threshold, scale):
     """Stage 2 reads the surviving centroids' inverted lists or the candidates' centroids,
     whichever is shorter: the two give bit-identical pruned scores, as do the two ways of
     deduplicating stage 1's candidates."""
@@ -410,17 +412,19 @@ def test_both_sides_of_stage2_give_the_same_scores(small_index, small_corpus, th
     st = s._state
     N = st.num_documents
     for q in queries[:6]:
-        R = s._centroid_scores(st, torch.from_numpy(q)).numpy()
+        # scale 1e6: scores far below PRUNED_SCORE (a non-normalised index of large vectors)
+        R = s._centroid_scores(st, torch.from_numpy(q)).numpy() * np.float32(scale)
+        threshold_s = threshold * scale
         mark = np.zeros(N, bool)
         docs = stages.candidates(R, 3, st.ivf, st.ivf_offsets, mark=mark)
         np.testing.assert_array_equal(docs, stages.candidates(R, 3, st.ivf, st.ivf_offsets))
         assert not mark.any()
         Re = stages.centroid_table(R)
-        keep = stages.surviving(R, threshold)
+        keep = stages.surviving(R, threshold_s)
         offs, cells = stages.document_cells(docs, st.dcells, st.dcell_offsets)
         doc_side = stages.approximate_maxsim(Re, stages.pruned_cells(cells, keep), offs)
         slot = np.full(N, -1, np.int32)
-        ivf_side = stages.pruned_maxsim(keep, Re, docs, st.ivf, st.ivf_offsets, slot)
+        ivf_side = stages.pruned_maxsim(keep, Re, docs, st.ivf, st.ivf_offsets, np.diff(offs), slot)
         np.testing.assert_array_equal(ivf_side, doc_side)
         assert (slot == -1).all()
         # and both are the definition: per query token, the best surviving centroid of the document
@@ -428,4 +432,16 @@ def test_both_sides_of_stage2_give_the_same_scores(small_index, small_corpus, th
         own = st.dcells[st.dcell_offsets[d]:st.dcell_offsets[d + 1]]
         np.testing.assert_array_equal(own, np.unique(st.codes.take(np.arange(st.doc_offsets[d], st.doc_offsets[d + 1]))))
         sc = np.where(keep[own][None, :], R[:, own], stages.PRUNED_SCORE).max(1).sum()
-        assert ivf_side[len(docs) // 2] == pytest.approx(sc, abs=1e-4)
+        assert ivf_side[len(docs) // 2] == pytest.approx(sc, rel=1e-6, abs=1e-4)
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.5])
+def test_engines_agree_through_every_stage(small_index, small_corpus, threshold):
+    """A small ndocs makes every query run stages 2 and 3; threshold 0.1 keeps so many centroids
+    that stage 2 reads the candidates' side, 0.5 reads the inverted lists: both engines agree."""
+    _, queries = small_corpus
+    kw = dict(k=5, ncells=2, centroid_score_threshold=threshold, ndocs=24)
+    a = plaid.Searcher(small_index, engine="numpy", centroid_precision="float32").search(queries, **kw)
+    b = plaid.Searcher(small_index, engine="torch", centroid_precision="float32").search(queries, **kw)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-5)

@@ -41,6 +41,7 @@ class ResidualCodec:
     name = "abstract"
     dim: int
     code_bytes: int
+    _sub_np: np.ndarray | None = None  # sub_tables() as float32, cached by score_table
 
     def train(self, residuals: np.ndarray, seed: int = 0) -> None:
         """Learn the codec's parameters from float32 residuals ``[n, dim]``."""
@@ -71,7 +72,7 @@ class ResidualCodec:
         ``j * 256 + b`` holds ``<q_i, part j of a residual whose byte j is b>``; the residual score
         of a token with codes ``c`` is ``sum_j table[j * 256 + c[j]]``.
         """
-        t = self.__dict__.get("_sub_np")
+        t = self._sub_np
         if t is None:
             t = self._sub_np = np.ascontiguousarray(self.sub_tables(), dtype=np.float32)
         B, _, w = t.shape

@@ -144,8 +144,8 @@ def encode_segment(writer: fmt.IndexWriter, segment: str, corpus: Corpus, centro
         codes_out[lo:hi] = a
         r = codec.encode(x - centroids[a])
         res_out[lo:hi] = r
-        if norms_out is not None:
-            norms_out[lo:hi] = codec.decoded_norms(centroids, a, r)
+        if norms_out is not None:  # kept within float16's normal range: never 0 or inf
+            norms_out[lo:hi] = np.clip(codec.decoded_norms(centroids, a, r), 2.0**-14, 65504.0)
         d = np.repeat(np.arange(start, end, dtype=np.int64), corpus.doclens[start:end])
         key = np.unique(a.astype(np.int64) * N + d)  # (cell, doc) pairs, deduplicated
         cells.append((key // N).astype(np.int32))
@@ -189,7 +189,8 @@ class Indexer:
         Residual codec. ``"pq"``: product quantisation, ``pq_m`` bytes per token (the default:
         more recall per byte). ``"scalar"``: ColBERTv2 buckets, ``nbits`` bits per dimension.
     pq_m : int, default 32
-        PQ sub-quantisers = residual bytes per token (the centroid id adds 2). 16 / 32 / 64.
+        PQ sub-quantisers = residual bytes per token (the centroid id adds 2, and the norm 2 more
+        when the vectors are renormalised). 16 / 32 / 64.
     nbits : {1, 2, 4}, default 2
         Bits per dimension of the scalar codec.
     num_centroids : int or None, default None

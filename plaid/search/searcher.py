@@ -2,9 +2,9 @@
 
 A Searcher holds one committed generation of the index (an immutable ``_State``) until
 :meth:`Searcher.reload`; it is safe to share between threads (each search reads the state once,
-scratch buffers are per thread). By default on CPU the per-token arrays (centroid codes and
-residual codes) stay memory-mapped on disk: only centroids, the inverted file, document lengths
-and deletions are loaded into memory.
+scratch buffers are per thread). By default on CPU the per-token arrays (centroid codes, residual
+codes, norms) stay memory-mapped on disk: only centroids, the inverted file (and, for the numpy
+engine, its transpose), document lengths and deletions are loaded into memory.
 """
 from __future__ import annotations
 
@@ -89,19 +89,8 @@ def default_search_params(k: int) -> dict:
 
 
 class _Workspace(threading.local):
-    """Per-thread scratch buffers reused across queries.
-
-    Fresh multi-megabyte temporaries are page-faulted on every query; reusing buffers measured
-    ~2x faster for stage 4 here (firecracker VM, 2 cores).
-    """
-
-    def get(self, name: str, shape: tuple, dtype) -> np.ndarray:
-        n = int(np.prod(shape))
-        buf = self.__dict__.get(name)
-        if buf is None or buf.size < n or buf.dtype != np.dtype(dtype):
-            buf = np.empty(max(n, 1 << 16), dtype)
-            self.__dict__[name] = buf
-        return buf[:n].reshape(shape)
+    """Per-thread scratch arrays of one document flag each, reused across queries (allocating
+    and clearing them per query would cost O(documents)); the stages leave them as found."""
 
     def marks(self, num_documents: int) -> np.ndarray:
         """bool [num_documents], all False: scratch of :func:`stages.candidates` (left all False)."""
@@ -195,9 +184,10 @@ class _State:
         self.ivf, self.ivf_offsets, self.doc_offsets = ivf, ivf_offsets, doc_offsets
         self.codes, self.residuals = TokenStore(codes, bases), TokenStore(residuals, bases)
         self.norms: Optional[TokenStore] = TokenStore(norms, bases) if self.normalized else None
-        # stages 2-3 read each document's distinct centroids (the inverted file, transposed)
-        self.dcells, self.dcell_offsets = stages.doc_cells(ivf, ivf_offsets, self.num_documents)
-        self.ivf_lens = np.diff(ivf_offsets)
+        if engine == "numpy":  # stages 2-3 read each document's distinct centroids (the inverted
+            # file transposed: 4 B per (centroid, document) pair + 8 B per document, in memory)
+            self.dcells, self.dcell_offsets = stages.doc_cells(ivf, ivf_offsets, self.num_documents)
+            self.ivf_lens = np.diff(ivf_offsets)
         self.deleted = deleted
         self.alive: Optional[np.ndarray] = None
         if len(deleted):
@@ -205,17 +195,12 @@ class _State:
             self.alive[deleted] = False
         self.num_live = self.num_documents - len(deleted) - int(((doclens == 0) & (self.alive if self.alive is not None else True)).sum())
         # Stages 1-3 score query tokens against unit centroids when the index holds unit vectors
-        # (cosine, the scale PLAID's thresholds are set in); stage 4 decodes with the raw ones.
+        # (cosine, the scale PLAID's thresholds are set in); stage 4 scores the raw ones.
         scoring = centroids
-        # stage 4 turns the unit centroids' float32 scores back into raw ones (x ‖c‖) instead of
-        # a second product; with bfloat16 scores it scores the raw centroids it needs instead
-        self.centroid_norms: Optional[np.ndarray] = None
         if self.normalized:
-            self.centroid_norms = np.maximum(np.linalg.norm(centroids, axis=1), 1e-12).astype(np.float32)
-            scoring = centroids / self.centroid_norms[:, None]
+            scoring = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
         self.scoring = torch.from_numpy(np.ascontiguousarray(scoring, np.float32)).to(device).to(
             torch.bfloat16 if precision == "bfloat16" else torch.float32)
-        self.exact_centroid_scores = precision != "bfloat16"
         if engine == "torch":
             self.codec.to(device)
             self.centroids_t = torch.from_numpy(centroids).to(device)
@@ -252,7 +237,7 @@ def _check_consistency(path, st, centroids, ivf, ivf_offsets, doclens, codes, re
         problems.append("segment codes / residuals do not hold num_tokens rows")
     if any(r.ndim != 2 or r.shape[1] != code_bytes for r in residuals):
         problems.append(f"residuals are not [tokens, {code_bytes}]")
-    if norms and any(len(n) != len(c) for n, c in zip(norms, codes)):
+    if norms and any(n.ndim != 1 or len(n) != len(c) for n, c in zip(norms, codes)):
         problems.append("segment norms do not hold one entry per token")
     if len(deleted) and (deleted.min() < 0 or deleted.max() >= st.num_documents):
         problems.append("tombstones hold document ids out of range")
@@ -270,9 +255,9 @@ class Searcher:
     device : str or torch.device, default "cpu"
         Where search runs. "cuda" moves the whole index to the GPU and runs every stage there.
     load_all : bool, default False
-        Load codes and residuals into memory. By default (CPU) they stay memory-mapped on disk and
-        only centroids, the inverted file, document lengths and deletions are loaded. Always
-        True on GPU.
+        Load the per-token arrays (codes, residuals, norms) into memory. By default (CPU) they stay
+        memory-mapped on disk and only centroids, the inverted file (and its transpose, for the
+        numpy engine), document lengths and deletions are loaded. Always True on GPU.
     verify : bool, default False
         Check every file's size and CRC-32 before loading (reads the whole index once).
     batch_size : int, default 32
@@ -281,7 +266,8 @@ class Searcher:
         Precision of the query-centroid scores of stages 1-3 ("auto": bfloat16 on a CPU with
         native bfloat16 arithmetic, which halves the memory traffic of the largest product;
         float32 elsewhere). Stage 4 is always float32. bfloat16 rounding makes exact ties
-        between centroid scores more frequent; use float32 for bit-identical results across engines.
+        between centroid scores more frequent; use float32 for the same candidates in both engines
+        (their stage-4 scores then agree to float32 rounding: they sum in different orders).
     engine : {"auto", "numpy", "torch"}, default "auto"
         Implementation of the stages: "numpy" (per query, the fastest on CPU) or "torch"
         (batched over queries; the one used on GPU). "auto" picks by device.
@@ -479,35 +465,33 @@ class Searcher:
             D /= st.norms.take(pos)[:, None]
         return D
 
-    def _stage4_sims(self, st: _State, pos: np.ndarray, q: np.ndarray, Re: Optional[np.ndarray] = None) -> np.ndarray:
+    def _stage4_sims(self, st: _State, pos: np.ndarray, q: np.ndarray) -> np.ndarray:
         """float32 [t, m]: the decompressed tokens at ``pos`` · query tokens ``q`` [m, dim], with
-        no vector decoded (see :mod:`plaid.search.stages`). ``Re``: this query's centroid table
-        (:func:`stages.centroid_table`), reused for the centroid terms when it is float32."""
+        no vector decoded (see :mod:`plaid.search.stages`).
+
+        The centroid terms come from a float32 product of this query with the raw centroids the
+        tokens use (found by a flag scan), never from the batched (possibly bfloat16) scores of
+        stages 1-3: a query's scores do not depend on the batch it came in.
+        """
         sims = stages.adc_scores(st.codec.score_table(q), st.residuals.take(pos))
         cc = st.codes.take(pos)
-        if Re is not None and st.exact_centroid_scores:
-            cs = Re.take(cc, axis=1).T
-            if st.centroid_norms is not None:  # Re scores unit centroids
-                cs *= st.centroid_norms.take(cc)[:, None]
-        else:  # score, in float32, the raw centroids these tokens use (distinct ids by bitmap)
-            used = np.zeros(st.num_centroids, bool)
-            used[cc] = True
-            u = np.flatnonzero(used)
-            slot = np.empty(st.num_centroids, np.int32)
-            slot[u] = np.arange(len(u), dtype=np.int32)
-            # [m, u] orientation: torch's float32 product with 7 columns is 3x slower the other way
-            cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(st.centroids, u, axis=0)).T).numpy()
-            cs = cs.take(slot[cc], axis=1).T
-        sims += cs
+        used = np.zeros(st.num_centroids, bool)
+        used[cc] = True
+        u = np.flatnonzero(used)
+        slot = np.empty(st.num_centroids, np.int32)
+        slot[u] = np.arange(len(u), dtype=np.int32)
+        # [m, u] orientation: torch's float32 product with few columns is 3x slower the other way
+        cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(st.centroids, u, axis=0)).T).numpy()
+        sims += cs.take(slot[cc], axis=1).T
         if st.normalized:  # float16 -> float32 through torch: 4x faster than numpy's cast
             sims /= torch.from_numpy(st.norms.take(pos)).float().numpy()[:, None]
         return sims
 
-    def _exact(self, st: _State, q: np.ndarray, docs: np.ndarray, k: int, Re: Optional[np.ndarray] = None):
+    def _exact(self, st: _State, q: np.ndarray, docs: np.ndarray, k: int):
         """Stage 4 for one query: exact MaxSim of ``docs`` (sorted, non-empty) on decompressed vectors."""
         starts = st.doc_offsets[docs]
         pos, offs = stages.expand_ranges(starts, st.doc_offsets[docs + 1] - starts)
-        exact = stages.maxsim_scores(self._stage4_sims(st, pos, q, Re), offs)
+        exact = stages.maxsim_scores(self._stage4_sims(st, pos, q), offs)
         top = stages.top_n(exact, k)
         return docs[top], exact[top]
 
@@ -557,9 +541,10 @@ class Searcher:
                 keep = stages.surviving(R, centroid_score_threshold)
                 # read whichever side is shorter: the surviving centroids' inverted lists, or
                 # the candidates' centroids (a low threshold keeps many centroids)
-                if st.ivf_lens[keep].sum() <= (st.dcell_offsets[docs + 1] - st.dcell_offsets[docs]).sum():
+                counts = st.dcell_offsets[docs + 1] - st.dcell_offsets[docs]
+                if st.ivf_lens[keep].sum() <= counts.sum():
                     slot = self._ws.slots(st.num_documents)
-                    approx = stages.pruned_maxsim(keep, Re, docs, st.ivf, st.ivf_offsets, slot)
+                    approx = stages.pruned_maxsim(keep, Re, docs, st.ivf, st.ivf_offsets, counts, slot)
                 else:
                     offs, cells = stages.document_cells(docs, st.dcells, st.dcell_offsets)
                     approx = stages.approximate_maxsim(Re, stages.pruned_cells(cells, keep), offs)
@@ -569,7 +554,7 @@ class Searcher:
                 approx = stages.approximate_maxsim(Re, cells, offs)
                 sel = sel[np.sort(stages.top_n(approx, n3))]
             # stage 4: exact MaxSim on the decompressed vectors
-            out.append(self._exact(st, q, docs[sel], k, Re))
+            out.append(self._exact(st, q, docs[sel], k))
         return out
 
     # -- torch engine (GPU, or CPU for testing) ---------------------------------------------------
