@@ -79,7 +79,8 @@ def engine_specs(quick: bool = False) -> List[dict]:
                 {"engine": "fastplaid", "key": "fastplaid-nbits4", "config": {"nbits": 4},
                  "settings": [{"label": "k10 probe8 full4096", "k": 10, "params": {}}]}]
     full = [_plaid_setting(*s, profile=(s == (2, 0.5, 256))) for s in PLAID_SWEEP] + [_k100()]
-    some = [_plaid_setting(2, 0.5, 256), _plaid_setting(2, 0.45, 1024), _plaid_setting(4, 0.4, 4096), _k100()]
+    some = [_plaid_setting(1, 0.5, 256), _plaid_setting(2, 0.5, 256), _plaid_setting(2, 0.45, 1024),
+            _plaid_setting(4, 0.4, 4096), _k100()]
     return [
         {"engine": "plaid", "key": "plaid-pq32", "config": {"codec": "pq", "pq_m": 32}, "settings": full},
         {"engine": "plaid", "key": "plaid-pq16", "config": {"codec": "pq", "pq_m": 16}, "settings": some},
