@@ -270,8 +270,28 @@ def search_pass(ctx: dict, rep: int, meta: dict, latency_queries: int, log, max_
         ctx["failed"] = "search"
         return
     res["loadavg"] = [load0, os.getloadavg()[0]]
+    with open(out, "w") as f:  # the load too, so that --from-passes can reassemble this pass
+        json.dump(res, f)
     ctx["passes"].append((res, np.load(out + ".ids.npz")))
     log(f"  {spec['key']}: search pass {rep + 1} done ({res['process_wall_s']:.0f}s)")
+
+
+def load_passes(ctx: dict, log) -> None:
+    """The search passes of an engine already on disk (``runs/<size>/<key>.search*.json``, complete
+    ones only), appended to ``ctx["passes"]``: results of an interrupted run, without searching again."""
+    key = ctx["spec"]["key"]
+    for rep in range(100):
+        out = os.path.join(ctx["runs"], f"{key}.search.json" if rep == 0 else f"{key}.search{rep + 1}.json")
+        if not (os.path.exists(out) and os.path.exists(out + ".ids.npz")):
+            break
+        with open(out) as f:
+            res = json.load(f)
+        res.setdefault("loadavg", [float("nan"), float("nan")])  # not recorded by older runs
+        res.setdefault("peak_rss_mb", _peak_rss_mb(out + ".time", res.get("peak_rss_self_mb")))
+        ctx["passes"].append((res, np.load(out + ".ids.npz")))
+    if not ctx["passes"]:
+        ctx["failed"] = "search"
+    log(f"  {key}: {len(ctx['passes'])} search pass(es) read from disk")
 
 
 def finish_engine(ctx: dict, meta: dict, recall) -> dict:
@@ -604,6 +624,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rebuild", action="store_true", help="rebuild indexes even when a cached build matches")
     ap.add_argument("--quick", action="store_true", help="one plaid codec, two settings (smoke test)")
     ap.add_argument("--build-only", action="store_true", help="build (or reuse) the indexes, measure no search")
+    ap.add_argument("--from-passes", action="store_true",
+                    help="search nothing: assemble the results from the passes already on disk (an interrupted run)")
     ap.add_argument("--report-only", action="store_true", help="rewrite results.md and plots from results.json")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
@@ -637,7 +659,9 @@ def main(argv=None) -> dict:
             if args.build_only:
                 continue
             live = [c for c in ctxs if "spec" in c]
-            for rep in range(max(1, args.search_repeats)):  # interleaved: every engine once per round,
+            for c in (live if args.from_passes else []):
+                load_passes(c, log)
+            for rep in range(0 if args.from_passes else max(1, args.search_repeats)):  # interleaved: every engine once per round,
                 for c in (live if rep % 2 == 0 else live[::-1]):  # in alternating order
                     search_pass(c, rep, meta, args.latency_queries, log, args.max_ndocs, args.batch_repeats)
             new_runs += [finish_engine(c, meta, recall) if "spec" in c else c for c in ctxs]

@@ -64,3 +64,10 @@ def test_harness_on_tiny_corpus(tmp_path):
     ex2 = {r["key"]: r for r in res2["runs"]}["exhaustive"]
     assert all(len(s["medians_of_passes_ms"]) == 2 for s in ex2["settings"])
     assert ex2["settings"][0]["median_ms"] == min(ex2["settings"][0]["medians_of_passes_ms"])
+
+    # an interrupted run's passes on disk are reassembled without searching again: same figures
+    res3 = run.main(argv[:-2] + ["--engines", "exhaustive", "--from-passes"])
+    ex3 = {r["key"]: r for r in res3["runs"]}["exhaustive"]
+    assert [s["medians_of_passes_ms"] for s in ex3["settings"]] == [s["medians_of_passes_ms"] for s in ex2["settings"]]
+    assert [s["recall@10"] for s in ex3["settings"]] == [s["recall@10"] for s in ex2["settings"]]
+    assert ex3["search"]["loadavg_1min_before"] == ex2["search"]["loadavg_1min_before"]
