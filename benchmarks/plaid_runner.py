@@ -170,6 +170,7 @@ class PlaidEngine:
 
 class ExhaustiveEngine:
     name = "exhaustive"
+    warm_cache = False  # its vectors are read into RAM at open; a batch costs seconds per query at 200k
 
     def __init__(self, config: dict, threads: int):
         import torch
