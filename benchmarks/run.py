@@ -261,7 +261,7 @@ def search_pass(ctx: dict, rep: int, meta: dict, latency_queries: int, log, max_
                                             max_ndocs)
     if cap is not None and rep >= cap:
         return
-    out = os.path.join(ctx["runs"], f"{spec['key']}.search.json" if rep == 0 else f"{spec['key']}.search{rep + 1}.json")
+    out = _pass_path(ctx["runs"], spec["key"], rep)
     load0 = os.getloadavg()[0]
     res = run_step(ctx["cmd"] + ["search"] + ctx["common"] + ["--settings", json.dumps(settings),
                                                              "--latency-queries", str(lq),
@@ -276,16 +276,23 @@ def search_pass(ctx: dict, rep: int, meta: dict, latency_queries: int, log, max_
     log(f"  {spec['key']}: search pass {rep + 1} done ({res['process_wall_s']:.0f}s)")
 
 
+def _pass_path(runs: str, key: str, rep: int) -> str:
+    """The result file of search pass ``rep`` (0-based) of engine ``key``."""
+    return os.path.join(runs, f"{key}.search.json" if rep == 0 else f"{key}.search{rep + 1}.json")
+
+
 def load_passes(ctx: dict, log) -> None:
     """The search passes of an engine already on disk (``runs/<size>/<key>.search*.json``, complete
-    ones only), appended to ``ctx["passes"]``: results of an interrupted run, without searching again."""
-    key = ctx["spec"]["key"]
-    for rep in range(100):
-        out = os.path.join(ctx["runs"], f"{key}.search.json" if rep == 0 else f"{key}.search{rep + 1}.json")
-        if not (os.path.exists(out) and os.path.exists(out + ".ids.npz")):
-            break
+    ones only), appended to ``ctx["passes"]``: results of an interrupted run, without searching again.
+    Stops at the first missing pass, or one whose settings differ from the first's (an older run)."""
+    key, rep = ctx["spec"]["key"], 0
+    while os.path.exists(out := _pass_path(ctx["runs"], key, rep)) and os.path.exists(out + ".ids.npz"):
         with open(out) as f:
             res = json.load(f)
+        labels = [st["label"] for st in res["search"]["settings"]]
+        if ctx["passes"] and labels != [st["label"] for st in ctx["passes"][0][0]["search"]["settings"]]:
+            break
+        rep += 1
         res.setdefault("loadavg", [float("nan"), float("nan")])  # not recorded by older runs
         res.setdefault("peak_rss_mb", _peak_rss_mb(out + ".time", res.get("peak_rss_self_mb")))
         ctx["passes"].append((res, np.load(out + ".ids.npz")))
@@ -659,11 +666,13 @@ def main(argv=None) -> dict:
             if args.build_only:
                 continue
             live = [c for c in ctxs if "spec" in c]
-            for c in (live if args.from_passes else []):
-                load_passes(c, log)
-            for rep in range(0 if args.from_passes else max(1, args.search_repeats)):  # interleaved: every engine once per round,
-                for c in (live if rep % 2 == 0 else live[::-1]):  # in alternating order
-                    search_pass(c, rep, meta, args.latency_queries, log, args.max_ndocs, args.batch_repeats)
+            if args.from_passes:
+                for c in live:
+                    load_passes(c, log)
+            else:
+                for rep in range(max(1, args.search_repeats)):  # interleaved: every engine once per round,
+                    for c in (live if rep % 2 == 0 else live[::-1]):  # in alternating order
+                        search_pass(c, rep, meta, args.latency_queries, log, args.max_ndocs, args.batch_repeats)
             new_runs += [finish_engine(c, meta, recall) if "spec" in c else c for c in ctxs]
         if args.build_only:
             log("built; no search measured (--build-only)")

@@ -24,6 +24,8 @@ import subprocess
 import sys
 import time
 
+import numpy as np
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
@@ -116,8 +118,6 @@ def main(argv=None) -> dict:
                     res = child(sides[s], ["search", bundle, idx[s], cfg, args.queries], args.threads)
                     rounds[s].append(res["median_ms"])
                     ids[s] = res["ids"]
-            import numpy as np
-
             row = {"size": size, "codec": codec, "build_s": builds, "median_ms_per_round": rounds,
                    "recall@10": {s: recall(np.array(ids[s]), 10) for s in sides},
                    "ratio_best": min(rounds["new"]) / min(rounds["base"]),
