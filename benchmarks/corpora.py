@@ -55,7 +55,13 @@ def parse_size(s) -> int:
     """'50k' -> 50000, '1.5m' -> 1500000, '5000' -> 5000."""
     s = str(s).strip().lower()
     mult = {"k": 1_000, "m": 1_000_000}.get(s[-1:], 1)
-    return int(float(s[:-1] if mult > 1 else s) * mult)
+    try:
+        n = int(float(s[:-1] if mult > 1 else s) * mult)
+    except ValueError:
+        raise ValueError(f"corpus size {s!r}: expected a document count such as 5000, 50k or 1.5m") from None
+    if n <= 0:
+        raise ValueError(f"corpus size {s!r}: must be positive")
+    return n
 
 
 def size_label(n: int) -> str:

@@ -636,6 +636,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--report-only", action="store_true", help="rewrite results.md and plots from results.json")
     ap.add_argument("--no-plots", action="store_true")
     args = ap.parse_args(argv)
+    for size in args.sizes.split(","):
+        try:
+            corpora.parse_size(size)
+        except ValueError as e:
+            ap.error(str(e))
     log = lambda msg: print(msg, flush=True)  # noqa: E731
     os.makedirs(args.results, exist_ok=True)
     rpath = os.path.join(args.results, "results.json")

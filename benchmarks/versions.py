@@ -98,6 +98,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", default=corpora.DEFAULT_WORK)
     ap.add_argument("--source", default=corpora.DEFAULT_SOURCE)
     args = ap.parse_args(argv)
+    bad = [c for c in args.codecs.split(",") if c not in CODECS]
+    if bad:
+        ap.error(f"unknown codec(s) {', '.join(bad)}: choose from {', '.join(CODECS)}")
+    if subprocess.run(["git", "-C", REPO, "rev-parse", "--verify", "--quiet", args.base + "^{commit}"],
+                      capture_output=True).returncode != 0:
+        ap.error(f"--base {args.base!r} is not a commit of {REPO}")
     root = os.path.join(args.work, "versions")
     os.makedirs(root, exist_ok=True)
     sides = {"base": worktree(args.base, root), "new": REPO}
