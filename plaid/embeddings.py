@@ -19,7 +19,7 @@ from __future__ import annotations
 import mmap
 import os
 import tempfile
-from typing import Iterable, Iterator, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterable, Iterator, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -64,15 +64,6 @@ def to_numpy(x, what: str) -> np.ndarray:
             f"{what}: unsupported dtype {x.dtype}; expected float16, bfloat16, float32 or float64"
         )
     return x
-
-
-def _check_finite(block: np.ndarray, what: str, first_row_doc: Optional[np.ndarray] = None) -> None:
-    """Raise if ``block`` holds NaN or inf; ``first_row_doc`` maps row -> document position."""
-    ok = np.isfinite(block).all(axis=-1) if block.ndim > 1 else np.isfinite(block)
-    if not ok.all():
-        row = int(np.flatnonzero(~ok.reshape(-1))[0]) if ok.ndim == 1 else int(np.flatnonzero(~ok)[0])
-        where = f"document {int(first_row_doc[row])}" if first_row_doc is not None else f"row {row}"
-        raise InvalidInputError(f"{what}: {where} contains NaN or inf values")
 
 
 def _backing_mmap(a: np.ndarray):
@@ -291,12 +282,22 @@ def _check_doc(x, i: int, dim: Optional[int]) -> np.ndarray:
     return a
 
 
-def as_corpus(documents, spill_dir: Optional[str] = None, dim: Optional[int] = None) -> Corpus:
+SpillFactory = Callable[[], Tuple[int, str]]
+
+
+def _temp_spill() -> Tuple[int, str]:
+    """A new private temporary file in the system's temporary directory: (descriptor, path)."""
+    return tempfile.mkstemp(prefix="plaid-spill-", suffix=".bin")
+
+
+def as_corpus(documents, spill: Optional[SpillFactory] = None, dim: Optional[int] = None) -> Corpus:
     """Wrap user documents in a :class:`Corpus`.
 
     ``documents``: :class:`Embeddings`, a sequence of ``[n_tokens, dim]`` arrays, or an iterable of
-    them. A one-shot iterable is spilled to a float16/float32 file in ``spill_dir`` (read once,
-    never held in memory). ``dim``, when given, is the dimension every document must have.
+    them. A one-shot iterable is spilled to a float16/float32 scratch file made by ``spill``
+    (a callable returning a new file's ``(descriptor, path)``, e.g. an index writer's
+    ``scratch_file``; default: the system's temporary directory), read once, never held in
+    memory. ``dim``, when given, is the dimension every document must have.
     """
     if isinstance(documents, Embeddings):
         corpus = Corpus(flat=documents)
@@ -323,7 +324,7 @@ def as_corpus(documents, spill_dir: Optional[str] = None, dim: Optional[int] = N
                 raise InvalidInputError(f"document {i}: dim {a.shape[1]} differs from the corpus dim {d}")
         corpus = Corpus(docs=docs)
     elif isinstance(documents, Iterable) and not isinstance(documents, (str, bytes)):
-        corpus = _spill(documents, spill_dir, dim)
+        corpus = _spill(documents, spill or _temp_spill, dim)
     else:
         raise InvalidInputError(
             "documents must be plaid.Embeddings, a sequence of [n_tokens, dim] arrays, or an iterable "
@@ -338,10 +339,10 @@ def as_corpus(documents, spill_dir: Optional[str] = None, dim: Optional[int] = N
     return corpus
 
 
-def _widen_spill(path: str, spill_dir: Optional[str], chunk_rows: int = 1 << 20) -> str:
+def _widen_spill(path: str, spill: SpillFactory, chunk_rows: int = 1 << 20) -> str:
     """Copy a float16 spill file to a new float32 one (in chunks); returns the new file's path."""
     old = np.memmap(path, dtype=np.float16, mode="r") if os.path.getsize(path) else np.zeros(0, np.float16)
-    fd, new_path = tempfile.mkstemp(prefix="plaid-spill-", suffix=".bin", dir=spill_dir)
+    fd, new_path = spill()
     try:
         with os.fdopen(fd, "wb") as f:
             for start in range(0, len(old), chunk_rows):
@@ -354,13 +355,13 @@ def _widen_spill(path: str, spill_dir: Optional[str], chunk_rows: int = 1 << 20)
     return new_path
 
 
-def _spill(documents: Iterable, spill_dir: Optional[str], dim: Optional[int]) -> Corpus:
+def _spill(documents: Iterable, spill: SpillFactory, dim: Optional[int]) -> Corpus:
     """Write a one-shot iterable of documents to a raw file, return a Corpus over its mmap.
 
     The file is float16 while every document is float16, float32 otherwise: a wider document
     after float16 ones widens what was written so far instead of being rounded to float16.
     """
-    fd, path = tempfile.mkstemp(prefix="plaid-spill-", suffix=".bin", dir=spill_dir)
+    fd, path = spill()
     lens: List[int] = []
     dtype = None
     d = dim
@@ -378,7 +379,7 @@ def _spill(documents: Iterable, spill_dir: Optional[str], dim: Optional[int]) ->
                     dtype = np.float16 if a.dtype == np.float16 else np.float32
                 elif dtype == np.float16 and a.dtype != np.float16:
                     f.close()
-                    path = _widen_spill(path, spill_dir)
+                    path = _widen_spill(path, spill)
                     f = open(path, "ab")
                     dtype = np.float32
                 f.write(np.ascontiguousarray(a, dtype=dtype).tobytes())

@@ -14,6 +14,7 @@ __all__ = [
     "IndexCorruptError",
     "FormatVersionError",
     "IndexLockedError",
+    "IndexWriteError",
 ]
 
 
@@ -43,3 +44,11 @@ class FormatVersionError(IndexCorruptError):
 
 class IndexLockedError(PlaidError):
     """Another process is writing to the index (one writer at a time; readers are never blocked)."""
+
+
+class IndexWriteError(PlaidError, OSError):
+    """Writing to the index folder failed (disk full, read-only or not permitted); the committed
+    generation is unchanged and what the writer had created is removed."""
+
+    def __str__(self) -> str:
+        return str(self.strerror)

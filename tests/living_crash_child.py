@@ -122,9 +122,9 @@ def _install_injection(mode: str) -> None:
     """Make this process SIGKILL itself at a chosen point of its first commit."""
     if mode == "none":
         return
-    import plaid.format as fmt
+    import plaid.store.writer as store_writer
 
-    real_replace, real_remove, real_unref = os.replace, os.remove, fmt.remove_unreferenced
+    real_replace, real_remove, real_unref = os.replace, os.unlink, store_writer.remove_superseded
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)  # noqa: E731
 
     def replace(src, dst, *a, **kw):
@@ -132,18 +132,18 @@ def _install_injection(mode: str) -> None:
             die()
         return real_replace(src, dst, *a, **kw)
 
-    def remove_unreferenced(path, manifest):
+    def remove_superseded(path, names):
         if mode == "after_rename":
             die()
         if mode == "mid_cleanup":
             def remove(p, *a, **kw):
                 real_remove(p, *a, **kw)
                 die()
-            os.remove = remove
-        return real_unref(path, manifest)
+            os.unlink = remove
+        return real_unref(path, names)
 
     os.replace = replace
-    fmt.remove_unreferenced = remove_unreferenced
+    store_writer.remove_superseded = remove_superseded
 
 
 def writer(path: str, seed: int, log_path: str, inject: str) -> None:
@@ -169,7 +169,7 @@ def writer(path: str, seed: int, log_path: str, inject: str) -> None:
         assert index.generation == g, (index.generation, g)
         # once a commit has returned, the folder holds nothing its manifest does not reference
         # (in particular no file left by an earlier, killed writer)
-        keep = {e["file"] for e in index.manifest["arrays"].values()} | {"manifest.json", ".plaid-lock"}
+        keep = {e["file"] for e in index.manifest["arrays"].values()} | {"manifest.json", ".plaid-lock", ".plaid-journal"}
         extra = sorted(set(os.listdir(path)) - keep)
         os.write(log, f"commit {g} {op['op']} {len(extra)} {' '.join(extra)}\n".encode())
 
@@ -177,6 +177,8 @@ def writer(path: str, seed: int, log_path: str, inject: str) -> None:
 def serve(path: str, seed: int) -> None:
     """Fork a writer per ``go`` command; report pids and how reaped writers ended."""
     import plaid  # noqa: F401  (imported once here; every forked writer inherits it)
+    import plaid.indexing.index  # noqa: F401  (plaid loads its parts lazily: load them before forking)
+    import plaid.search.searcher  # noqa: F401
 
     print("ready", flush=True)
     for line in sys.stdin:

@@ -8,7 +8,7 @@ from typing import List, Sequence, Tuple
 
 import numpy as np
 
-from plaid import format as fmt
+from plaid import store
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(REPO, "benchmarks"))
@@ -17,7 +17,9 @@ from _data import load_bundle, recall_at  # noqa: E402,F401
 
 def doc_offsets(path: str, manifest: dict) -> np.ndarray:
     """int64 [N + 1] token offsets of the documents of the committed ``manifest``."""
-    doclens = fmt.open_array(path, manifest, "doclens").astype(np.int64)
+    from plaid.store.files import read_npy
+
+    doclens = read_npy(path, manifest["arrays"]["doclens"]["file"], [np.int32]).astype(np.int64)
     return np.concatenate([[0], np.cumsum(doclens)])
 
 
@@ -89,6 +91,6 @@ def folder_bytes(path: str) -> int:
 
 def unreferenced_files(path: str) -> List[str]:
     """plaid-owned files in ``path`` that the committed manifest does not reference."""
-    m = fmt.read_manifest(path)
-    keep = {e["file"] for e in m["arrays"].values()} | {fmt.MANIFEST, fmt.LOCK_FILE}
+    m = store.read_manifest(path)
+    keep = {e.file for e in m.arrays.values()} | {store.MANIFEST, store.LOCK_FILE, store.JOURNAL}
     return sorted(f for f in os.listdir(path) if f not in keep)

@@ -10,7 +10,7 @@ import pytest
 import plaid
 from conftest import MSMARCO, REPO, requires_msmarco, write_beir
 from plaid.cli import build_parser, main
-from plaid.format import FORMAT_VERSION
+from plaid.store import FORMAT_VERSION
 
 EXHAUSTIVE = {"nDCG@10": 0.8024, "R@100": 0.8248, "RR@10": 1.0}  # msmarco-5k README, exact MaxSim
 

@@ -8,7 +8,7 @@ import pytest
 
 import plaid
 from conftest import array_fingerprint
-from plaid.format import FORMAT_VERSION
+from plaid.store import FORMAT_VERSION
 
 
 def fast_indexer():
@@ -62,7 +62,7 @@ def test_mini_index_has_the_expected_arrays(mini_index):
     for name, e in m["arrays"].items():
         assert e["file"] == f"{name}.0.npy"
         assert e["bytes"] == os.path.getsize(os.path.join(mini_index, e["file"]))
-    assert sorted(os.listdir(mini_index)) == sorted([f"{n}.0.npy" for n in ARRAYS] + ["manifest.json", ".plaid-lock"])
+    assert sorted(os.listdir(mini_index)) == sorted([f"{n}.0.npy" for n in ARRAYS] + ["manifest.json", ".plaid-lock", ".plaid-journal"])
 
 
 # -- not an index --------------------------------------------------------------------------------------
@@ -130,7 +130,7 @@ def test_array_file_that_is_not_npy(index_copy, mini_corpus):
     size = os.path.getsize(full)
     with open(full, "wb") as f:
         f.write(b"x" * size)
-    with pytest.raises(plaid.IndexCorruptError, match=r"index file ivf.0.npy cannot be read"):
+    with pytest.raises(plaid.IndexCorruptError, match=r"index file ivf.0.npy cannot be read \(not a .npy array"):
         open_and_search(index_copy, mini_corpus[1][0])
 
 
@@ -138,7 +138,7 @@ def test_array_with_other_shape_than_the_manifest(index_copy, mini_corpus):
     m = manifest_of(index_copy)
     m["arrays"]["centroids"]["shape"][0] += 1
     write_manifest(index_copy, m)
-    with pytest.raises(plaid.IndexCorruptError, match=r"index file centroids.0.npy holds float16\[.*\], manifest says"):
+    with pytest.raises(plaid.IndexCorruptError, match=r"manifest field arrays.centroids.shape = \[129, 32\] \(expected \[128, 32\]\)"):
         open_and_search(index_copy, mini_corpus[1][0])
 
 
@@ -149,7 +149,7 @@ def test_opening_never_unpickles(index_copy, mini_corpus):
     m = manifest_of(index_copy)
     m["arrays"]["ivf"]["bytes"] = os.path.getsize(full)
     write_manifest(index_copy, m)
-    with pytest.raises(plaid.IndexCorruptError, match=r"ivf.0.npy cannot be read"):
+    with pytest.raises(plaid.IndexCorruptError, match=r"index file ivf.0.npy holds dtype object, expected int32"):
         open_and_search(index_copy, mini_corpus[1][0])
 
 
@@ -157,7 +157,7 @@ def test_manifest_inconsistent_with_the_arrays(index_copy, mini_corpus):
     m = manifest_of(index_copy)
     m["num_tokens"] += 5
     write_manifest(index_copy, m)
-    with pytest.raises(plaid.IndexCorruptError, match=r"inconsistent index: doclens sum to \d+, not \d+ tokens"):
+    with pytest.raises(plaid.IndexCorruptError, match=r"manifest field segments hold \d+ tokens, not num_tokens=\d+"):
         plaid.Searcher(index_copy)
 
 
@@ -165,7 +165,7 @@ def test_manifest_missing_a_field(index_copy):
     m = manifest_of(index_copy)
     del m["dim"]
     write_manifest(index_copy, m)
-    with pytest.raises(plaid.IndexCorruptError, match=r"manifest lacks a field \('dim'\)"):
+    with pytest.raises(plaid.IndexCorruptError, match=r"manifest field dim is missing"):
         plaid.Searcher(index_copy)
 
 
@@ -212,7 +212,7 @@ def test_corrupt_json_manifest(index_copy, text):
 @pytest.mark.parametrize("doc,match", [
     ([1, 2], "is not a plaid index manifest"),
     ({"format": "something-else", "format_version": 1, "arrays": {}}, "is not a plaid index manifest"),
-    ({"format": "plaid-index", "format_version": FORMAT_VERSION}, "lists no arrays"),
+    ({"format": "plaid-index", "format_version": FORMAT_VERSION}, "manifest field generation is missing"),
 ])
 def test_json_that_is_not_a_manifest(index_copy, doc, match):
     write_manifest(index_copy, doc)
@@ -245,7 +245,7 @@ def test_verify_names_a_byte_flipped_file(index_copy, mini_corpus, name):
 def test_build_into_non_empty_directory_without_overwrite(index_copy, mini_corpus):
     docs, queries = mini_corpus
     before = snapshot(index_copy, queries)
-    with pytest.raises(plaid.IndexExistsError, match=r"is not empty \(12 entries\); pass overwrite=True"):
+    with pytest.raises(plaid.IndexExistsError, match=r"is not empty \(\d+ entries\); pass overwrite=True"):
         fast_indexer().build(index_copy, docs[:50])
     assert_same_snapshot(snapshot(index_copy, queries), before)
     assert issubclass(plaid.IndexExistsError, FileExistsError)
@@ -281,8 +281,8 @@ def test_overwrite_replaces_an_existing_index(tmp_path, mini_corpus):
     assert second.generation == first.generation + 1 == 1
     assert second.codec["name"] == "pq" and second.num_documents == 60
     files = set(os.listdir(path))
-    assert not files & (old_files - {"manifest.json", ".plaid-lock"})  # every file of generation 0 is gone
-    assert all(f in ("manifest.json", ".plaid-lock") or f.endswith(".1.npy") for f in files)
+    assert not files & (old_files - {"manifest.json", ".plaid-lock", ".plaid-journal"})  # every file of generation 0 is gone
+    assert all(f in ("manifest.json", ".plaid-lock", ".plaid-journal") or f.endswith(".1.npy") for f in files)
     assert second.verify() == []
     reopened = plaid.Index(str(path))
     assert reopened.num_documents == 60 and reopened.doc_ids == [f"b{i}" for i in range(60)]
@@ -294,19 +294,24 @@ def test_overwrite_replaces_an_existing_index(tmp_path, mini_corpus):
     # and once more: generation 2, files of generation 1 removed
     third = fast_indexer().build(path, docs, overwrite=True)
     assert third.generation == 2 and third.doc_ids is None
-    assert all(f in ("manifest.json", ".plaid-lock") or f.endswith(".2.npy") for f in os.listdir(path))
+    assert all(f in ("manifest.json", ".plaid-lock", ".plaid-journal") or f.endswith(".2.npy") for f in os.listdir(path))
 
 
 def test_overwrite_over_leftovers_of_an_unfinished_build(index_copy, mini_corpus):
+    """A build killed before its commit leaves files named in the journal: the next build removes
+    them. Files nobody recorded (here: the old generation, once its manifest is gone) are kept."""
     docs, queries = mini_corpus
+    old = sorted(f for f in os.listdir(index_copy) if f.endswith(".npy"))
     os.remove(os.path.join(index_copy, "manifest.json"))
-    with open(os.path.join(index_copy, "seg0_codes.7.npy.tmp"), "wb") as f:
+    with open(os.path.join(index_copy, "seg0_codes.7.npy"), "wb") as f:
         f.write(b"partial")
+    with open(os.path.join(index_copy, ".plaid-journal"), "w") as f:
+        f.write("seg0_codes.7.npy\nseg0_residuals.7.npy\nmanifest.json.7.tmp\n")
     index = fast_indexer().build(index_copy, docs, overwrite=True)
-    assert index.verify() == [] and index.generation == 0
-    # the leftovers (old doc_ids files, the partial .tmp) are gone: only the new index remains
+    assert index.verify() == [] and index.generation == 1  # above every generation named in the folder
     assert set(os.listdir(index_copy)) == \
-        {e["file"] for e in index.manifest["arrays"].values()} | {"manifest.json", ".plaid-lock"}
+        {e["file"] for e in index.manifest["arrays"].values()} | {"manifest.json", ".plaid-lock", ".plaid-journal"} \
+        | set(old)
     assert plaid.Searcher(index_copy).search(queries[0], k=3).ids.shape == (1, 3)
 
 

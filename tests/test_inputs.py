@@ -60,7 +60,7 @@ def test_every_input_form_gives_the_same_index(tmp_path, fixed_len_docs, referen
     assert index.num_documents == 100 and index.num_tokens == 1000
     assert array_fingerprint(index.path) == reference
     # nothing but the index is left in its folder (no spill file of a one-shot iterator)
-    assert all(f in ("manifest.json", ".plaid-lock") or f.endswith(".npy") for f in os.listdir(index.path))
+    assert all(f in ("manifest.json", ".plaid-lock", ".plaid-journal") or f.endswith(".npy") for f in os.listdir(index.path))
 
 
 def test_float16_inputs_agree_across_forms(tmp_path, fixed_len_docs):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import plaid
-from plaid import format as fmt
+from plaid import store
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import living_crash_child as child  # noqa: E402
@@ -62,7 +62,7 @@ def test_damaged_array_file_is_detected_and_named(tmp_path, living_index, name, 
             f.write(bytes([b[0] ^ 0x5A]))
 
     problems = plaid.Index(path).verify()
-    assert problems == fmt.verify_index(path)
+    assert problems == store.verify(path)
     assert len(problems) == 1 and problems[0].startswith(fname + ":"), problems
     assert ("checksum" if damage == "flip" else "size") in problems[0]
 
@@ -87,7 +87,7 @@ def test_missing_segment_file_fails_with_a_clear_error(tmp_path, living_index):
 
 def test_damaged_manifest(tmp_path, living_index):
     path = copy_index(living_index, str(tmp_path / "index"))
-    mpath = os.path.join(path, fmt.MANIFEST)
+    mpath = os.path.join(path, store.MANIFEST)
     with open(mpath) as f:
         text = f.read()
     with open(mpath, "w") as f:
@@ -101,9 +101,9 @@ def test_damaged_manifest(tmp_path, living_index):
         plaid.Searcher(path)
     # a manifest that names a file of the wrong shape
     path2 = copy_index(living_index, str(tmp_path / "index2"))
-    m = json.load(open(os.path.join(path2, fmt.MANIFEST)))
+    m = json.load(open(os.path.join(path2, store.MANIFEST)))
     m["arrays"]["doclens"]["shape"] = [m["arrays"]["doclens"]["shape"][0] - 1]
-    with open(os.path.join(path2, fmt.MANIFEST), "w") as f:
+    with open(os.path.join(path2, store.MANIFEST), "w") as f:
         json.dump(m, f)
     with pytest.raises(plaid.IndexCorruptError, match="doclens"):
         plaid.Searcher(path2)

@@ -51,7 +51,7 @@ def just_built(tmp_path_factory, mini_corpus):
     ids = [f"doc/{i}-é" for i in range(len(docs))]
     path = tmp_path_factory.mktemp("rt") / "idx"
     index = plaid.Indexer(show_progress=False, pq_m=16).build(path, docs, doc_ids=ids)
-    return index.path, index.searcher().search(queries, k=10)
+    return index.path, plaid.Searcher(index).search(queries, k=10)
 
 
 @pytest.fixture(scope="module")

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import plaid
+import plaid.store
 from conftest import SMALL_INDEXER, decompressed_docs, doc_offsets
 
 
@@ -54,10 +55,11 @@ def test_score_table_sums_to_the_decoded_residual_scores(request, which):
 def test_stored_norms_are_the_norms_of_the_decoded_vectors(small_index):
     index = plaid.Index(small_index)
     seg = index.manifest["segments"][0]["name"]
-    norms = index._array(f"{seg}_norms")
+    snap = plaid.store.open_snapshot(small_index)
+    norms = snap.mapped(f"{seg}_norms")
     assert norms.dtype == np.float16 and len(norms) == index.num_tokens
-    raw = index.load_codec().decode_numpy(index._array(f"{seg}_residuals"))
-    raw += index._array("centroids").astype(np.float32)[index._array(f"{seg}_codes")]
+    raw = index.load_codec().decode_numpy(np.ascontiguousarray(snap.mapped(f"{seg}_residuals")))
+    raw += snap.centroids[snap.mapped(f"{seg}_codes")]
     np.testing.assert_allclose(norms.astype(np.float32), np.linalg.norm(raw, axis=1), rtol=2.0**-11, atol=0)
 
 

@@ -5,179 +5,33 @@ chunks of ``chunk_tokens`` tokens for encoding. Codes and residual codes go stra
 memory-mapped files, so memory stays bounded by the chunk size, the sample and the centroids,
 whatever the corpus size. Nothing is visible to readers until the manifest is committed.
 
-The encoding pass (:func:`encode_segment`) and the inverted-file merge (:func:`merge_ivf`) are
-shared with :meth:`plaid.Index.add`.
+The encoding pass and the inverted-file merge (:mod:`plaid.indexing.encode`) are shared with
+:meth:`plaid.Index.add`; every file goes through the store's writer (:mod:`plaid.store`).
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Optional
 
 import numpy as np
-from tqdm.auto import tqdm
 
-from .. import format as fmt
+from .._version import __version__
+from ..codecs import make_codec
 from ..embeddings import Corpus, as_corpus
 from ..errors import InvalidInputError
-from .codecs import ResidualCodec, make_codec
+from ..store import IndexWriter, Manifest, Segment, check_doc_ids, encode_doc_ids, writing
+from .encode import encode_segment, merge_ivf, warn_empty
 from .kmeans import CentroidAssigner, default_num_centroids, sample_token_ids, train_centroids
 
-__all__ = ["Indexer", "DocIdTable", "check_doc_ids", "encode_doc_ids", "decode_doc_ids", "encode_segment", "merge_ivf",
-           "VERSION"]
+__all__ = ["Indexer", "OUTLIER_QUANTILE"]
 
-VERSION = "0.1.0"
+logger = logging.getLogger(__name__)
 
 #: Residual-norm quantile recorded at build time; tokens added later beyond it count as outliers.
 OUTLIER_QUANTILE = 0.99
-
-
-def check_doc_ids(doc_ids, n: int, existing: Optional[set] = None) -> Optional[list]:
-    """Validate external ids: None, or ``n`` unique non-empty strings (ints are converted).
-
-    ``existing``: ids already in the index, which new ones must not repeat. Returns a list or None.
-    """
-    if doc_ids is None:
-        return None
-    if isinstance(doc_ids, (str, bytes)):
-        raise InvalidInputError("doc_ids must be a sequence of strings, not a single string")
-    names = [str(x) if isinstance(x, (int, np.integer)) else x for x in doc_ids]
-    if len(names) != n:
-        raise InvalidInputError(f"doc_ids has {len(names)} entries for {n} documents")
-    for i, x in enumerate(names):
-        if not isinstance(x, str) or not x:
-            raise InvalidInputError(f"doc_ids[{i}] must be a non-empty string, got {x!r}")
-    if len(set(names)) != n:
-        seen, dups = set(), []
-        for x in names:
-            if x in seen and x not in dups:
-                dups.append(x)
-            seen.add(x)
-        raise InvalidInputError(f"doc_ids are not unique: {len(dups)} duplicated, e.g. {dups[:3]}")
-    if existing:
-        clash = [x for x in names if x in existing]
-        if clash:
-            raise InvalidInputError(f"{len(clash)} doc_ids are already in the index, e.g. {clash[:3]}")
-    return names
-
-
-def encode_doc_ids(names: List[str]) -> Tuple[np.ndarray, np.ndarray]:
-    """UTF-8 bytes of all ids concatenated (uint8 [B]) and their offsets (int64 [n + 1])."""
-    encoded = [x.encode("utf-8") for x in names]
-    offsets = np.zeros(len(encoded) + 1, np.int64)
-    np.cumsum([len(b) for b in encoded], out=offsets[1:])
-    return np.frombuffer(b"".join(encoded), dtype=np.uint8).copy(), offsets
-
-
-def decode_doc_ids(blob: np.ndarray, offsets: np.ndarray) -> List[str]:
-    """Inverse of :func:`encode_doc_ids`."""
-    raw = np.asarray(blob).tobytes()
-    offsets = np.asarray(offsets)
-    return [raw[offsets[i] : offsets[i + 1]].decode("utf-8") for i in range(len(offsets) - 1)]
-
-
-class DocIdTable:
-    """External ids stored as UTF-8 blob + offsets (possibly memory-mapped), decoded on demand.
-
-    ``table[i]`` -> str; ``table.lookup(name)`` -> internal id or -1 (the reverse map is built on
-    first use; with duplicates, e.g. an id deleted then added again, the latest wins).
-    """
-
-    def __init__(self, blob: np.ndarray, offsets: np.ndarray):
-        self.blob = blob
-        self.offsets = np.asarray(offsets)
-        self._reverse: Optional[Dict[str, int]] = None
-
-    def __len__(self) -> int:
-        return len(self.offsets) - 1
-
-    def __getitem__(self, i: int) -> str:
-        if not 0 <= i < len(self):
-            raise IndexError(i)
-        return bytes(self.blob[self.offsets[i] : self.offsets[i + 1]]).decode("utf-8")
-
-    def tolist(self) -> List[str]:
-        return decode_doc_ids(self.blob, self.offsets)
-
-    def lookup(self, name: str) -> int:
-        if self._reverse is None:
-            self._reverse = {n: i for i, n in enumerate(self.tolist())}
-        return self._reverse.get(name, -1)
-
-
-def warn_empty(corpus: Corpus, doc_base: int = 0) -> int:
-    """Warn about empty documents (naming their ids); returns how many there are."""
-    empty = np.flatnonzero(corpus.doclens == 0) + doc_base
-    if len(empty):
-        warnings.warn(
-            f"{len(empty)} empty document(s) (ids {', '.join(map(str, empty[:5]))}"
-            f"{', ...' if len(empty) > 5 else ''}) are indexed as empty: they keep their ids and are never returned",
-            stacklevel=4,
-        )
-    return int(len(empty))
-
-
-def encode_segment(writer: fmt.IndexWriter, segment: str, corpus: Corpus, centroids: np.ndarray,
-                   assigner: CentroidAssigner, codec: ResidualCodec, doc_base: int, chunk_tokens: int,
-                   show_progress: bool, normalized: bool) -> Tuple[np.ndarray, np.ndarray]:
-    """Encode every token of ``corpus`` into arrays ``<segment>_codes`` / ``<segment>_residuals``,
-    and, when ``normalized``, ``<segment>_norms`` (float16 norm of each decoded, not yet
-    renormalised vector: search divides by it instead of decoding to find it).
-
-    Returns the (centroid, document) pairs for the inverted file: int32 cells and int32 global
-    document ids (``doc_base`` + position in ``corpus``), deduplicated, grouped by chunk.
-    """
-    T, N = corpus.num_tokens, corpus.num_docs
-    code_dtype = np.uint16 if len(centroids) <= 1 << 16 else np.int32
-    codes_out = writer.create(f"{segment}_codes", (T,), code_dtype)
-    res_out = writer.create(f"{segment}_residuals", (T, codec.code_bytes), np.uint8)
-    norms_out = writer.create(f"{segment}_norms", (T,), np.float16) if normalized else None
-    cells, docs = [], []
-    bar = tqdm(total=T, unit="tok", unit_scale=True, desc="plaid: encoding", disable=not show_progress)
-    for start, end in corpus.chunks(chunk_tokens):
-        lo, hi = int(corpus.offsets[start]), int(corpus.offsets[end])
-        if hi == lo:
-            continue
-        x = corpus.read(start, end)
-        a = assigner.assign(x)
-        codes_out[lo:hi] = a
-        r = codec.encode(x - centroids[a])
-        res_out[lo:hi] = r
-        if norms_out is not None:  # kept within float16's normal range: never 0 or inf
-            norms_out[lo:hi] = np.clip(codec.decoded_norms(centroids, a, r), 2.0**-14, 65504.0)
-        d = np.repeat(np.arange(start, end, dtype=np.int64), corpus.doclens[start:end])
-        key = np.unique(a.astype(np.int64) * N + d)  # (cell, doc) pairs, deduplicated
-        cells.append((key // N).astype(np.int32))
-        docs.append((key % N + doc_base).astype(np.int32))
-        bar.update(hi - lo)
-    bar.close()
-    writer.finish(f"{segment}_codes")
-    writer.finish(f"{segment}_residuals")
-    if norms_out is not None:
-        writer.finish(f"{segment}_norms")
-    if not cells:
-        return np.zeros(0, np.int32), np.zeros(0, np.int32)
-    return np.concatenate(cells), np.concatenate(docs)
-
-
-def merge_ivf(num_centroids: int, cells: np.ndarray, docs: np.ndarray,
-              old_ivf: Optional[np.ndarray] = None, old_offsets: Optional[np.ndarray] = None
-              ) -> Tuple[np.ndarray, np.ndarray]:
-    """Inverted file from (cell, doc) pairs, appended after an existing one.
-
-    New documents must have larger ids than any in ``old_ivf`` and be in ascending order per cell
-    (as :func:`encode_segment` returns them), so each cell's list stays sorted.
-    Returns (ivf int32 [P], ivf_offsets int64 [num_centroids + 1]).
-    """
-    if old_ivf is not None and len(old_ivf):
-        old_cells = np.repeat(np.arange(len(old_offsets) - 1, dtype=np.int32), np.diff(old_offsets))
-        cells = np.concatenate([old_cells, cells])
-        docs = np.concatenate([np.asarray(old_ivf, np.int32), docs])
-    order = np.argsort(cells, kind="stable")
-    offsets = np.zeros(num_centroids + 1, np.int64)
-    np.cumsum(np.bincount(cells, minlength=num_centroids), out=offsets[1:])
-    return docs[order].astype(np.int32), offsets
 
 
 class Indexer:
@@ -230,6 +84,8 @@ class Indexer:
         if num_centroids is not None and (isinstance(num_centroids, bool) or
                                           not isinstance(num_centroids, (int, np.integer)) or num_centroids <= 0):
             raise InvalidInputError(f"num_centroids must be a positive integer or None, got {num_centroids!r}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= int(seed) < 2**32:
+            raise InvalidInputError(f"seed must be an integer in [0, 2**32), got {seed!r}")
         if normalize not in ("auto", True, False):
             raise InvalidInputError(f"normalize must be 'auto', True or False, got {normalize!r}")
         if codec == "scalar" and nbits not in (1, 2, 4):
@@ -245,10 +101,6 @@ class Indexer:
         self.show_progress = bool(show_progress)
         self.last_timings: Dict[str, float] = {}
 
-    def _log(self, msg: str) -> None:
-        if self.show_progress:
-            tqdm.write(f"plaid: {msg}")
-
     def build(self, path: str, documents, *, doc_ids=None, overwrite: bool = False):
         """Index ``documents`` into directory ``path``; returns the opened :class:`plaid.Index`.
 
@@ -263,37 +115,18 @@ class Indexer:
         from .index import Index
 
         path = os.fspath(path)
-        created = not os.path.exists(path)
-        old = fmt.prepare_directory(path, overwrite)
-        was_empty = not os.listdir(path)
-        try:
-            with fmt.writer_lock(path):
-                if overwrite:
-                    old = _reread_manifest(path) or old
-                generation = old["generation"] + 1 if old else 0
-                writer = fmt.IndexWriter(path, generation)
-                corpus = None
-                try:
-                    corpus = as_corpus(documents, spill_dir=path)
-                    names = check_doc_ids(doc_ids, corpus.num_docs)
-                    manifest = self._build(writer, corpus, names)
-                except BaseException:
-                    writer.abort()
-                    raise
-                finally:
-                    if corpus is not None:
-                        corpus.close()
-        except BaseException:
-            if (created or was_empty) and os.path.isdir(path):  # leave it as we found it
-                lock = os.path.join(path, fmt.LOCK_FILE)
-                if os.path.exists(lock) and os.listdir(path) == [fmt.LOCK_FILE]:
-                    os.remove(lock)
-                if created and not os.listdir(path):
-                    os.rmdir(path)
-            raise
-        return Index(path, _manifest=manifest)
+        with writing(path, new=True, overwrite=bool(overwrite)) as writer:
+            corpus = None
+            try:
+                corpus = as_corpus(documents, spill=writer.scratch_file)
+                names = check_doc_ids(doc_ids, corpus.num_docs)
+                self._build(writer, corpus, names)
+            finally:
+                if corpus is not None:
+                    corpus.close()
+        return Index(path)
 
-    def _build(self, writer: fmt.IndexWriter, corpus: Corpus, names: Optional[list]) -> dict:
+    def _build(self, writer: IndexWriter, corpus: Corpus, names: Optional[list]) -> Manifest:
         t_start = time.perf_counter()
         timings: Dict[str, float] = {}
         T, N, dim = corpus.num_tokens, corpus.num_docs, corpus.dim
@@ -317,7 +150,7 @@ class Indexer:
         t = time.perf_counter()
         km_rows = sample if len(sample) <= n_km else \
             sample[np.random.default_rng(self.seed + 1).choice(len(sample), n_km, replace=False)]
-        self._log(f"k-means: {C} centroids from {len(km_rows)} of {T} tokens, {self.kmeans_niter} iterations")
+        logger.info("k-means: %d centroids from %d of %d tokens, %d iterations", C, len(km_rows), T, self.kmeans_niter)
         centroids = train_centroids(km_rows, C, self.kmeans_niter, self.seed, show_progress=self.show_progress)
         # stored as float16 (halves their share of the index); encode against the stored values.
         # Vectors beyond float16's range (|x| > 65504) keep float32 centroids rather than inf ones.
@@ -363,7 +196,7 @@ class Indexer:
         timings["total_s"] = time.perf_counter() - t_start
 
         fields = {
-            "created_by": f"plaid-engine {VERSION}",
+            "created_by": f"plaid-engine {__version__}",
             "dim": dim,
             "num_documents": N,
             "num_tokens": T,
@@ -374,7 +207,7 @@ class Indexer:
             "normalized": normalized,
             "outlier_residual_norm": outlier_norm,
             "codec": codec.params(),
-            "segments": [{"name": "seg0", "doc_start": 0, "doc_end": N, "num_tokens": T}],
+            "segments": [Segment("seg0", 0, N, T)],
             "next_segment": 1,
             "tombstones": [],
             "build": {
@@ -387,14 +220,7 @@ class Indexer:
             },
         }
         manifest = writer.commit(fields)
-        self._log(f"built {N} documents, {T} tokens in {timings['total_s']:.1f}s "
-                  f"({', '.join(f'{k[:-2]} {v:.1f}s' for k, v in timings.items() if k != 'total_s')})")
+        logger.info("built %d documents, %d tokens in %.1fs (%s)", N, T, timings["total_s"],
+                    ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in timings.items() if k != "total_s"))
         self.last_timings = timings
         return manifest
-
-
-def _reread_manifest(path: str) -> Optional[dict]:
-    try:
-        return fmt.read_manifest(path)
-    except Exception:
-        return None

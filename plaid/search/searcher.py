@@ -12,17 +12,15 @@ import math
 import os
 import threading
 from dataclasses import dataclass
-from typing import List, Optional, Sequence, Union
+from typing import List, Optional, Union
 
 import numpy as np
 import torch
 
-from .. import format as fmt
 from ..embeddings import advise_random, as_queries
 from ..errors import IndexCorruptError, InvalidInputError
-from ..indexing.codecs import codec_array_names, codec_from_manifest
-from ..indexing.index import load_deleted
-from ..indexing.indexer import DocIdTable
+from ..store import DocIdTable, Snapshot, checked_codes, checked_norms, open_snapshot, read_manifest, resolve_ids
+from ..store import verify as _verify
 from . import stages, stages_torch
 
 __all__ = ["Searcher", "Results", "default_search_params"]
@@ -107,83 +105,44 @@ class _Workspace(threading.local):
         return buf
 
 
-class TokenStore:
-    """Per-token rows stored as consecutive segments, addressed by global token position.
+class _State:
+    """Everything one committed generation of the index needs for search (read-only once built).
 
-    parts: arrays [t_i, ...] (memory-mapped or in memory); bases: int64 [len(parts) + 1], the
-    global position of each part's first row. ``store[pos]`` / :meth:`take` gather rows at
-    ascending positions.
+    Built from a store :class:`~plaid.store.Snapshot`, which checked the manifest, every file and
+    the in-memory arrays; per-token values that stay on disk are checked where they are read.
     """
 
-    def __init__(self, parts: Sequence[np.ndarray], bases: np.ndarray):
-        self.parts = list(parts)
-        self.bases = np.asarray(bases, np.int64)
-        self.dtype = np.result_type(*[p.dtype for p in self.parts])
-
-    def take(self, pos: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
-        if len(self.parts) == 1:
-            return np.take(self.parts[0], pos, axis=0, out=out)
-        if out is None:
-            out = np.empty((len(pos),) + self.parts[0].shape[1:], self.dtype)
-        cuts = np.searchsorted(pos, self.bases)
-        for i, part in enumerate(self.parts):
-            lo, hi = cuts[i], cuts[i + 1]
-            if hi > lo:
-                out[lo:hi] = np.take(part, pos[lo:hi] - self.bases[i], axis=0)
-        return out
-
-    __getitem__ = take
-
-    def concatenated(self) -> np.ndarray:
-        return np.concatenate([np.asarray(p, dtype=self.dtype) for p in self.parts]) if len(self.parts) > 1 \
-            else np.asarray(self.parts[0])
-
-
-class _State:
-    """Everything one committed generation of the index needs for search (read-only once built)."""
-
-    def __init__(self, path: str, device: torch.device, load_all: bool, engine: str, precision: str):
-        m = fmt.read_manifest(path)
-        self.manifest = m
-        self.generation = int(m["generation"])
-        try:
-            self.dim = int(m["dim"])
-            self.num_documents = int(m["num_documents"])
-            self.num_tokens = int(m["num_tokens"])
-            self.num_centroids = int(m["num_centroids"])
-            self.normalized = bool(m.get("normalized", False))
-            codec_params = m["codec"]
-            code_bytes = int(codec_params["code_bytes"])
-            segments = list(m["segments"])
-        except (KeyError, TypeError, ValueError) as e:
-            raise IndexCorruptError(f"{path}: manifest lacks a field ({e})") from None
-        arr = lambda name, mmap=False: fmt.open_array(path, m, name, mmap=mmap)  # noqa: E731
-        try:
-            self.codec = codec_from_manifest(self.dim, codec_params,
-                                             {n: arr(n) for n in codec_array_names(codec_params)})
-        except (ValueError, KeyError) as e:
-            raise IndexCorruptError(f"{path}: codec arrays are inconsistent ({e})") from None
-        centroids = np.ascontiguousarray(arr("centroids"), dtype=np.float32)
-        ivf = arr("ivf")
-        ivf_offsets = arr("ivf_offsets").astype(np.int64)
-        doclens = arr("doclens").astype(np.int64)
-        doc_offsets = np.zeros(len(doclens) + 1, np.int64)
-        np.cumsum(doclens, out=doc_offsets[1:])
+    def __init__(self, snap: Snapshot, device: torch.device, load_all: bool, engine: str, precision: str):
+        m = snap.manifest
+        self.snapshot = snap
+        self.manifest = m.to_json()
+        self.generation = m.generation
+        self.dim = m.dim
+        self.num_documents = m.num_documents
+        self.num_tokens = m.num_tokens
+        self.num_centroids = m.num_centroids
+        self.normalized = m.normalized
+        self.codec = snap.codec
+        centroids = snap.centroids
+        ivf, ivf_offsets = snap.ivf, snap.ivf_offsets
+        doclens, doc_offsets = snap.doclens, snap.doc_offsets
+        deleted = snap.deleted
+        self.codes_file = snap.token_files("codes")
+        self.norms_file = snap.token_files("norms") if self.normalized else ""
         mmap = not load_all and device.type == "cpu"
-        codes = [arr(f"{s['name']}_codes", mmap=mmap) for s in segments]
-        residuals = [arr(f"{s['name']}_residuals", mmap=mmap) for s in segments]
-        norms = [arr(f"{s['name']}_norms", mmap=mmap) for s in segments] if self.normalized else []
+        self.codes, self.residuals, self.norms = snap.codes(load=not mmap), snap.residuals(load=not mmap), \
+            snap.norms(load=not mmap)
         if mmap:  # searches touch scattered rows: no readahead (measured: cold-cache resident
-            for a in codes + residuals + norms:  # residual pages after 50 queries on 50k docs 119 MB -> 25 MB)
-                advise_random(a)
-        bases = np.concatenate([[0], np.cumsum([len(c) for c in codes])]).astype(np.int64)
-        deleted = load_deleted(path, m)
-        _check_consistency(path, self, centroids, ivf, ivf_offsets, doclens, codes, residuals, norms, code_bytes,
-                           deleted)
+            for rows in (self.codes, self.residuals, self.norms):  # residual pages after 50 queries
+                for a in (rows.parts if rows is not None else []):  # on 50k docs 119 MB -> 25 MB)
+                    advise_random(a)
+        if not mmap or engine == "torch":  # in memory anyway: check every token's centroid id and norm once
+            for a in self.codes.parts:
+                checked_codes(a, self.num_centroids, f"{snap.path}: index files {self.codes_file}")
+            for a in (self.norms.parts if self.norms is not None else []):
+                checked_norms(a, f"{snap.path}: index files {self.norms_file}")
         self.centroids = centroids
         self.ivf, self.ivf_offsets, self.doc_offsets = ivf, ivf_offsets, doc_offsets
-        self.codes, self.residuals = TokenStore(codes, bases), TokenStore(residuals, bases)
-        self.norms: Optional[TokenStore] = TokenStore(norms, bases) if self.normalized else None
         if engine == "numpy":  # stages 2-3 read each document's distinct centroids (the inverted
             # file transposed: 4 B per (centroid, document) pair + 8 B per document, in memory)
             self.dcells, self.dcell_offsets = stages.doc_cells(ivf, ivf_offsets, self.num_documents)
@@ -193,7 +152,7 @@ class _State:
         if len(deleted):
             self.alive = np.ones(self.num_documents, bool)
             self.alive[deleted] = False
-        self.num_live = self.num_documents - len(deleted) - int(((doclens == 0) & (self.alive if self.alive is not None else True)).sum())
+        self.num_live = snap.num_live
         # Stages 1-3 score query tokens against unit centroids when the index holds unit vectors
         # (cosine, the scale PLAID's thresholds are set in); stage 4 scores the raw ones.
         scoring = centroids
@@ -208,41 +167,21 @@ class _State:
             self.ivf_offsets_t = torch.from_numpy(ivf_offsets).to(device)
             self.doc_offsets_t = torch.from_numpy(doc_offsets).to(device)
             self.codes_t = torch.from_numpy(self.codes.concatenated().astype(np.int64)).to(device)
-            self.residuals_t = torch.from_numpy(np.array(self.residuals.concatenated())).to(device)
+            self.residuals_t = torch.from_numpy(np.ascontiguousarray(self.residuals.concatenated())).to(device)
             self.norms_t = torch.from_numpy(self.norms.concatenated().astype(np.float32)).to(device) \
                 if self.norms is not None else None
             self.alive_t = torch.from_numpy(self.alive).to(device) if self.alive is not None else None
-        # external ids: mapped now (a map outlives a writer deleting the file), decoded on demand
-        self.doc_ids: Optional[DocIdTable] = None
-        if m.get("has_doc_ids"):
-            self.doc_ids = DocIdTable(arr("doc_ids_utf8", mmap=True), arr("doc_ids_offsets", mmap=True))
+        # external ids: mapped by the snapshot (a map outlives a writer deleting the file)
+        self.doc_ids: Optional[DocIdTable] = snap.doc_ids
 
+    def token_codes(self, pos: np.ndarray) -> np.ndarray:
+        """Centroid ids of the tokens at ``pos`` (int64 [t], ascending), checked against C."""
+        return checked_codes(self.codes.take(pos), self.num_centroids,
+                             f"{self.snapshot.path}: index files {self.codes_file}")
 
-def _check_consistency(path, st, centroids, ivf, ivf_offsets, doclens, codes, residuals, norms, code_bytes,
-                       deleted) -> None:
-    T = st.num_tokens
-    problems = []
-    if len(doclens) != st.num_documents:
-        problems.append(f"doclens has {len(doclens)} entries for {st.num_documents} documents")
-    elif int(doclens.sum()) != T:
-        problems.append(f"doclens sum to {int(doclens.sum())}, not {T} tokens")
-    if centroids.shape != (st.num_centroids, st.dim):
-        problems.append(f"centroids have shape {centroids.shape}, expected {(st.num_centroids, st.dim)}")
-    if len(ivf_offsets) != st.num_centroids + 1 or int(ivf_offsets[-1]) != len(ivf) \
-            or (len(ivf_offsets) and int(ivf_offsets[0]) != 0) or (np.diff(ivf_offsets) < 0).any():
-        problems.append("ivf_offsets do not delimit ivf")
-    elif len(ivf) and (int(ivf.min()) < 0 or int(ivf.max()) >= st.num_documents):
-        problems.append("ivf holds document ids out of range")
-    if sum(len(c) for c in codes) != T or any(len(c) != len(r) for c, r in zip(codes, residuals)):
-        problems.append("segment codes / residuals do not hold num_tokens rows")
-    if any(r.ndim != 2 or r.shape[1] != code_bytes for r in residuals):
-        problems.append(f"residuals are not [tokens, {code_bytes}]")
-    if norms and any(n.ndim != 1 or len(n) != len(c) for n, c in zip(norms, codes)):
-        problems.append("segment norms do not hold one entry per token")
-    if len(deleted) and (deleted.min() < 0 or deleted.max() >= st.num_documents):
-        problems.append("tombstones hold document ids out of range")
-    if problems:
-        raise IndexCorruptError(f"{path}: inconsistent index: " + "; ".join(problems))
+    def token_norms(self, pos: np.ndarray) -> np.ndarray:
+        """Stored norms (float16 [t]) of the tokens at ``pos``, checked finite and positive."""
+        return checked_norms(self.norms.take(pos), f"{self.snapshot.path}: index files {self.norms_file}")
 
 
 class Searcher:
@@ -278,7 +217,13 @@ class Searcher:
                  engine: str = "auto"):
         path = getattr(path, "path", path)
         self.path = os.fspath(path)
-        self.device = torch.device(device)
+        try:
+            self.device = torch.device(device)
+        except (RuntimeError, TypeError, ValueError):
+            raise InvalidInputError(f"device: {device!r} is not a torch device ('cpu', 'cuda', 'cuda:1', ...)") from None
+        if self.device.type not in ("cpu", "cuda"):
+            raise InvalidInputError(f"device: {device!r} is not supported; plaid searches on the CPU ('cpu') or "
+                                    "on a CUDA GPU ('cuda')")
         if self.device.type == "cuda" and not torch.cuda.is_available():
             raise InvalidInputError("device='cuda' was asked for but torch sees no CUDA device")
         if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size <= 0:
@@ -297,22 +242,15 @@ class Searcher:
         self.batch_size = int(batch_size)
         self._ws = _Workspace()
         self._reload_lock = threading.Lock()
-        fmt.read_manifest(self.path)  # clear errors for a missing or unfinished index first
         if verify:
-            problems = fmt.verify_index(self.path)
+            problems = _verify(self.path)
             if problems:
                 raise IndexCorruptError(f"{self.path}: index verification failed: " + "; ".join(problems))
         self._state = self._load()
 
     def _load(self) -> _State:
-        """Open the committed generation; retry when a writer replaced it while we were opening."""
-        for attempt in range(5):
-            before = fmt.read_manifest(self.path)["generation"]
-            try:
-                return _State(self.path, self.device, self.load_all, self.engine, self.centroid_precision)
-            except IndexCorruptError:
-                if attempt == 4 or fmt.read_manifest(self.path)["generation"] == before:
-                    raise  # really corrupt, not a concurrent commit
+        """Open the committed generation (the store retries a writer's concurrent commit)."""
+        return _State(open_snapshot(self.path), self.device, self.load_all, self.engine, self.centroid_precision)
 
     def reload(self) -> bool:
         """Switch to the newest committed generation; returns True when it changed.
@@ -320,7 +258,7 @@ class Searcher:
         Searches running in other threads finish on the generation they started with.
         """
         with self._reload_lock:
-            if fmt.read_manifest(self.path)["generation"] == self._state.generation:
+            if read_manifest(self.path).generation == self._state.generation:
                 return False
             self._state = self._load()
             return True
@@ -460,9 +398,9 @@ class Searcher:
         st = self._state
         pos = np.asarray(pos, dtype=np.int64)
         D = st.codec.decode_numpy(st.residuals.take(pos))
-        D += st.centroids.take(st.codes.take(pos), axis=0)
+        D += st.centroids.take(st.token_codes(pos), axis=0)
         if st.normalized:
-            D /= st.norms.take(pos)[:, None]
+            D /= st.token_norms(pos)[:, None]
         return D
 
     def _stage4_sims(self, st: _State, pos: np.ndarray, q: np.ndarray) -> np.ndarray:
@@ -474,7 +412,7 @@ class Searcher:
         stages 1-3: a query's scores do not depend on the batch it came in.
         """
         sims = stages.adc_scores(st.codec.score_table(q), st.residuals.take(pos))
-        cc = st.codes.take(pos)
+        cc = st.token_codes(pos)
         used = np.zeros(st.num_centroids, bool)
         used[cc] = True
         u = np.flatnonzero(used)
@@ -484,7 +422,7 @@ class Searcher:
         cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(st.centroids, u, axis=0)).T).numpy()
         sims += cs.take(slot[cc], axis=1).T
         if st.normalized:  # float16 -> float32 through torch: 4x faster than numpy's cast
-            sims /= torch.from_numpy(st.norms.take(pos)).float().numpy()[:, None]
+            sims /= torch.from_numpy(st.token_norms(pos)).float().numpy()[:, None]
         return sims
 
     def _exact(self, st: _State, q: np.ndarray, docs: np.ndarray, k: int):
@@ -645,22 +583,6 @@ def _scaled_ncells(ncells: int, subset_size: int, st: _State) -> int:
 
 
 def _resolve_subset(st: _State, ids: list) -> np.ndarray:
-    """Sorted unique internal ids named by a subset (external str or internal int ids)."""
-    out = np.empty(len(ids), np.int64)
-    unknown = []
-    for i, x in enumerate(ids):
-        if isinstance(x, str):
-            names = st.doc_ids
-            if names is None:
-                raise InvalidInputError("subset: this index has no external doc_ids; use internal (int) ids")
-            j = names.lookup(x)
-        elif isinstance(x, (int, np.integer)) and not isinstance(x, bool):
-            j = int(x) if 0 <= int(x) < st.num_documents else -1
-        else:
-            raise InvalidInputError(f"subset ids must be str (external) or int (internal), got {x!r}")
-        if j < 0:
-            unknown.append(x)
-        out[i] = j
-    if unknown:
-        raise InvalidInputError(f"subset names {len(unknown)} unknown document id(s), e.g. {unknown[:5]}")
-    return np.unique(out)
+    """Sorted unique internal ids named by a subset (external str or internal int ids; deleted
+    ones are kept here and dropped by the caller)."""
+    return np.unique(resolve_ids(ids, st.num_documents, st.doc_ids, st.deleted, what="subset", deleted_ok=True))

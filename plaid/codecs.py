@@ -26,9 +26,10 @@ import faiss
 import numpy as np
 import torch
 
-from ..errors import InvalidInputError
+from .errors import InvalidInputError
 
-__all__ = ["ResidualCodec", "PQCodec", "ScalarCodec", "make_codec", "codec_from_manifest"]
+__all__ = ["ResidualCodec", "PQCodec", "ScalarCodec", "make_codec", "codec_from_manifest", "check_codec_params",
+           "codec_array_specs"]
 
 
 class ResidualCodec:
@@ -310,13 +311,52 @@ def make_codec(name: str, dim: int, *, pq_m: int = 32, nbits: int = 2) -> Residu
     raise InvalidInputError(f"unknown codec {name!r}; choose 'pq' or 'scalar'")
 
 
-def codec_array_names(params: Dict) -> list:
-    """Names of the arrays a codec with these manifest params stores."""
-    return ["pq_codebooks"] if params["name"] == "pq" else ["bucket_cutoffs", "bucket_weights"]
+def check_codec_params(dim: int, params) -> Dict:
+    """Validate a manifest's codec parameters for vectors of ``dim`` dimensions.
+
+    Returns them as a plain dict; raises ``ValueError`` naming the field that is missing, of the
+    wrong type or inconsistent (e.g. ``code_bytes`` that does not match ``m`` or ``nbits``).
+    """
+    if not isinstance(params, dict):
+        raise ValueError(f"codec must be an object, got {type(params).__name__}")
+
+    def integer(key):
+        v = params.get(key)
+        if type(v) is not int:
+            raise ValueError(f"codec.{key} must be an integer, got {v!r}")
+        return v
+
+    name = params.get("name")
+    if name == "pq":
+        m, nbits, code_bytes = integer("m"), integer("nbits"), integer("code_bytes")
+        if m <= 0 or dim % m:
+            raise ValueError(f"codec.m={m} does not divide the dimension {dim}")
+        if nbits != 8:
+            raise ValueError(f"codec.nbits={nbits}: the pq codec uses 8 bits per sub-quantiser")
+        if code_bytes != m:
+            raise ValueError(f"codec.code_bytes={code_bytes} differs from codec.m={m}")
+        return {"name": "pq", "m": m, "nbits": 8, "code_bytes": m}
+    if name == "scalar":
+        nbits, code_bytes = integer("nbits"), integer("code_bytes")
+        if nbits not in (1, 2, 4) or (dim * nbits) % 8:
+            raise ValueError(f"codec.nbits={nbits} is not 1, 2 or 4 with dim * nbits a multiple of 8 (dim {dim})")
+        if code_bytes != dim * nbits // 8:
+            raise ValueError(f"codec.code_bytes={code_bytes}, expected dim * nbits / 8 = {dim * nbits // 8}")
+        return {"name": "scalar", "nbits": nbits, "code_bytes": code_bytes}
+    raise ValueError(f"unknown codec.name {name!r} (this plaid knows 'pq' and 'scalar')")
+
+
+def codec_array_specs(dim: int, params: Dict) -> Dict[str, tuple]:
+    """The arrays a codec stores: name -> (dtype, shape). ``params`` as from :func:`check_codec_params`."""
+    if params["name"] == "pq":
+        m = params["m"]
+        return {"pq_codebooks": (np.dtype(np.float32), (m, 256, dim // m))}
+    k = 1 << params["nbits"]
+    return {"bucket_cutoffs": (np.dtype(np.float32), (k - 1,)), "bucket_weights": (np.dtype(np.float32), (k,))}
 
 
 def codec_from_manifest(dim: int, params: Dict, arrays: Dict[str, np.ndarray]) -> ResidualCodec:
-    """Rebuild a trained codec from its manifest params and stored arrays."""
+    """Rebuild a trained codec from its (validated) manifest params and stored arrays."""
     cls = CODECS.get(params.get("name"))
     if cls is None:
         raise ValueError(f"unknown codec {params.get('name')!r}")
