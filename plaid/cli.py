@@ -142,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--num-centroids", type=_positive_int, default=None,
                     help="k-means centroids (default: PLAID's 2**floor(log2(16*sqrt(tokens))))")
     ix.add_argument("--kmeans-niter", type=_positive_int, default=4, help="k-means iterations")
-    ix.add_argument("--seed", type=_seed, default=0, help=f"seed of sampling, k-means and codec training (0 to {MAX_SEED})")
+    ix.add_argument("--seed", type=_seed, default=0,
+                    help=f"seed of sampling, k-means and codec training (0 to {MAX_SEED})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index (and --save-embeddings folder)")
     _add_common(p)
 
