@@ -32,21 +32,35 @@ FILES = {
 
 
 def read_ids(path: str) -> List[str]:
-    """One id per line (trailing newline and surrounding whitespace stripped; blank lines kept as errors)."""
-    with open(path, encoding="utf-8") as f:
-        ids = [line.rstrip("\r\n") for line in f]
-    for n, x in enumerate(ids, 1):
-        if not x.strip() or any(c.isspace() for c in x.strip()):
-            raise InvalidInputError(f"{path}:{n}: id {x!r} is empty or contains whitespace")
-    return [x.strip() for x in ids]
+    """One id per line (trailing newline and surrounding whitespace stripped).
+
+    An empty line, an id containing whitespace (it could not be written to a TREC run) or a line
+    that is not UTF-8 raises :class:`InvalidInputError` ``"<path>:<line>: ..."``.
+    """
+    ids = []
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                x = raw.decode("utf-8").rstrip("\r\n")
+            except UnicodeDecodeError as e:
+                raise InvalidInputError(f"{path}:{n}: not UTF-8 text (byte 0x{raw[e.start]:02x} at column "
+                                        f"{e.start + 1})") from None
+            if n == 1 and x.startswith("\ufeff"):  # a UTF-8 byte order mark
+                x = x[1:]
+            if not x.strip() or any(c.isspace() for c in x.strip()):
+                raise InvalidInputError(f"{path}:{n}: id {x!r} is empty or contains whitespace "
+                                        "(it could not be written to a TREC run)")
+            ids.append(x.strip())
+    return ids
 
 
 def load_bundle(path: str, kind: str = "doc") -> Tuple[Embeddings, Optional[List[str]]]:
     """Open the ``kind`` ("doc" or "query") part of the bundle at ``path``.
 
     Returns (``plaid.Embeddings`` over the memory-mapped vectors, ids or None when the ids file is
-    absent). Raises :class:`InvalidInputError` for a missing folder or file, lengths that do not sum
-    to the embedding rows, or an ids file of the wrong length.
+    absent). Raises :class:`InvalidInputError` for a missing folder or file, a file that is not a
+    plain ``.npy`` array (truncated, empty, pickled), vectors of dimension 0, lengths that do not
+    sum to the embedding rows, or an ids file of the wrong length.
     """
     emb_name, lens_name, ids_name = FILES[kind]
     if not os.path.isdir(path):
@@ -55,16 +69,22 @@ def load_bundle(path: str, kind: str = "doc") -> Tuple[Embeddings, Optional[List
     for p in (emb_path, lens_path):
         if not os.path.exists(p):
             raise InvalidInputError(f"embeddings bundle {path} has no {os.path.basename(p)}")
-    try:
-        vectors = np.load(emb_path, mmap_mode="r", allow_pickle=False)
-        lens = np.load(lens_path, allow_pickle=False)
-    except ValueError as e:
-        raise InvalidInputError(f"embeddings bundle {path}: cannot read {emb_name} or {lens_name} ({e})") from None
+    arrays = []
+    for p, mmap in ((emb_path, "r"), (lens_path, None)):
+        try:
+            arrays.append(np.load(p, mmap_mode=mmap, allow_pickle=False))
+        except (ValueError, EOFError, OSError) as e:  # not a .npy, an object array, truncated, empty
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            if "pickled" in reason:
+                reason = "not a .npy array file, or one of pickled or object data, which is never loaded"
+            raise InvalidInputError(f"embeddings bundle {path}: cannot read {os.path.basename(p)} ({reason})") from None
+    vectors, lens = arrays
     if lens.ndim != 1 or not np.issubdtype(lens.dtype, np.integer):
         raise InvalidInputError(f"{lens_path}: expected a 1-D integer array, got {lens.dtype}{list(lens.shape)}")
     total = int(lens.sum())
-    if vectors.ndim != 2:
-        raise InvalidInputError(f"{emb_path}: expected a 2-D [tokens, dim] array, got shape {list(vectors.shape)}")
+    if vectors.ndim != 2 or vectors.shape[1] == 0:
+        raise InvalidInputError(f"{emb_path}: expected a 2-D [tokens, dim] array with dim > 0, got shape "
+                                f"{list(vectors.shape)}")
     if total != vectors.shape[0]:
         raise InvalidInputError(f"embeddings bundle {path}: {lens_name} sum to {total} tokens but {emb_name} "
                                 f"has {vectors.shape[0]} rows")

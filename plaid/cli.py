@@ -1,14 +1,29 @@
 """The ``plaid`` command (also ``python -m plaid``): index, search, evaluate, info, verify.
 
 Argument parsing, and calls into ``plaid.pipeline``, ``plaid.evaluation`` and ``plaid.Index``;
-nothing else. Exit codes: 0 success, 2 usage or input error (one line on stderr, no traceback),
-130 interrupted. Progress bars and notes go to stderr; data (a run without ``--output``,
-``--json``) to stdout.
+nothing else. Progress bars and notes go to stderr; data (a run without ``--output``, ``--json``)
+to stdout.
+
+Exit codes: 0 success; 2 for every failure, reported as exactly one line on stderr (the last one:
+progress notes, and warnings, may come before it; with ``--quiet`` only warnings) and never a
+traceback: ``plaid <command>: error: <what>`` for a usage error or a bad input (a
+:class:`plaid.PlaidError`, an ``OSError`` such as a missing or unreadable file or a full disk, a
+``ValueError``, a ``MemoryError``), ``plaid <command>: internal error: <Type>: <message> (please
+report it)`` for any other exception (a bug: still one line, still exit 2); 130 interrupted
+(Ctrl-C, nothing printed); 141 when stdout is a closed pipe (``plaid search ... | head``,
+nothing printed).
+
+Messages go through the ``plaid`` logger (library modules log under ``plaid.*``): :func:`main`
+gives it a stderr handler printing ``plaid: <message>`` at level INFO, WARNING with ``--quiet``,
+for the duration of the call (it does not touch the root logger, and repeated calls do not add
+handlers). Python warnings raised by plaid show as one ``plaid: warning: ...`` line each.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 import time
 import warnings
@@ -18,6 +33,8 @@ from . import __version__
 from .errors import PlaidError
 
 __all__ = ["main", "build_parser"]
+
+logger = logging.getLogger(__name__)
 
 EXAMPLES = """\
 examples:
@@ -48,6 +65,31 @@ def _positive_int(s: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}") from None
     if v <= 0:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {s!r}")
+    return v
+
+
+MAX_SEED = 2**31 - 1  # faiss takes a C int, numpy a non-negative integer
+
+
+def _seed(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        v = -1
+    if not 0 <= v <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"expected an integer from 0 to {MAX_SEED}, got {s!r}")
+    return v
+
+
+def _finite_float(s: str) -> float:
+    import math
+
+    try:
+        v = float(s)
+    except ValueError:
+        v = math.nan
+    if not math.isfinite(v):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {s!r}")
     return v
 
 
@@ -100,7 +142,8 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--num-centroids", type=_positive_int, default=None,
                     help="k-means centroids (default: PLAID's 2**floor(log2(16*sqrt(tokens))))")
     ix.add_argument("--kmeans-niter", type=_positive_int, default=4, help="k-means iterations")
-    ix.add_argument("--seed", type=int, default=0, help="seed of sampling, k-means and codec training")
+    ix.add_argument("--seed", type=_seed, default=0,
+                    help=f"seed of sampling, k-means and codec training (0 to {MAX_SEED})")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index (and --save-embeddings folder)")
     _add_common(p)
 
@@ -121,12 +164,16 @@ def build_parser() -> argparse.ArgumentParser:
     enc.add_argument("--query-maxlen", type=_positive_int, default=None,
                      help="query length in tokens, [MASK]-padded (default: the checkpoint's)")
     s = p.add_argument_group("search parameters (defaults by k: see plaid.default_search_params)")
-    s.add_argument("--k", type=_positive_int, default=10, help="results per query")
+    s.add_argument("--k", type=_positive_int, default=10,
+                   help="results per query (more than the index's documents: as many as it has)")
     s.add_argument("--ncells", type=_positive_int, default=None, help="centroids probed per query token (default: by --k)")
-    s.add_argument("--centroid-score-threshold", type=float, default=None, help="stage-2 pruning threshold (default: by --k)")
+    s.add_argument("--centroid-score-threshold", type=_finite_float, default=None,
+                   help="stage-2 pruning threshold (default: by --k)")
     s.add_argument("--ndocs", type=_positive_int, default=None, help="candidates kept after stage 2 (default: by --k)")
     p.add_argument("--device", default="cpu", help="torch device for search and encoding (cpu, cuda)")
-    p.add_argument("--output", "-o", metavar="RUN", default=None, help="TREC run file to write (default: stdout)")
+    p.add_argument("--output", "-o", metavar="RUN", default=None,
+                   help="TREC run file to write (default: stdout); query and document ids must be words "
+                        "without whitespace (an id that is not is refused, naming it)")
     p.add_argument("--tag", default="plaid", help="run tag, the last column of the run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     _add_common(p)
@@ -164,11 +211,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # -- commands ------------------------------------------------------------------------------------
-def _note(args, msg: str) -> None:
-    if not args.quiet:
-        print(f"plaid: {msg}", file=sys.stderr, flush=True)
-
-
 def _cmd_index(args) -> int:
     from .pipeline import build_index
 
@@ -179,9 +221,9 @@ def _cmd_index(args) -> int:
         args.index_dir, embeddings=args.embeddings, corpus=args.corpus, checkpoint=args.checkpoint,
         save_embeddings=args.save_embeddings, overwrite=args.overwrite, device=args.device,
         batch_size=args.batch_size, doc_maxlen=args.doc_maxlen, indexer_options=options,
-        show_progress=not args.quiet, log=lambda m: _note(args, m))
+        show_progress=not args.quiet)
     info = index.info()
-    _note(args, f"index {args.index_dir}: {info['num_documents']} documents, {info['num_tokens']} tokens, "
+    logger.info(f"index {args.index_dir}: {info['num_documents']} documents, {info['num_tokens']} tokens, "
                 f"{info['bytes'] / 2**20:.1f} MiB ({info['bytes_per_token']:.1f} bytes/token); "
                 f"{' '.join(f'{k} {v:.1f}s' for k, v in timings.items())}, total {time.perf_counter() - t:.1f}s")
     return 0
@@ -198,22 +240,23 @@ def _cmd_search(args) -> int:
         args.index_dir, queries=args.queries, checkpoint=args.checkpoint, query_embeddings=args.query_embeddings,
         k=args.k, ncells=args.ncells, centroid_score_threshold=args.centroid_score_threshold, ndocs=args.ndocs,
         device=args.device, batch_size=args.batch_size, query_maxlen=args.query_maxlen,
-        show_progress=not args.quiet, log=lambda m: _note(args, m))
+        show_progress=not args.quiet)
     if args.output is None or args.output == "-":
         write_run(sys.stdout, qids, doc_ids, scores, tag=args.tag)
         sys.stdout.flush()
     else:
         save_run(args.output, qids, doc_ids, scores, tag=args.tag)
-        _note(args, f"run written to {args.output}")
-    _note(args, f"search: {' '.join(f'{k} {v:.2f}s' for k, v in timings.items())}, "
+        logger.info(f"run written to {args.output}")
+    logger.info(f"search: {' '.join(f'{k} {v:.2f}s' for k, v in timings.items())}, "
                 f"total {time.perf_counter() - t:.1f}s")
     return 0
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluation import evaluate, format_table, load_qrels, read_run
+    from .evaluation import evaluate, format_table, load_qrels, parse_metrics, read_run
     from .indexing.index import Index
 
+    parse_metrics(args.metrics)  # a bad metric is reported before the files are read
     qrels = load_qrels(args.qrels)
     run = read_run(args.run)
     doc_ids = None
@@ -267,8 +310,7 @@ def _cmd_info(args) -> int:
         width = max(len(k) for k, _ in rows)
         print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
     if args.verify and info["problems"]:
-        print(f"plaid: error: {args.index_dir}: index verification failed: {'; '.join(info['problems'])}",
-              file=sys.stderr)
+        _error(args, f"{args.index_dir}: index verification failed: {'; '.join(info['problems'])}")
         return 2
     return 0
 
@@ -285,7 +327,7 @@ def _cmd_verify(args) -> int:
         return 0
     for p in problems:
         print(f"{args.index_dir}: {p}")
-    print(f"plaid: error: {args.index_dir}: index verification failed ({len(problems)} problem(s))", file=sys.stderr)
+    _error(args, f"{args.index_dir}: index verification failed ({len(problems)} problem(s))")
     return 2
 
 
@@ -293,35 +335,124 @@ _COMMANDS = {"index": _cmd_index, "search": _cmd_search, "evaluate": _cmd_evalua
              "verify": _cmd_verify}
 
 
+def _one_line(text: str) -> str:
+    """``text`` on one line: its lines joined with " | " (a message must never span lines)."""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return " | ".join(lines)
+
+
+def _error(args, message: str, kind: str = "error") -> None:
+    """The one line of a failure: ``plaid <command>: error: <message>``."""
+    command = getattr(args, "command", None)
+    prog = f"plaid {command}" if command else "plaid"
+    print(f"{prog}: {kind}: {_one_line(message)}", file=sys.stderr, flush=True)
+
+
+def _describe(e: BaseException) -> str:
+    """The message of an expected failure (input, files, memory)."""
+    if isinstance(e, MemoryError):
+        return f"out of memory{': ' + _one_line(str(e)) if str(e) else ''} (a smaller input, --k or --batch-size?)"
+    if isinstance(e, UnicodeError):
+        return f"not UTF-8 text ({_one_line(str(e))})"
+    return _one_line(str(e)) or type(e).__name__
+
+
 def _show_warning(message, category, filename, lineno, file=None, line=None):
-    print(f"plaid: warning: {str(message).splitlines()[0] if str(message) else category.__name__}",
-          file=sys.stderr, flush=True)
+    text = _one_line(str(message)) or category.__name__
+    logger.warning("warning: %s", text)
+
+
+class _StderrHandler(logging.Handler):
+    """Writes ``plaid: <message>`` lines to the current ``sys.stderr`` (looked up at each record, so
+    that a replaced stderr, as in tests, is honoured), through ``tqdm.write`` so that a progress bar
+    on the terminal is not broken by a note."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.setFormatter(logging.Formatter("plaid: %(message)s"))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            msg = self.format(record)
+            stream = sys.stderr
+            try:
+                from tqdm import tqdm
+
+                tqdm.write(msg, file=stream)
+            except ImportError:  # pragma: no cover - tqdm is a dependency
+                stream.write(msg + "\n")
+            stream.flush()
+        except Exception:  # noqa: BLE001 - logging must never raise
+            self.handleError(record)
+
+
+class _LoggingSetup:
+    """The ``plaid`` logger configured for one :func:`main` call, and restored after it."""
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger("plaid")
+        self.saved = (self.logger.level, self.logger.propagate)
+        self.handler: Optional[logging.Handler] = None
+
+    def start(self, quiet: bool) -> None:
+        if not any(isinstance(h, _StderrHandler) for h in self.logger.handlers):  # main() within main()
+            self.handler = _StderrHandler()
+            self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.WARNING if quiet else logging.INFO)
+        self.logger.propagate = False  # printed once, here, not again by a handler of the root logger
+
+    def stop(self) -> None:
+        if self.handler is not None:
+            self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.saved[0])
+        self.logger.propagate = self.saved[1]
+
+
+def _stdout_closed() -> None:
+    """After a broken pipe on stdout: point it at /dev/null so that the interpreter's final flush is quiet."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):  # not a real file (tests): nothing to silence
+        pass
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Run the ``plaid`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code."""
+    """Run the ``plaid`` command with ``argv`` (default: ``sys.argv[1:]``); returns the exit code.
+
+    Every failure is one line on stderr and exit code 2 (see the module docstring); ``--help`` and
+    ``--version`` raise ``SystemExit(0)`` as argparse does.
+    """
     parser = build_parser()
     old_show = warnings.showwarning
     warnings.showwarning = _show_warning
+    logs = _LoggingSetup()
+    args = None
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            parser.print_help(sys.stderr)
-            return 2
-        return _COMMANDS[args.command](args)
+            raise _UsageError(f"plaid: error: a command is required: {', '.join(_COMMANDS)} (see plaid --help)")
+        logs.start(quiet=args.quiet)
+        code = _COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, not in the interpreter's final flush
+        return code
     except _UsageError as e:
-        print(str(e), file=sys.stderr)
-        return 2
-    except PlaidError as e:
-        print(f"plaid: error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, IsADirectoryError, PermissionError, UnicodeDecodeError) as e:
-        print(f"plaid: error: {e}", file=sys.stderr)
+        print(_one_line(str(e)), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("plaid: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:
+        _stdout_closed()
+        return 141
+    except (PlaidError, OSError, ValueError, MemoryError) as e:
+        _error(args, _describe(e))
+        return 2
+    except Exception as e:  # noqa: BLE001 - a bug: still one line, and no traceback
+        _error(args, f"{type(e).__name__}: {_describe(e)} (please report it)", kind="internal error")
+        return 2
     finally:
+        logs.stop()
         warnings.showwarning = old_show
 
 

@@ -3,10 +3,12 @@
 These functions are what the command line (``plaid/cli.py``) and ``scripts/build_index.py`` call;
 they are usable from Python as well. They check every input before any long step starts (an
 existing output is refused before the corpus is encoded, not after), and raise
-:class:`plaid.PlaidError` subclasses only.
+:class:`plaid.PlaidError` subclasses only. Progress notes go to the ``plaid.pipeline`` logger
+(level INFO), and to the optional ``log`` callback.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 import warnings
@@ -16,13 +18,36 @@ from .bundle import BundleWriter, load_bundle, load_query_bundle
 from .errors import IndexExistsError, InvalidInputError
 from .evaluation import load_corpus, load_queries
 
-__all__ = ["check_output_dir", "check_output_file", "build_index", "search"]
+__all__ = ["check_output_dir", "check_output_file", "check_device", "build_index", "search"]
 
 Log = Callable[[str], None]
+
+logger = logging.getLogger(__name__)
 
 
 def _quiet(_msg: str) -> None:
     pass
+
+
+def _notes(log: Log) -> Log:
+    """A note goes to this module's logger and to ``log``."""
+    def note(msg: str) -> None:
+        logger.info("%s", msg)
+        log(msg)
+    return note
+
+
+def check_device(device: str) -> None:
+    """Refuse a ``device`` string torch does not parse (``cpu``, ``cuda``, ``cuda:1``, ``mps``...)."""
+    import torch
+
+    if not isinstance(device, str) or not device:
+        raise InvalidInputError(f"device must be a torch device name such as 'cpu' or 'cuda', got {device!r}")
+    try:
+        torch.device(device)
+    except (RuntimeError, ValueError, TypeError):
+        raise InvalidInputError(f"unknown device {device!r} (expected a torch device such as cpu, cuda, cuda:1 "
+                                "or mps)") from None
 
 
 def check_output_dir(path: str, overwrite: bool, what: str) -> None:
@@ -48,8 +73,14 @@ def check_output_file(path: str, overwrite: bool, what: str = "output") -> None:
 def _encoder(checkpoint: str, device: str, batch_size: int, query_maxlen=None, doc_maxlen=None):
     from .encoders import ColBERTEncoder  # lazy: needs the [encode] extra
 
-    return ColBERTEncoder(checkpoint, device=device, batch_size=batch_size,
-                          query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
+    enc = ColBERTEncoder(checkpoint, device=device, batch_size=batch_size,
+                         query_maxlen=query_maxlen, doc_maxlen=doc_maxlen)
+    # queries are [MASK]-padded to query_maxlen tokens: more than the model's positions cannot run
+    positions = getattr(getattr(getattr(enc, "model", None), "config", None), "max_position_embeddings", None)
+    if isinstance(positions, int) and query_maxlen is not None and query_maxlen > positions:
+        raise InvalidInputError(f"--query-maxlen {query_maxlen} exceeds the {positions} positions of the "
+                                f"checkpoint's transformer ({checkpoint})")
+    return enc
 
 
 def build_index(index_dir: str, *, embeddings: Optional[str] = None, corpus: Optional[str] = None,
@@ -62,11 +93,14 @@ def build_index(index_dir: str, *, embeddings: Optional[str] = None, corpus: Opt
     ``embeddings``: bundle folder (``doc_embeddings.f16.npy``, ``doclens.npy``, ``doc_ids.txt``),
     read memory-mapped. ``corpus`` + ``checkpoint``: ``corpus.jsonl`` encoded with the ColBERT
     checkpoint in batches (``save_embeddings``: also write the embeddings there as a bundle).
-    ``indexer_options``: keyword arguments of :class:`plaid.Indexer`.
+    ``indexer_options``: keyword arguments of :class:`plaid.Indexer`. ``device`` (the encoder's)
+    must be a name torch parses, also with ``embeddings`` (where it is not used).
 
     Returns ``(plaid.Index, timings)`` with timings in seconds (``encode_s``, ``index_s``).
     """
     from .indexing.indexer import Indexer
+
+    log = _notes(log)
 
     if (embeddings is None) == (corpus is None):
         raise InvalidInputError("give either an embeddings bundle or a corpus (with a checkpoint), not both")
@@ -79,6 +113,7 @@ def build_index(index_dir: str, *, embeddings: Optional[str] = None, corpus: Opt
         check_output_dir(save_embeddings, overwrite, "embeddings folder")
         if os.path.abspath(save_embeddings) == os.path.abspath(index_dir):
             raise InvalidInputError("--save-embeddings must be another folder than the index")
+    check_device(device)
     indexer = Indexer(show_progress=show_progress, **(indexer_options or {}))
     timings: Dict[str, float] = {}
     writer = None
@@ -128,10 +163,14 @@ def search(index_dir: str, *, queries: Optional[str] = None, checkpoint: Optiona
     ``query_ids.txt``).
 
     Returns ``(query_ids, doc_ids, scores, timings)``: ``doc_ids[i]`` the external ids of query
-    ``i``'s hits best first (None where fewer than k), ``scores`` float32 [nq, k].
+    ``i``'s hits best first (None where fewer than k), ``scores`` float32 [nq, k'] where ``k'`` is
+    ``k`` capped to the index's number of documents (no query can have more hits: the run is the
+    same, and a huge ``k`` does not allocate [nq, k] arrays).
     """
     from .indexing.index import Index
     from .search.searcher import Searcher
+
+    log = _notes(log)
 
     if (queries is None) == (query_embeddings is None):
         raise InvalidInputError("give either --queries (with --checkpoint) or --query-embeddings")
@@ -139,7 +178,10 @@ def search(index_dir: str, *, queries: Optional[str] = None, checkpoint: Optiona
         raise InvalidInputError("encoding text queries needs a ColBERT checkpoint folder (--checkpoint)")
     if query_embeddings is not None and checkpoint is not None:
         raise InvalidInputError("--checkpoint applies to --queries only")
+    check_device(device)
     index = Index(index_dir)
+    if isinstance(k, int) and not isinstance(k, bool) and k > index.num_documents:
+        k = max(1, index.num_documents)
     timings: Dict[str, float] = {}
     if query_embeddings is not None:
         qs, qids = load_query_bundle(query_embeddings)
