@@ -276,12 +276,14 @@ def _cmd_info(args) -> int:
     from .indexing.index import Index
 
     index = Index(args.index_dir)
+    if args.verify:  # first: a damaged file is reported as such, not as a failure to open it
+        problems = index.verify()
+        if problems:
+            _error(args, f"{args.index_dir}: index verification failed: {'; '.join(problems)}")
+            return 2
     info = index.info()
-    info["has_doc_ids"] = bool(index.manifest.get("has_doc_ids"))
-    info["num_empty_documents"] = int(index.manifest.get("num_empty_documents", 0))
-    info["created_by"] = index.manifest.get("created_by")
     if args.verify:
-        info["problems"] = index.verify()
+        info["problems"] = []
     if args.json:
         print(json.dumps(info, indent=1))
     else:
