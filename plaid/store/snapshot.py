@@ -208,6 +208,8 @@ class Snapshot:
             v = self.loaded("ivf")
             if len(v) and (int(v.min()) < 0 or int(v.max()) >= self.manifest.num_documents):
                 raise self._bad("ivf", f"document ids outside [0, {self.manifest.num_documents})")
+            if len(v) and not (self.doclens[v] > 0).all():
+                raise self._bad("ivf", "documents without tokens listed under a centroid")
             return v
         return self._cached("ivf", make)
 

@@ -1,6 +1,6 @@
 """Bad input: every one raises InvalidInputError (a PlaidError and a ValueError) naming the problem.
 
-On-disk problems (missing, corrupt, foreign directories) are in test_format.py.
+On-disk problems (missing, corrupt, foreign directories) are in test_store_format.py.
 """
 import os
 

@@ -12,8 +12,8 @@ import plaid
 from plaid import store
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import living_crash_child as child  # noqa: E402
-from living_util import copy_index  # noqa: E402
+import lifecycle_crash_child as child  # noqa: E402
+from lifecycle_util import copy_index  # noqa: E402
 
 SEED = 5
 

@@ -25,13 +25,13 @@ import pytest
 import plaid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import living_crash_child as child  # noqa: E402
-from living_util import assert_exact_topk, decompressed_docs, flat_maxsim, unreferenced_files  # noqa: E402
+import lifecycle_crash_child as child  # noqa: E402
+from lifecycle_util import assert_exact_topk, decompressed_docs, flat_maxsim, unreferenced_files  # noqa: E402
 
 TRIALS = int(os.environ.get("PLAID_CRASH_TRIALS", "50"))
 SEED = int(os.environ.get("PLAID_CRASH_SEED", "1234"))
 MAX_DELAY_S = 0.25     # the kill comes uniformly within this long after the writer is forked
-INJECT = ["before_rename", "after_rename", "mid_cleanup"]  # every 5th trial (see living_crash_child)
+INJECT = ["before_rename", "after_rename", "mid_cleanup"]  # every 5th trial (see lifecycle_crash_child)
 
 pytestmark = pytest.mark.skipif(not hasattr(os, "fork") or not sys.platform.startswith("linux"),
                                 reason="the crash test forks writers and reads /proc (Linux)")

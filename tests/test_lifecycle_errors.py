@@ -16,8 +16,8 @@ import pytest
 import plaid
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import living_crash_child as child  # noqa: E402
-from living_util import copy_index, folder_bytes, unreferenced_files  # noqa: E402
+import lifecycle_crash_child as child  # noqa: E402
+from lifecycle_util import copy_index, folder_bytes, unreferenced_files  # noqa: E402
 
 SEED = 9
 

@@ -16,7 +16,7 @@ import pytest
 import plaid
 import plaid.indexing.index as index_module
 from conftest import MSMARCO, requires_msmarco
-from living_util import (assert_exact_topk, copy_index, decompressed_docs, flat_maxsim, folder_bytes, load_bundle,
+from lifecycle_util import (assert_exact_topk, copy_index, decompressed_docs, flat_maxsim, folder_bytes, load_bundle,
                          recall_at)
 
 pytestmark = [requires_msmarco, pytest.mark.msmarco]

@@ -1,11 +1,11 @@
-"""Writer side of the crash test (``tests/test_living_crash.py``), and the op sequence both sides share.
+"""Writer side of the crash test (``tests/test_lifecycle_crash.py``), and the op sequence both sides share.
 
 The op sequence is a pure function of a seed: generation ``g`` of the index is always produced by
 ``plan(seed, g, state(g - 1))`` applied to ``state(g - 1)``, whether the writer that commits it is the
 first to try or the third (earlier attempts were killed). So the parent can compute the expected
 state of any generation without trusting anything the writer wrote.
 
-Run as a script, this module is a *zygote*: ``python living_crash_child.py serve INDEX SEED`` imports
+Run as a script, this module is a *zygote*: ``python lifecycle_crash_child.py serve INDEX SEED`` imports
 plaid once (torch takes seconds to import; a fork takes milliseconds), then forks one writer per
 line ``go LOG INJECT`` read on stdin, prints the writer's pid, and on ``reap PID`` waits for it and
 prints how it ended. Each writer is a separate process that runs add / delete / compact in a loop

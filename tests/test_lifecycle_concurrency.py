@@ -20,7 +20,7 @@ import plaid
 from plaid.demo import synthetic_corpus, synthetic_queries
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from living_util import copy_index  # noqa: E402
+from lifecycle_util import copy_index  # noqa: E402
 
 ADDS = 6
 ADD_DOCS = 20
