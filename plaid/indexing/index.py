@@ -129,7 +129,10 @@ class Index:
         """External ids (list of str, position = internal id) or None when the index has none.
         Deleted documents keep their entry (see :meth:`deleted_ids`)."""
         table = self._snap.doc_ids
-        return None if table is None else list(table.tolist())
+        if table is None:
+            return None
+        table.validate()
+        return list(table.tolist())
 
     def deleted_ids(self) -> np.ndarray:
         """Sorted internal ids of deleted documents (int64)."""
@@ -215,7 +218,7 @@ class Index:
                 num_empty = warn_empty(corpus, n_old)
                 codec = snap.codec
                 centroids, grown = self._grow_centroids(snap, corpus, snap.centroids.copy(), show_progress)
-                assigner = CentroidAssigner(centroids, seed=int(m.build.get("seed", 0) or 0))
+                assigner = CentroidAssigner(centroids, seed=int(m.build.get("seed", 0)))
                 seg = f"seg{m.next_segment}"
                 cells, docs = encode_segment(w, seg, corpus, centroids, assigner, codec, n_old,
                                              int(chunk_tokens), show_progress, m.normalized)

@@ -45,6 +45,7 @@ class Results:
         """
         if self.names is None:
             raise InvalidInputError("this index stores no external doc_ids (build it with doc_ids=...)")
+        self.names.validate()  # once per generation: no two live documents share an id
         return [[self.names[i] if i >= 0 else None for i in row] for row in self.ids.tolist()]
 
     def __iter__(self):  # allows ``ids, scores = searcher.search(...)``

@@ -64,7 +64,8 @@ class DocIdTable:
     built on first use; with duplicates, e.g. an id deleted then added again, the latest wins).
     """
 
-    def __init__(self, blob: np.ndarray, offsets: np.ndarray, where: str = "doc_ids"):
+    def __init__(self, blob: np.ndarray, offsets: np.ndarray, where: str = "doc_ids",
+                 deleted: Optional[np.ndarray] = None):
         offsets = np.asarray(offsets)
         if len(offsets) == 0 or int(offsets[0]) != 0 or int(offsets[-1]) != len(blob) \
                 or (len(offsets) > 1 and bool((np.diff(offsets) < 0).any())):
@@ -72,6 +73,7 @@ class DocIdTable:
         self.blob = blob
         self.offsets = offsets
         self.where = where
+        self.deleted = np.zeros(0, np.int64) if deleted is None else np.asarray(deleted, np.int64)
         self._reverse: Optional[Dict[str, int]] = None
         self._list: Optional[List[str]] = None
 
@@ -97,9 +99,25 @@ class DocIdTable:
             self._list = [self._decode(raw[offs[i] : offs[i + 1]], i) for i in range(len(offs) - 1)]
         return self._list
 
+    def validate(self) -> None:
+        """Decode every id and check that no two live documents share one (an id may repeat only
+        where all but its last use were deleted). Raises :class:`IndexCorruptError`; done once."""
+        if self._reverse is not None:
+            return
+        names = self.tolist()
+        reverse = {n: i for i, n in enumerate(names)}  # the latest use of each id wins
+        if len(reverse) < len(names):
+            dead = np.zeros(len(names), bool)
+            dead[self.deleted[self.deleted < len(names)]] = True
+            for i, n in enumerate(names):
+                if not dead[i] and reverse[n] != i:
+                    raise IndexCorruptError(f"{self.where}: documents {i} and {reverse[n]} share the id {n!r} "
+                                            "and neither is deleted")
+        self._reverse = reverse
+
     def lookup(self, name: str) -> int:
-        if self._reverse is None:
-            self._reverse = {n: i for i, n in enumerate(self.tolist())}
+        """Internal id of external id ``name`` (its latest use), or -1."""
+        self.validate()
         return self._reverse.get(name, -1)
 
 

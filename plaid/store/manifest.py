@@ -300,6 +300,8 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
     build = raw.get("build", {})
     if not isinstance(build, dict):
         raise f.bad("build", "must be a JSON object")
+    if "seed" in build:  # read back by add() (the other build fields are informational)
+        _Fields(build, where, "build.").int("seed", 0, (1 << 32) - 1)
     arrays_raw = f.get("arrays")
     if not isinstance(arrays_raw, dict):
         raise f.bad("arrays", "must be a JSON object")

@@ -274,7 +274,7 @@ class Snapshot:
             return None
         return self._cached("doc_ids", lambda: DocIdTable(
             self.mapped("doc_ids_utf8"), self.loaded("doc_ids_offsets"),
-            where=f"{self.path}: index file {self.file('doc_ids_utf8')}"))
+            where=f"{self.path}: index file {self.file('doc_ids_utf8')}", deleted=self.deleted))
 
     @property
     def num_live(self) -> int:
@@ -314,7 +314,7 @@ class Snapshot:
         """Load and check every in-memory array (raises :class:`IndexCorruptError`)."""
         self.centroids, self.ivf_offsets, self.ivf, self.doclens, self.deleted, self.codec, self.doc_ids
         if self.doc_ids is not None:
-            self.doc_ids.tolist()
+            self.doc_ids.validate()
 
     def check_tokens(self) -> None:
         """Check every per-token value on disk: centroid ids below C, norms finite and positive."""
