@@ -375,7 +375,15 @@ class Searcher:
             :func:`default_search_params`.
         centroid_score_threshold : float, optional
             Stage-2 pruning: only document tokens whose centroid scores at least this for some
-            query token count.
+            query token count (a query token with none in a document contributes
+            ``stages.PRUNED_SCORE``). Pruning never decides alone: when stage 2 would drop
+            candidates (more than ``max(ndocs, k)``) while fewer than ``max(ndocs, k)`` of them
+            keep a surviving centroid, that query is pruned at ``min(threshold, floor)``
+            instead, ``floor`` being the lowest score among the cells stage 1 probed for it
+            (the minimum over its tokens of the token's ``ncells``-th best centroid score, at
+            the final ``ncells``): every candidate then keeps the centroid it was found through
+            and stage 2 ranks them by approximate MaxSim, not by document id. This matters for
+            embeddings whose similarity scale is not ColBERT's (no centroid reaching 0.5).
         ndocs : int, optional
             Candidates kept after stage 2; stage 3 keeps ``ndocs // 4`` (at least ``k``).
         subset : ids, or a list of ids per query, optional
@@ -538,16 +546,14 @@ class Searcher:
             n2 = max(ndocs, k)
             n3 = max(ndocs // 4, k)
             if len(docs) > n2:  # stage 2: pruned centroid interaction (a no-op when all are kept)
-                keep = stages.surviving(R, centroid_score_threshold)
-                # read whichever side is shorter: the surviving centroids' inverted lists, or
-                # the candidates' centroids (a low threshold keeps many centroids)
                 counts = st.dcell_offsets[docs + 1] - st.dcell_offsets[docs]
-                if st.ivf_lens[keep].sum() <= counts.sum():
-                    slot = self._ws.slots(st.num_documents)
-                    approx = stages.pruned_maxsim(keep, Re, docs, st.ivf, st.ivf_offsets, counts, slot)
-                else:
-                    offs, cells = stages.document_cells(docs, st.dcells, st.dcell_offsets)
-                    approx = stages.approximate_maxsim(Re, stages.pruned_cells(cells, keep), offs)
+                approx, covered = self._pruned_numpy(st, R, Re, docs, counts, centroid_score_threshold)
+                n_covered = int(covered.sum())
+                if n_covered < n2:  # fallback: pruning never decides alone (stages.fallback_threshold)
+                    threshold = stages.fallback_threshold(centroid_score_threshold, n_covered, n2,
+                                                          stages.probed_floor(cuts, nc))
+                    if threshold < centroid_score_threshold:
+                        approx, _ = self._pruned_numpy(st, R, Re, docs, counts, threshold)
                 sel = np.sort(stages.top_n(approx, n2))
             if len(sel) > n3:  # stage 3: full centroid interaction over stage 2's survivors
                 offs, cells = stages.document_cells(docs[sel], st.dcells, st.dcell_offsets)
@@ -556,6 +562,21 @@ class Searcher:
             # stage 4: exact MaxSim on the decompressed vectors
             out.append(self._exact(st, q, docs[sel], k))
         return out
+
+    def _pruned_numpy(self, st: _State, R: np.ndarray, Re: np.ndarray, docs: np.ndarray, counts: np.ndarray,
+                      threshold: float):
+        """Stage 2 of the numpy engine at ``threshold``: (pruned approximate MaxSim float32 [n],
+        covered bool [n]: the candidates that keep a centroid). ``counts``: int64 [n], each
+        candidate's number of distinct centroids."""
+        keep = stages.surviving(R, threshold)
+        # read whichever side is shorter: the surviving centroids' inverted lists, or the
+        # candidates' centroids (a low threshold keeps many centroids)
+        if st.ivf_lens[keep].sum() <= counts.sum():
+            slot = self._ws.slots(st.num_documents)
+            return stages.pruned_maxsim(keep, Re, docs, st.ivf, st.ivf_offsets, counts, slot, return_covered=True)
+        offs, cells = stages.document_cells(docs, st.dcells, st.dcell_offsets)
+        return (stages.approximate_maxsim(Re, stages.pruned_cells(cells, keep), offs),
+                stages.covered_documents(cells, keep, offs))
 
     # -- torch engine (GPU, or CPU for testing) ---------------------------------------------------
     def _search_batch_torch(self, st: _State, qs, subsets, k: int, ncells: int,
@@ -608,9 +629,22 @@ class Searcher:
             eq = torch.cat([torch.full((len(s),), qi, dtype=torch.long) for qi, s in exhaustive]).to(dev)
             ed = torch.cat([torch.from_numpy(s) for _, s in exhaustive]).to(dev)
         if pq.numel():
+            n2 = max(ndocs, k)
             table = stages_torch.prune_centroid_scores(S, qmask, centroid_score_threshold).transpose(1, 2).contiguous()
-            approx = stages_torch.approximate_scores(table, pq, pd, st.doc_offsets_t, take_codes)
-            pq, pd = self._select(stages_torch.top_pairs(approx, pq, nq, max(ndocs, k)), pq, pd)
+            approx, covered = stages_torch.approximate_scores(
+                table, pq, pd, st.doc_offsets_t, take_codes,
+                covered_by=stages_torch.surviving(S, qmask, centroid_score_threshold))
+            # fallback (stages.fallback_threshold): a query whose stage 2 would drop candidates
+            # while fewer than it keeps have a surviving centroid is pruned at its probed floor
+            low = (torch.bincount(pq, minlength=nq) > n2) & (torch.bincount(pq[covered], minlength=nq) < n2)
+            if bool(low.any()):
+                floor = stages_torch.probed_floor(S, qmask, nc)
+                thr = torch.where(low, floor.clamp(max=centroid_score_threshold),
+                                  torch.full_like(floor, centroid_score_threshold))
+                redo = low[pq]
+                table = stages_torch.prune_centroid_scores(S, qmask, thr).transpose(1, 2).contiguous()
+                approx[redo] = stages_torch.approximate_scores(table, pq[redo], pd[redo], st.doc_offsets_t, take_codes)
+            pq, pd = self._select(stages_torch.top_pairs(approx, pq, nq, n2), pq, pd)
             table = S.masked_fill(~qmask.unsqueeze(2), 0.0).transpose(1, 2).contiguous()
             approx = stages_torch.approximate_scores(table, pq, pd, st.doc_offsets_t, take_codes)
             pq, pd = self._select(stages_torch.top_pairs(approx, pq, nq, max(ndocs // 4, k)), pq, pd)
