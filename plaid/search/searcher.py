@@ -32,7 +32,8 @@ __all__ = ["Searcher", "Results", "default_search_params"]
 class Results:
     """Search results of a batch of queries.
 
-    ids : int64 [nq, k] — document ids (0..N-1, input order), best first; -1 where fewer hits.
+    ids : int64 [nq, k] — document ids (0..N-1, input order), best first; -1 where fewer hits
+        (``k`` here is the requested one capped at N, the index's number of documents).
     scores : float32 [nq, k] — MaxSim on the decompressed vectors; -inf where ``ids`` is -1.
     """
 
@@ -369,7 +370,10 @@ class Searcher:
         ----------
         queries : array [m, dim], array [nq, m, dim], or a list of [m_i, dim] arrays (numpy/torch)
         k : int, default 10
-            Results per query.
+            Results per query, a positive int. A ``k`` above the index's number of documents
+            (``num_documents``, deleted and empty ones included) is capped at it: the result
+            width, the defaults and every internal budget use ``min(k, num_documents)``, so
+            ``k=10**13`` allocates nothing for the extra columns.
         ncells : int, optional
             Centroids probed per query token (stage 1). Default by ``k``, see
             :func:`default_search_params`.
@@ -394,11 +398,16 @@ class Searcher:
 
         Returns
         -------
-        Results with ``ids`` int64 [nq, k] and ``scores`` float32 [nq, k], best first.
+        Results with ``ids`` int64 [nq, k'] and ``scores`` float32 [nq, k'], best first, where
+        ``k' = min(k, num_documents)``; columns beyond a query's hits (fewer candidates, deleted
+        or empty documents, a small subset) hold id -1 and score -inf.
+
+        Raises :class:`InvalidInputError` for a ``k``, ``ncells`` or ``ndocs`` that is not a
+        positive int, a non-finite threshold, and queries that :func:`plaid.embeddings.as_queries`
+        refuses.
         """
-        params = self._params(k, ncells, centroid_score_threshold, ndocs)
-        k = int(k)
         st = self._state  # one generation for the whole call
+        k, params = self._params(k, ncells, centroid_score_threshold, ndocs, st.num_documents)
         qs = as_queries(queries, dim=st.dim)
         subsets = self._subsets(st, subset, len(qs))
         ids = np.full((len(qs), k), -1, dtype=np.int64)
@@ -414,10 +423,13 @@ class Searcher:
         return Results(ids, scores, st.doc_ids)
 
     @staticmethod
-    def _params(k, ncells, threshold, ndocs) -> dict:
+    def _params(k, ncells, threshold, ndocs, num_documents: int):
+        """Validated ``(k, params)``: ``k`` capped at ``num_documents`` (the result width, and
+        the k every budget and default is computed from), params the stage parameters."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise InvalidInputError(f"k must be a positive integer, got {k!r}")
-        params = default_search_params(int(k))
+        k = min(int(k), max(1, int(num_documents)))
+        params = default_search_params(k)
         for name, v in (("ncells", ncells), ("ndocs", ndocs)):
             if v is not None:
                 if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
@@ -431,7 +443,7 @@ class Searcher:
             if not np.isfinite(threshold):
                 raise InvalidInputError("centroid_score_threshold must be a finite number")
             params["centroid_score_threshold"] = threshold
-        return params
+        return k, params
 
     def _subsets(self, st: _State, subset, nq: int) -> Optional[List[np.ndarray]]:
         """One sorted int64 array of live, non-empty document ids per query, or None."""
