@@ -320,6 +320,14 @@ class Corpus:
 
 
 def _check_doc(x, i: int, dim: Optional[int]) -> np.ndarray:
+    """Document ``i`` as a 2-D numpy array ``[n_tokens, dim]`` (float16/32/64, not copied).
+
+    ``dim``: the dimension of the documents so far (None before the first non-empty one). An
+    empty document — a 1-D empty array or any ``[0, d]`` array, whatever ``d`` — comes back as
+    ``[0, dim]`` (its trailing size is not a dimension: no vector). Raises
+    :class:`InvalidInputError` naming the document for other shapes, another dim, vectors of
+    dimension 0 and what :func:`to_numpy` refuses.
+    """
     a = to_numpy(x, f"document {i}")
     if a.size == 0 and a.ndim == 1:
         return np.zeros((0, dim or 0), dtype=a.dtype)
@@ -327,7 +335,11 @@ def _check_doc(x, i: int, dim: Optional[int]) -> np.ndarray:
         raise InvalidInputError(
             f"document {i}: expected a 2-D [n_tokens, dim] array, got shape {tuple(a.shape)}"
         )
-    if dim is not None and a.shape[1] != dim and not (a.shape[0] == 0 and dim == 0):
+    if a.shape[0] == 0:
+        return np.zeros((0, a.shape[1] if dim is None else dim), dtype=a.dtype)
+    if a.shape[1] == 0:  # to_numpy refuses these already; kept so the build never sees one
+        raise InvalidInputError(f"document {i}: vectors of dimension 0 (shape {tuple(a.shape)})")
+    if dim is not None and a.shape[1] != dim:
         raise InvalidInputError(f"document {i}: dim {a.shape[1]} differs from the first document's dim {dim}")
     return a
 
