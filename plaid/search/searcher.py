@@ -559,13 +559,20 @@ class Searcher:
             n3 = max(ndocs // 4, k)
             if len(docs) > n2:  # stage 2: pruned centroid interaction (a no-op when all are kept)
                 counts = st.dcell_offsets[docs + 1] - st.dcell_offsets[docs]
-                approx, covered = self._pruned_numpy(st, R, Re, docs, counts, centroid_score_threshold)
-                n_covered = int(covered.sum())
+                keep = stages.surviving(R, centroid_score_threshold)
+                listed = int(st.ivf_lens[keep].sum())  # entries of the surviving lists >= covered candidates
+                approx = None
+                if listed >= n2:
+                    approx, covered = self._pruned_numpy(st, keep, Re, docs, counts, listed)
+                    n_covered = int(covered.sum())
+                else:  # fewer than n2 can be covered: straight to the fallback, without counting them
+                    n_covered = listed
                 if n_covered < n2:  # fallback: pruning never decides alone (stages.fallback_threshold)
                     threshold = stages.fallback_threshold(centroid_score_threshold, n_covered, n2,
                                                           stages.probed_floor(cuts, nc))
-                    if threshold < centroid_score_threshold:
-                        approx, _ = self._pruned_numpy(st, R, Re, docs, counts, threshold)
+                    if threshold < centroid_score_threshold or approx is None:
+                        keep = stages.surviving(R, threshold)
+                        approx, _ = self._pruned_numpy(st, keep, Re, docs, counts, int(st.ivf_lens[keep].sum()))
                 sel = np.sort(stages.top_n(approx, n2))
             if len(sel) > n3:  # stage 3: full centroid interaction over stage 2's survivors
                 offs, cells = stages.document_cells(docs[sel], st.dcells, st.dcell_offsets)
@@ -575,15 +582,15 @@ class Searcher:
             out.append(self._exact(st, q, docs[sel], k))
         return out
 
-    def _pruned_numpy(self, st: _State, R: np.ndarray, Re: np.ndarray, docs: np.ndarray, counts: np.ndarray,
-                      threshold: float):
-        """Stage 2 of the numpy engine at ``threshold``: (pruned approximate MaxSim float32 [n],
-        covered bool [n]: the candidates that keep a centroid). ``counts``: int64 [n], each
-        candidate's number of distinct centroids."""
-        keep = stages.surviving(R, threshold)
+    def _pruned_numpy(self, st: _State, keep: np.ndarray, Re: np.ndarray, docs: np.ndarray, counts: np.ndarray,
+                      listed: int):
+        """Stage 2 of the numpy engine: (pruned approximate MaxSim float32 [n], covered bool [n]:
+        the candidates that keep a centroid). keep: bool [C] from :func:`stages.surviving`;
+        counts: int64 [n], each candidate's number of distinct centroids; listed: the entries of
+        the surviving centroids' inverted lists (``ivf_lens[keep].sum()``)."""
         # read whichever side is shorter: the surviving centroids' inverted lists, or the
         # candidates' centroids (a low threshold keeps many centroids)
-        if st.ivf_lens[keep].sum() <= counts.sum():
+        if listed <= counts.sum():
             slot = self._ws.slots(st.num_documents)
             return stages.pruned_maxsim(keep, Re, docs, st.ivf, st.ivf_offsets, counts, slot, return_covered=True)
         offs, cells = stages.document_cells(docs, st.dcells, st.dcell_offsets)

@@ -261,8 +261,8 @@ def probed_floor(cuts: CellCuts, ncells: int) -> float:
 def fallback_threshold(threshold: float, covered: int, n_keep: int, floor: float) -> float:
     """Stage 2's pruning threshold for one query, after the fallback.
 
-    ``covered``: the candidates that keep at least one centroid at ``threshold``
-    (:func:`covered_documents`); ``n_keep``: how many stage 2 keeps, ``min(len(candidates),
+    ``covered``: the number of candidates that keep at least one centroid at ``threshold``
+    (:func:`covered_documents`; an upper bound below ``n_keep`` decides the same); ``n_keep``: how many stage 2 keeps, ``min(len(candidates),
     max(ndocs, k))``; ``floor``: :func:`probed_floor`. When fewer than ``n_keep`` candidates are
     covered, the uncovered ones would all tie at ``m * PRUNED_SCORE`` and the lowest document
     ids would fill the rest, whatever their tokens: the threshold drops to ``min(threshold,
