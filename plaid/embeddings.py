@@ -32,18 +32,39 @@ ArrayLike = Union[np.ndarray, "torch.Tensor"]  # noqa: F821
 _FLOAT_KINDS = {"float16", "float32", "float64"}
 
 
+def _dense_torch(t, what: str):
+    """``t`` detached, with its data on the CPU side reachable: refuses tensors that have none
+    (meta) or that are not one dense strided block (sparse COO/CSR/CSC/BSR/BSC, nested, quantized)."""
+    import torch
+
+    if t.is_meta:
+        raise InvalidInputError(f"{what}: a meta tensor holds no data (materialise it on a real device first)")
+    if getattr(t, "is_nested", False):
+        raise InvalidInputError(f"{what}: nested tensors are not supported; pass a list of 2-D tensors instead")
+    if t.layout != torch.strided:
+        raise InvalidInputError(
+            f"{what}: sparse tensors (layout {t.layout}) are not supported; pass a dense tensor (x.to_dense())")
+    if t.is_quantized:
+        raise InvalidInputError(f"{what}: quantized tensors are not supported; pass x.dequantize()")
+    return t.detach().resolve_neg().resolve_conj()
+
+
 def to_numpy(x, what: str) -> np.ndarray:
     """Return ``x`` (numpy array or torch tensor) as a numpy array without copying when possible.
 
-    torch bfloat16 is upcast to float32 (numpy has no bfloat16). Raises
-    :class:`InvalidInputError` for any other non-float dtype.
+    ``what`` names the argument in error messages. torch bfloat16 is upcast to float32 (numpy
+    has no bfloat16). Raises :class:`InvalidInputError` for any other non-float dtype; for
+    torch tensors without plain dense data (meta, sparse COO/CSR/..., nested, quantized);
+    for scipy sparse matrices and other objects that are no array; and for vectors of
+    dimension 0 (an array of 2+ dims whose last axis is 0 while it has rows: ``[n, 0]`` with
+    n > 0 — a ``[0, 0]`` array, an empty document, passes).
     """
     if type(x).__module__.startswith("torch"):
         import torch
 
         if not isinstance(x, torch.Tensor):
             raise InvalidInputError(f"{what}: expected an array or tensor, got {type(x).__name__}")
-        t = x.detach()
+        t = _dense_torch(x, what)
         if t.dtype == torch.bfloat16:
             t = t.float()
         if not t.dtype.is_floating_point:
@@ -52,6 +73,11 @@ def to_numpy(x, what: str) -> np.ndarray:
             )
         x = t.cpu().numpy()
     elif not isinstance(x, np.ndarray):
+        if type(x).__module__.startswith("scipy.sparse"):
+            raise InvalidInputError(
+                f"{what}: sparse matrices ({type(x).__name__}) are not supported; pass a dense array (x.toarray())")
+        if isinstance(x, (str, bytes, dict, set, frozenset)) or x is None:
+            raise InvalidInputError(f"{what}: expected an array or tensor, got {type(x).__name__}")
         if isinstance(x, (list, tuple)) and len(x) == 0:
             x = np.zeros((0,), dtype=np.float32)
         else:
@@ -59,10 +85,15 @@ def to_numpy(x, what: str) -> np.ndarray:
                 x = np.asarray(x)
             except Exception as e:  # ragged nested lists and the like
                 raise InvalidInputError(f"{what}: cannot be read as an array ({e})") from None
+            if x.dtype == object and x.ndim == 0:  # a generator or another object numpy cannot read
+                raise InvalidInputError(f"{what}: expected an array or tensor, got {type(x.item()).__name__}")
     if x.dtype.name not in _FLOAT_KINDS:
         raise InvalidInputError(
             f"{what}: unsupported dtype {x.dtype}; expected float16, bfloat16, float32 or float64"
         )
+    if x.ndim >= 2 and x.shape[-1] == 0 and int(np.prod(x.shape[:-1])) > 0:
+        raise InvalidInputError(
+            f"{what}: vectors of dimension 0 (shape {tuple(x.shape)}); every vector needs at least one component")
     return x
 
 
@@ -138,11 +169,21 @@ class Embeddings:
             raise InvalidInputError(
                 f"Embeddings.vectors must be 2-D [total_tokens, dim], got shape {tuple(vectors.shape)}"
             )
-        dl = np.asarray(doclens.cpu().numpy() if hasattr(doclens, "cpu") else doclens)
+        if vectors.shape[1] == 0:
+            raise InvalidInputError("Embeddings.vectors: dim is 0 (shape "
+                                    f"{tuple(vectors.shape)}); every vector needs at least one component")
+        if type(doclens).__module__.startswith("torch") and hasattr(doclens, "layout"):
+            doclens = _dense_torch(doclens, "Embeddings.doclens").cpu().numpy()
+        try:
+            dl = np.asarray(doclens)
+        except Exception as e:
+            raise InvalidInputError(f"Embeddings.doclens cannot be read as an array ({e})") from None
         if dl.ndim != 1:
             raise InvalidInputError(f"Embeddings.doclens must be 1-D [n_docs], got shape {tuple(dl.shape)}")
         if dl.size and not np.issubdtype(dl.dtype, np.integer):
-            if not np.all(np.mod(dl, 1) == 0):
+            if not np.issubdtype(dl.dtype, np.floating):
+                raise InvalidInputError(f"Embeddings.doclens must hold integers, got dtype {dl.dtype}")
+            if not (np.isfinite(dl).all() and np.all(np.mod(dl, 1) == 0) and np.abs(dl).max() < 2.0 ** 62):
                 raise InvalidInputError("Embeddings.doclens must hold integers")
         dl = dl.astype(np.int64)
         if (dl < 0).any():
@@ -270,6 +311,14 @@ class Corpus:
 
 
 def _check_doc(x, i: int, dim: Optional[int]) -> np.ndarray:
+    """Document ``i`` as a 2-D numpy array ``[n_tokens, dim]`` (float16/32/64, not copied).
+
+    ``dim``: the dimension of the documents so far (None before the first non-empty one). An
+    empty document — a 1-D empty array or any ``[0, d]`` array, whatever ``d`` — comes back as
+    ``[0, dim]`` (its trailing size is not a dimension: no vector). Raises
+    :class:`InvalidInputError` naming the document for other shapes, another dim, vectors of
+    dimension 0 and what :func:`to_numpy` refuses.
+    """
     a = to_numpy(x, f"document {i}")
     if a.size == 0 and a.ndim == 1:
         return np.zeros((0, dim or 0), dtype=a.dtype)
@@ -277,7 +326,11 @@ def _check_doc(x, i: int, dim: Optional[int]) -> np.ndarray:
         raise InvalidInputError(
             f"document {i}: expected a 2-D [n_tokens, dim] array, got shape {tuple(a.shape)}"
         )
-    if dim is not None and a.shape[1] != dim and not (a.shape[0] == 0 and dim == 0):
+    if a.shape[0] == 0:
+        return np.zeros((0, a.shape[1] if dim is None else dim), dtype=a.dtype)
+    if a.shape[1] == 0:  # to_numpy refuses these already; kept so the build never sees one
+        raise InvalidInputError(f"document {i}: vectors of dimension 0 (shape {tuple(a.shape)})")
+    if dim is not None and a.shape[1] != dim:
         raise InvalidInputError(f"document {i}: dim {a.shape[1]} differs from the first document's dim {dim}")
     return a
 
@@ -404,14 +457,20 @@ def as_queries(queries, dim: Optional[int] = None) -> List[np.ndarray]:
     """Normalise queries to a list of float32 ``[m_i, dim]`` arrays, validated.
 
     Accepts one ``[m, dim]`` array, a list of such arrays (lengths may differ), or a
-    ``[nq, m, dim]`` array. Raises :class:`InvalidInputError` on empty input, wrong dims,
-    unsupported dtypes and NaN/inf.
+    ``[nq, m, dim]`` array (numpy or torch; float16, bfloat16, float32, float64). ``dim``: the
+    dimension every query must have (the index's). Raises :class:`InvalidInputError`, naming
+    the query, on empty input (no queries, a query without tokens), other numbers of dims
+    (1-D, 4-D, a list holding 3-D arrays), dimension 0 or another dim than ``dim``,
+    unsupported dtypes, tensors without dense data (meta, sparse: see :func:`to_numpy`) and
+    NaN/inf.
     """
     if isinstance(queries, (list, tuple)):
         qs = [to_numpy(q, f"query {i}") for i, q in enumerate(queries)]
         for i, q in enumerate(qs):
             if q.ndim != 2:
-                raise InvalidInputError(f"query {i}: expected a 2-D [n_tokens, dim] array, got shape {tuple(q.shape)}")
+                hint = " (a list is a list of queries: pass one query as a 2-D array)" if q.ndim < 2 else ""
+                raise InvalidInputError(
+                    f"query {i}: expected a 2-D [n_tokens, dim] array, got shape {tuple(q.shape)}{hint}")
     else:
         a = to_numpy(queries, "queries")
         if a.ndim == 2:

@@ -102,13 +102,14 @@ def test_doc_ids_round_trip(tmp_path, mini_corpus):
     assert index.manifest["has_doc_ids"] is True
     s = plaid.Searcher(index.path)
     assert s.doc_ids.tolist() == ids and s.doc_ids[5] == "汉字" and len(s.doc_ids) == len(ids)
-    res = s.search(queries + [docs[5]], k=len(docs) + 5)
+    sub = list(range(0, 30, 3)) + [5]  # 11 documents for k=20 (k beyond the corpus is capped at it)
+    res = s.search(queries + [docs[5]], k=20, subset=sub)
     names = res.doc_ids()
     assert len(names) == len(queries) + 1
     for row_ids, row_names in zip(res.ids, names):
-        assert len(row_names) == res.ids.shape[1]
+        assert len(row_names) == res.ids.shape[1] == 20
         assert [ids[i] if i >= 0 else None for i in row_ids] == row_names
-        assert None in row_names  # k exceeds the hits: padding maps to None
+        assert row_names.count(None) == 9  # k exceeds the hits: padding maps to None
     assert names[-1][0] == "汉字"
 
 

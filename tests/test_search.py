@@ -193,25 +193,25 @@ def test_search_params_are_used(small_index, small_corpus, monkeypatch):
 
 # -- k beyond the corpus --------------------------------------------------------------------------------
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
-def test_k_larger_than_the_corpus_pads_with_minus_one(small_index, small_corpus, engine):
+def test_k_larger_than_the_corpus_is_capped_at_the_corpus(small_index, small_corpus, engine):
+    """k above the number of documents gives num_documents columns (see also
+    test_search_fallback.py: k=10**13 allocates nothing for it). A k that reaches the corpus
+    makes stage 1 probe until every document is a candidate: all of them come back (the padding
+    of empty documents: test_empty_documents_are_never_returned)."""
     docs, queries = small_corpus
     s = plaid.Searcher(small_index, engine=engine)
     C = plaid.Index(small_index).num_centroids
     k = len(docs) + 50
     res = s.search(queries[:4], k=k, ncells=C)  # every cell probed: every document is a candidate
-    assert res.ids.shape == (4, k)
+    assert res.ids.shape == res.scores.shape == (4, len(docs))
     for i in range(4):
-        hits = res.ids[i] >= 0
-        assert hits.sum() == len(docs)
-        assert np.all(hits[: len(docs)]) and not hits[len(docs):].any()  # hits first, then padding
-        assert sorted(res.ids[i][hits].tolist()) == list(range(len(docs)))  # each document once
-        assert np.all(res.ids[i][~hits] == -1)
-        assert np.all(np.isneginf(res.scores[i][~hits])) and np.all(np.isfinite(res.scores[i][hits]))
-        assert np.all(np.diff(res.scores[i][hits]) <= 0)
-    # with default parameters fewer documents may be candidates, but padding is the same
+        assert sorted(res.ids[i].tolist()) == list(range(len(docs)))  # each document once
+        assert np.all(np.isfinite(res.scores[i])) and np.all(np.diff(res.scores[i]) <= 0)
+    # the default parameters of the capped k (600: ndocs 4096) reach every document too
     res = s.search(queries[:2], k=k)
-    assert np.all(np.isneginf(res.scores[res.ids == -1])) and (res.ids == -1).any()
-    assert np.all(np.isfinite(res.scores[res.ids >= 0]))
+    assert res.ids.shape == (2, len(docs)) and (res.ids >= 0).all()
+    res = s.search(queries[:2], k=k, ncells=1, ndocs=24)  # even from one cell and a small ndocs
+    assert (res.ids >= 0).all()
 
 
 # -- empty documents -------------------------------------------------------------------------------------
@@ -252,10 +252,13 @@ def test_empty_documents_are_never_returned(index_with_empty_docs, mini_corpus, 
     s = plaid.Searcher(index, engine=engine)
     k = len(docs) + 10
     res = s.search(queries + [d for d in docs if len(d)][:5], k=k, ncells=index.num_centroids)
-    for row in res.ids:
+    assert res.ids.shape == (len(queries) + 5, len(docs))  # k capped at the number of documents
+    for row, scores in zip(res.ids, res.scores):
         returned = row[row >= 0]
         assert not set(empty) & set(returned.tolist())
         assert len(returned) == len(docs) - len(empty)  # every non-empty one is
+        hits = len(returned)  # then one column of padding per empty document
+        assert (row[:hits] >= 0).all() and (row[hits:] == -1).all() and np.isneginf(scores[hits:]).all()
 
 
 # -- engines ---------------------------------------------------------------------------------------------
@@ -392,11 +395,10 @@ def test_tiny_corpora_build_and_search(tmp_path, codec, n_docs):
     for engine in ("numpy", "torch"):
         s = plaid.Searcher(index, engine=engine)
         res = s.search([docs[0], docs[-1][:1]], k=10)
-        assert res.ids.shape == (2, 10)
+        assert res.ids.shape == (2, n_docs)  # k=10 is capped at the corpus
         for row in res.ids:
-            assert sorted(row[:n_docs].tolist()) == list(range(n_docs))
-            assert np.all(row[n_docs:] == -1)
-        assert np.all(np.isneginf(res.scores[:, n_docs:]))
+            assert sorted(row.tolist()) == list(range(n_docs))
+        assert np.all(np.isfinite(res.scores))
         assert res.ids[0, 0] == int(np.argmax(exact))
         assert_stage4_exact(s, doc_offsets(docs), [docs[0], docs[-1][:1]], res)
 

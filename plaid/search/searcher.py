@@ -30,7 +30,8 @@ __all__ = ["Searcher", "Results", "default_search_params"]
 class Results:
     """Search results of a batch of queries.
 
-    ids : int64 [nq, k] — document ids (0..N-1, input order), best first; -1 where fewer hits.
+    ids : int64 [nq, k] — document ids (0..N-1, input order), best first; -1 where fewer hits
+        (``k`` here is the requested one capped at N, the index's number of documents).
     scores : float32 [nq, k] — MaxSim on the decompressed vectors; -inf where ``ids`` is -1.
     """
 
@@ -308,13 +309,24 @@ class Searcher:
         ----------
         queries : array [m, dim], array [nq, m, dim], or a list of [m_i, dim] arrays (numpy/torch)
         k : int, default 10
-            Results per query.
+            Results per query, a positive int. A ``k`` above the index's number of documents
+            (``num_documents``, deleted and empty ones included) is capped at it: the result
+            width, the defaults and every internal budget use ``min(k, num_documents)``, so
+            ``k=10**13`` allocates nothing for the extra columns.
         ncells : int, optional
             Centroids probed per query token (stage 1). Default by ``k``, see
             :func:`default_search_params`.
         centroid_score_threshold : float, optional
             Stage-2 pruning: only document tokens whose centroid scores at least this for some
-            query token count.
+            query token count (a query token with none in a document contributes
+            ``stages.PRUNED_SCORE``). Pruning never decides alone: when stage 2 would drop
+            candidates (more than ``max(ndocs, k)``) while fewer than ``max(ndocs, k)`` of them
+            keep a surviving centroid, that query is pruned at ``min(threshold, floor)``
+            instead, ``floor`` being the lowest score among the cells stage 1 probed for it
+            (the minimum over its tokens of the token's ``ncells``-th best centroid score, at
+            the final ``ncells``): every candidate then keeps the centroid it was found through
+            and stage 2 ranks them by approximate MaxSim, not by document id. This matters for
+            embeddings whose similarity scale is not ColBERT's (no centroid reaching 0.5).
         ndocs : int, optional
             Candidates kept after stage 2; stage 3 keeps ``ndocs // 4`` (at least ``k``).
         subset : ids, or a list of ids per query, optional
@@ -325,11 +337,16 @@ class Searcher:
 
         Returns
         -------
-        Results with ``ids`` int64 [nq, k] and ``scores`` float32 [nq, k], best first.
+        Results with ``ids`` int64 [nq, k'] and ``scores`` float32 [nq, k'], best first, where
+        ``k' = min(k, num_documents)``; columns beyond a query's hits (fewer candidates, deleted
+        or empty documents, a small subset) hold id -1 and score -inf.
+
+        Raises :class:`InvalidInputError` for a ``k``, ``ncells`` or ``ndocs`` that is not a
+        positive int, a non-finite threshold, and queries that :func:`plaid.embeddings.as_queries`
+        refuses.
         """
-        params = self._params(k, ncells, centroid_score_threshold, ndocs)
-        k = int(k)
         st = self._state  # one generation for the whole call
+        k, params = self._params(k, ncells, centroid_score_threshold, ndocs, st.num_documents)
         qs = as_queries(queries, dim=st.dim)
         subsets = self._subsets(st, subset, len(qs))
         ids = np.full((len(qs), k), -1, dtype=np.int64)
@@ -345,10 +362,13 @@ class Searcher:
         return Results(ids, scores, st.doc_ids)
 
     @staticmethod
-    def _params(k, ncells, threshold, ndocs) -> dict:
+    def _params(k, ncells, threshold, ndocs, num_documents: int):
+        """Validated ``(k, params)``: ``k`` capped at ``num_documents`` (the result width, and
+        the k every budget and default is computed from), params the stage parameters."""
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
             raise InvalidInputError(f"k must be a positive integer, got {k!r}")
-        params = default_search_params(int(k))
+        k = min(int(k), max(1, int(num_documents)))
+        params = default_search_params(k)
         for name, v in (("ncells", ncells), ("ndocs", ndocs)):
             if v is not None:
                 if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
@@ -362,7 +382,7 @@ class Searcher:
             if not np.isfinite(threshold):
                 raise InvalidInputError("centroid_score_threshold must be a finite number")
             params["centroid_score_threshold"] = threshold
-        return params
+        return k, params
 
     def _subsets(self, st: _State, subset, nq: int) -> Optional[List[np.ndarray]]:
         """One sorted int64 array of live, non-empty document ids per query, or None."""
@@ -477,16 +497,21 @@ class Searcher:
             n2 = max(ndocs, k)
             n3 = max(ndocs // 4, k)
             if len(docs) > n2:  # stage 2: pruned centroid interaction (a no-op when all are kept)
-                keep = stages.surviving(R, centroid_score_threshold)
-                # read whichever side is shorter: the surviving centroids' inverted lists, or
-                # the candidates' centroids (a low threshold keeps many centroids)
                 counts = st.dcell_offsets[docs + 1] - st.dcell_offsets[docs]
-                if st.ivf_lens[keep].sum() <= counts.sum():
-                    slot = self._ws.slots(st.num_documents)
-                    approx = stages.pruned_maxsim(keep, Re, docs, st.ivf, st.ivf_offsets, counts, slot)
-                else:
-                    offs, cells = stages.document_cells(docs, st.dcells, st.dcell_offsets)
-                    approx = stages.approximate_maxsim(Re, stages.pruned_cells(cells, keep), offs)
+                keep = stages.surviving(R, centroid_score_threshold)
+                listed = int(st.ivf_lens[keep].sum())  # entries of the surviving lists >= covered candidates
+                approx = None
+                if listed >= n2:
+                    approx, covered = self._pruned_numpy(st, keep, Re, docs, counts, listed)
+                    n_covered = int(covered.sum())
+                else:  # fewer than n2 can be covered: straight to the fallback, without counting them
+                    n_covered = listed
+                if n_covered < n2:  # fallback: pruning never decides alone (stages.fallback_threshold)
+                    threshold = stages.fallback_threshold(centroid_score_threshold, n_covered, n2,
+                                                          stages.probed_floor(cuts, nc))
+                    if threshold < centroid_score_threshold or approx is None:
+                        keep = stages.surviving(R, threshold)
+                        approx, _ = self._pruned_numpy(st, keep, Re, docs, counts, int(st.ivf_lens[keep].sum()))
                 sel = np.sort(stages.top_n(approx, n2))
             if len(sel) > n3:  # stage 3: full centroid interaction over stage 2's survivors
                 offs, cells = stages.document_cells(docs[sel], st.dcells, st.dcell_offsets)
@@ -495,6 +520,21 @@ class Searcher:
             # stage 4: exact MaxSim on the decompressed vectors
             out.append(self._exact(st, q, docs[sel], k))
         return out
+
+    def _pruned_numpy(self, st: _State, keep: np.ndarray, Re: np.ndarray, docs: np.ndarray, counts: np.ndarray,
+                      listed: int):
+        """Stage 2 of the numpy engine: (pruned approximate MaxSim float32 [n], covered bool [n]:
+        the candidates that keep a centroid). keep: bool [C] from :func:`stages.surviving`;
+        counts: int64 [n], each candidate's number of distinct centroids; listed: the entries of
+        the surviving centroids' inverted lists (``ivf_lens[keep].sum()``)."""
+        # read whichever side is shorter: the surviving centroids' inverted lists, or the
+        # candidates' centroids (a low threshold keeps many centroids)
+        if listed <= counts.sum():
+            slot = self._ws.slots(st.num_documents)
+            return stages.pruned_maxsim(keep, Re, docs, st.ivf, st.ivf_offsets, counts, slot, return_covered=True)
+        offs, cells = stages.document_cells(docs, st.dcells, st.dcell_offsets)
+        return (stages.approximate_maxsim(Re, stages.pruned_cells(cells, keep), offs),
+                stages.covered_documents(cells, keep, offs))
 
     # -- torch engine (GPU, or CPU for testing) ---------------------------------------------------
     def _search_batch_torch(self, st: _State, qs, subsets, k: int, ncells: int,
@@ -547,9 +587,22 @@ class Searcher:
             eq = torch.cat([torch.full((len(s),), qi, dtype=torch.long) for qi, s in exhaustive]).to(dev)
             ed = torch.cat([torch.from_numpy(s) for _, s in exhaustive]).to(dev)
         if pq.numel():
+            n2 = max(ndocs, k)
             table = stages_torch.prune_centroid_scores(S, qmask, centroid_score_threshold).transpose(1, 2).contiguous()
-            approx = stages_torch.approximate_scores(table, pq, pd, st.doc_offsets_t, take_codes)
-            pq, pd = self._select(stages_torch.top_pairs(approx, pq, nq, max(ndocs, k)), pq, pd)
+            approx, covered = stages_torch.approximate_scores(
+                table, pq, pd, st.doc_offsets_t, take_codes,
+                covered_by=stages_torch.surviving(S, qmask, centroid_score_threshold))
+            # fallback (stages.fallback_threshold): a query whose stage 2 would drop candidates
+            # while fewer than it keeps have a surviving centroid is pruned at its probed floor
+            low = (torch.bincount(pq, minlength=nq) > n2) & (torch.bincount(pq[covered], minlength=nq) < n2)
+            if bool(low.any()):
+                floor = stages_torch.probed_floor(S, qmask, nc)
+                thr = torch.where(low, floor.clamp(max=centroid_score_threshold),
+                                  torch.full_like(floor, centroid_score_threshold))
+                redo = low[pq]
+                table = stages_torch.prune_centroid_scores(S, qmask, thr).transpose(1, 2).contiguous()
+                approx[redo] = stages_torch.approximate_scores(table, pq[redo], pd[redo], st.doc_offsets_t, take_codes)
+            pq, pd = self._select(stages_torch.top_pairs(approx, pq, nq, n2), pq, pd)
             table = S.masked_fill(~qmask.unsqueeze(2), 0.0).transpose(1, 2).contiguous()
             approx = stages_torch.approximate_scores(table, pq, pd, st.doc_offsets_t, take_codes)
             pq, pd = self._select(stages_torch.top_pairs(approx, pq, nq, max(ndocs // 4, k)), pq, pd)

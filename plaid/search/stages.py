@@ -5,7 +5,9 @@
 2. :func:`pruned_maxsim` (or :func:`approximate_maxsim` over :func:`pruned_cells`) —
    approximate MaxSim from centroid scores alone, counting only centroids that score ≥
    ``centroid_score_threshold`` for some query token (a query token with no such centroid in a
-   document contributes :data:`PRUNED_SCORE`);
+   document contributes :data:`PRUNED_SCORE`). Pruning never decides alone: when fewer
+   candidates keep a surviving centroid than stage 2 keeps, the threshold drops to
+   :func:`probed_floor` (the fallback, see :func:`fallback_threshold`);
 3. the same without pruning, over stage 2's survivors only;
 4. :func:`maxsim_scores` over :func:`adc_scores` — exact MaxSim on the decompressed vectors of
    the survivors, computed without decompressing them (below).
@@ -40,7 +42,8 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["PRUNED_SCORE", "expand_ranges", "top_n", "CellCuts", "best_cells", "candidates", "doc_cells", "centroid_table",
-           "document_cells", "surviving", "pruned_cells", "approximate_maxsim", "pruned_maxsim", "adc_scores", "maxsim_scores"]
+           "document_cells", "surviving", "pruned_cells", "covered_documents", "approximate_maxsim", "pruned_maxsim",
+           "probed_floor", "fallback_threshold", "adc_scores", "maxsim_scores"]
 
 #: Contribution of a query token none of whose document centroids survives pruning (as PLAID).
 PRUNED_SCORE = -9999.0
@@ -185,6 +188,16 @@ def pruned_cells(cells: np.ndarray, keep: np.ndarray) -> np.ndarray:
     return np.where(keep[cells], cells, np.int32(len(keep)))
 
 
+def covered_documents(cells: np.ndarray, keep: np.ndarray, offsets: np.ndarray) -> np.ndarray:
+    """bool [n]: the documents that keep at least one centroid through stage 2's pruning.
+
+    cells, offsets: the documents' distinct centroids from :func:`document_cells` (non-empty
+    documents); keep: bool [C] from :func:`surviving`. A document that is not covered scores
+    ``m * PRUNED_SCORE`` in stage 2, a tie with every other uncovered one.
+    """
+    return np.logical_or.reduceat(keep[cells], offsets[:-1]) if len(cells) else np.zeros(len(offsets) - 1, bool)
+
+
 def approximate_maxsim(Re: np.ndarray, cells: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """Stages 2-3: per-document sum over query tokens of the best centroid score.
 
@@ -197,7 +210,7 @@ def approximate_maxsim(Re: np.ndarray, cells: np.ndarray, offsets: np.ndarray) -
 
 
 def pruned_maxsim(keep: np.ndarray, Re: np.ndarray, docs: np.ndarray, ivf: np.ndarray, ivf_offsets: np.ndarray,
-                  cell_counts: np.ndarray, slot: np.ndarray) -> np.ndarray:
+                  cell_counts: np.ndarray, slot: np.ndarray, return_covered: bool = False):
     """Stage 2 from the inverted file's side: the same scores as :func:`approximate_maxsim` over
     :func:`pruned_cells`, reading only the lists of the centroids that survive pruning.
 
@@ -207,7 +220,8 @@ def pruned_maxsim(keep: np.ndarray, Re: np.ndarray, docs: np.ndarray, ivf: np.nd
     faster than the document side there), and their inverted lists name their documents.
     keep: bool [C] from :func:`surviving`; Re: from :func:`centroid_table`; docs: int64 [n]
     sorted candidates; cell_counts: int64 [n], each candidate's number of distinct centroids;
-    slot: int32 [N] scratch, all -1 (left all -1). Returns float32 [n].
+    slot: int32 [N] scratch, all -1 (left all -1). Returns float32 [n]; with ``return_covered``,
+    also bool [n], :func:`covered_documents` (the candidates listed under a surviving centroid).
     """
     kept = np.flatnonzero(keep)
     starts = ivf_offsets[kept]
@@ -227,9 +241,35 @@ def pruned_maxsim(keep: np.ndarray, Re: np.ndarray, docs: np.ndarray, ivf: np.nd
                          reduce="amax")
     best = best.numpy()
     # a document with a pruned centroid scores at least PRUNED_SCORE per token, as on the other side
-    some_pruned = np.bincount(where, minlength=len(docs)) < cell_counts
+    listed = np.bincount(where, minlength=len(docs))
+    some_pruned = listed < cell_counts
     np.maximum(best, np.float32(PRUNED_SCORE), out=best, where=some_pruned[None, :])
-    return best.sum(0, dtype=np.float32)  # the same reduction as approximate_maxsim's
+    scores = best.sum(0, dtype=np.float32)  # the same reduction as approximate_maxsim's
+    return (scores, listed > 0) if return_covered else scores
+
+
+def probed_floor(cuts: CellCuts, ncells: int) -> float:
+    """The lowest score among the cells stage 1 probed: the minimum over query tokens of each
+    token's ``ncells``-th best centroid score (``ncells`` capped at C: then the lowest score of
+    ``R``). Every candidate of :func:`candidates` has a centroid scoring at least this for some
+    query token (the one it was found through), so none is pruned away at this threshold."""
+    if ncells >= cuts.R.shape[1]:  # every cell probed (the value topk would give, without its cost)
+        return float(cuts.R.min())
+    return float(cuts.kth(int(ncells)).min())
+
+
+def fallback_threshold(threshold: float, covered: int, n_keep: int, floor: float) -> float:
+    """Stage 2's pruning threshold for one query, after the fallback.
+
+    ``covered``: the number of candidates that keep at least one centroid at ``threshold``
+    (:func:`covered_documents`; an upper bound below ``n_keep`` decides the same); ``n_keep``: how many stage 2 keeps, ``min(len(candidates),
+    max(ndocs, k))``; ``floor``: :func:`probed_floor`. When fewer than ``n_keep`` candidates are
+    covered, the uncovered ones would all tie at ``m * PRUNED_SCORE`` and the lowest document
+    ids would fill the rest, whatever their tokens: the threshold drops to ``min(threshold,
+    floor)``, so every candidate keeps the centroid it was found through and stage 2 ranks
+    them all by approximate MaxSim. Otherwise ``threshold`` is returned unchanged.
+    """
+    return min(threshold, floor) if covered < n_keep else threshold
 
 
 def adc_scores(table: torch.Tensor, residual_codes: np.ndarray) -> np.ndarray:

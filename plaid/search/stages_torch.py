@@ -8,7 +8,9 @@ document, so every stage is vectorised over the whole batch:
    ``ncells`` best centroids of each query token;
 2. :func:`approximate_scores` with pruning — MaxSim over centroid scores only, counting just the
    tokens whose centroid scores ≥ ``centroid_score_threshold`` for some query token;
-   :func:`top_pairs` keeps ``ndocs`` per query;
+   :func:`top_pairs` keeps ``ndocs`` per query. When fewer of a query's candidates keep a
+   surviving centroid than stage 2 keeps, that query's threshold drops to :func:`probed_floor`
+   (the fallback of :func:`plaid.search.stages.fallback_threshold`, the same in both engines);
 3. the same without pruning; keep ``ndocs / 4``;
 4. :func:`exact_scores` — decompress the survivors' vectors and compute exact MaxSim.
 """
@@ -27,6 +29,8 @@ __all__ = [
     "centroid_scores",
     "candidate_pairs",
     "prune_centroid_scores",
+    "surviving",
+    "probed_floor",
     "approximate_scores",
     "top_pairs",
     "exact_scores",
@@ -82,25 +86,53 @@ def candidate_pairs(S: torch.Tensor, qmask: torch.Tensor, ncells, ivf: torch.Ten
     return pair // num_docs, pair % num_docs
 
 
-def prune_centroid_scores(S: torch.Tensor, qmask: torch.Tensor, threshold: float) -> torch.Tensor:
+def _per_query(threshold, S: torch.Tensor):
+    """A float threshold, or a [nq] tensor of them shaped [nq, 1, 1] to broadcast against S."""
+    if isinstance(threshold, torch.Tensor):
+        return threshold.to(device=S.device, dtype=S.dtype).reshape(-1, 1, 1)
+    return threshold
+
+
+def prune_centroid_scores(S: torch.Tensor, qmask: torch.Tensor, threshold) -> torch.Tensor:
     """Stage 2 score table: centroids whose best score over the query's tokens is below
     ``threshold`` are dropped (their entries become :data:`PRUNED_SCORE`); padded query rows are 0.
 
-    S: float [nq, m, C]; qmask: bool [nq, m]. Returns float [nq, m, C].
+    S: float [nq, m, C]; qmask: bool [nq, m]; threshold: float, or float [nq] (one per query).
+    Returns float [nq, m, C].
     """
     best = S.masked_fill(~qmask.unsqueeze(2), float("-inf")).amax(1, keepdim=True)  # [nq, 1, C]
-    out = S.masked_fill(best < threshold, PRUNED_SCORE)
+    out = S.masked_fill(best < _per_query(threshold, S), PRUNED_SCORE)
     return out.masked_fill_(~qmask.unsqueeze(2), 0.0)
 
 
+def surviving(S: torch.Tensor, qmask: torch.Tensor, threshold) -> torch.Tensor:
+    """bool [nq, C]: the centroids that score at least ``threshold`` for some real token of
+    each query (those :func:`prune_centroid_scores` keeps). threshold: float or float [nq]."""
+    best = S.masked_fill(~qmask.unsqueeze(2), float("-inf")).amax(1, keepdim=True)  # [nq, 1, C]
+    return (best >= _per_query(threshold, S)).squeeze(1)
+
+
+def probed_floor(S: torch.Tensor, qmask: torch.Tensor, ncells) -> torch.Tensor:
+    """float [nq]: the lowest score among the cells :func:`candidate_pairs` probed for each query,
+    the minimum over its real tokens of the token's ``ncells``-th best centroid score (as
+    :func:`plaid.search.stages.probed_floor`). ncells: int, or int64 [nq]."""
+    nq, m, C = S.shape
+    nc = torch.as_tensor(ncells, device=S.device).long().clamp(1, C).expand(nq).reshape(nq, 1, 1)
+    top = S.topk(int(nc.max()), dim=2).values  # [nq, m, max ncells]
+    kth = top.gather(2, (nc - 1).expand(nq, m, 1)).squeeze(2)  # [nq, m]
+    return kth.masked_fill(~qmask, float("inf")).amin(1)
+
+
 def approximate_scores(table: torch.Tensor, pair_q: torch.Tensor, pair_doc: torch.Tensor,
-                       doc_offsets: torch.Tensor, take_codes: Callable[[torch.Tensor], torch.Tensor]
-                       ) -> torch.Tensor:
+                       doc_offsets: torch.Tensor, take_codes: Callable[[torch.Tensor], torch.Tensor],
+                       covered_by: torch.Tensor | None = None):
     """Stages 2-3: MaxSim of each (query, document) pair from centroid scores alone.
 
     table: float [nq, C, m] — centroid scores per query, centroid-major (pruned for stage 2,
     raw with padded rows zeroed for stage 3); doc_offsets: int64 [N + 1]; ``take_codes`` maps
-    int64 token positions to their int64 centroid ids. Returns float [npairs].
+    int64 token positions to their int64 centroid ids. Returns float [npairs]; with
+    ``covered_by`` (bool [nq, C], from :func:`surviving`), also bool [npairs]: the pairs whose
+    document has at least one of those centroids.
     """
     nq, C, m = table.shape
     starts = doc_offsets[pair_doc]
@@ -108,7 +140,12 @@ def approximate_scores(table: torch.Tensor, pair_q: torch.Tensor, pair_doc: torc
     owner_q = torch.repeat_interleave(pair_q, offs[1:] - offs[:-1], output_size=pos.numel())
     rows = owner_q * C + take_codes(pos)
     vals = table.reshape(nq * C, m)[rows]  # [tokens, m]
-    return segment_max(vals, offs).sum(1)
+    scores = segment_max(vals, offs).sum(1)
+    if covered_by is None:
+        return scores
+    seen = torch.zeros(pos.numel() + 1, dtype=torch.long, device=table.device)
+    torch.cumsum(covered_by.reshape(-1)[rows].long(), 0, out=seen[1:])  # covered tokens so far
+    return scores, seen[offs[1:]] > seen[offs[:-1]]
 
 
 def top_pairs(scores: torch.Tensor, pair_q: torch.Tensor, nq: int, n: int) -> torch.Tensor:
