@@ -85,82 +85,45 @@ class PlaidEngine:
         import torch
 
         import plaid
-        from plaid.search import stages
+        from plaid.search.pipeline import top_n
 
         s = self.searcher
         p = dict(plaid.default_search_params(k), **params)
         n3 = max(p["ndocs"] // 4, k)
         final = s.search(queries, k=n3, **p).ids  # exactly the documents stage 4 scores
-        st = s._state  # the committed generation the search above used
-        offs_all = st.doc_offsets
+        eng = s._state.engine  # the committed generation the search above used
         times, ncand, ntok = [], [], []
         with torch.inference_mode():
             for rep in range(2):  # first pass warms up
                 for q, c in zip(queries, final):
                     docs = np.sort(c[c >= 0])
-                    starts = offs_all[docs]
                     t0 = time.perf_counter()
-                    s._centroid_scores(st, torch.from_numpy(q))  # Q·Cᵀ
-                    pos, offs = stages.expand_ranges(starts, offs_all[docs + 1] - starts)
-                    exact = stages.maxsim_scores(s._stage4_sims(st, pos, q), offs)
-                    stages.top_n(exact, k)
+                    eng.centroid_scores(q)  # Q·Cᵀ
+                    exact = eng.exact_scores(q, docs)
+                    top_n(exact, k)
                     if rep:
                         times.append(time.perf_counter() - t0)
                         ncand.append(len(docs))
-                        ntok.append(len(pos))
+                        ntok.append(int(np.diff(s._state.snapshot.doc_offsets)[docs].sum()))
         a = np.asarray(times) * 1e3
         return {"median_ms": float(np.median(a)), "p95_ms": float(np.percentile(a, 95)),
                 "median_candidates": float(np.median(ncand)), "median_candidate_tokens": float(np.median(ntok))}
 
     def profile(self, queries, k: int, params: dict) -> dict:
-        """Median per-query time of each stage of single-query search (ms) and its share."""
-        from plaid.search import stages
-
+        """Median per-query time of each stage of single-query search (ms) and its share, from
+        the pipeline's own timers (``search(..., trace=True)``)."""
         s = self.searcher
-        acc = {}
-        stack = []  # time spent in timed callees of each open timed call: times are exclusive
-
-        def timed(name, fn):
-            def w(*a, **kw):
-                t0 = time.perf_counter()
-                stack.append(0.0)
-                try:
-                    return fn(*a, **kw)
-                finally:
-                    dt = time.perf_counter() - t0
-                    acc[name] = acc.get(name, 0.0) + dt - stack.pop()
-                    if stack:
-                        stack[-1] += dt
-            return w
-
-        patched = {"candidates": "stage1_candidates", "centroid_table": "stage2_3_centroid_table",
-                   "document_cells": "stage2_3_document_cells", "surviving": "stage2_surviving_centroids",
-                   "pruned_maxsim": "stage2_pruned_maxsim", "pruned_cells": "stage2_prune",
-                   "approximate_maxsim": "stage2_3_approx_maxsim", "adc_scores": "stage4_adc",
-                   "maxsim_scores": "stage4_maxsim_reduce", "top_n": "top_n"}
-        saved = {n: getattr(stages, n) for n in patched}
-        try:
-            for n, label in patched.items():
-                setattr(stages, n, timed(label, saved[n]))
-            s._centroid_scores = timed("centroid_scores_QCt", type(s)._centroid_scores.__get__(s))
-            s._stage4_sims = timed("stage4_centroid_terms_and_norms", type(s)._stage4_sims.__get__(s))
-            codec = s._state.codec
-            codec.score_table = timed("stage4_score_table", type(codec).score_table.__get__(codec))
-            per = []
-            for q in queries[:10]:
-                s.search([q], k=k, **params)
-            for q in queries:
-                acc.clear()
-                t0 = time.perf_counter()
-                s.search([q], k=k, **params)
-                total = time.perf_counter() - t0
-                acc["other"] = total - sum(acc.values())
-                acc["total"] = total
-                per.append(dict(acc))
-        finally:
-            for n, fn in saved.items():
-                setattr(stages, n, fn)
-            del s._centroid_scores, s._stage4_sims, codec.score_table
+        per = []
+        for q in queries[:10]:
+            s.search([q], k=k, **params)
+        for q in queries:
+            t0 = time.perf_counter()
+            res = s.search([q], k=k, trace=True, **params)
+            total = time.perf_counter() - t0
+            acc = dict(res.traces[0].timings)
+            acc["other"] = total - sum(acc.values())
+            acc["total"] = total
+            per.append(acc)
         names = sorted({n for d in per for n in d})
         med = {n: float(np.median([d.get(n, 0.0) for d in per]) * 1e3) for n in names}
         mean_total = float(np.mean([d["total"] for d in per]))

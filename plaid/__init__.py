@@ -35,11 +35,13 @@ _LAZY = {
     "Searcher": "plaid.search.searcher",
     "Results": "plaid.search.searcher",
     "default_search_params": "plaid.search.searcher",
+    "SearchParams": "plaid.search.params",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .indexing.index import Index
     from .indexing.indexer import Indexer
+    from .search.params import SearchParams
     from .search.searcher import Results, Searcher, default_search_params
 
 __all__ = [
@@ -47,6 +49,7 @@ __all__ = [
     "Index",
     "Searcher",
     "Results",
+    "SearchParams",
     "Embeddings",
     "maxsim",
     "default_search_params",

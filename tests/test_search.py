@@ -168,24 +168,25 @@ def test_load_all_gives_the_same_results(small_index, small_corpus):
 
 def test_search_params_are_used(small_index, small_corpus, monkeypatch):
     """Overrides reach the stages: ncells is what stage 1 probes first, ndocs bounds stages 2-3."""
-    from plaid.search import stages
+    from plaid.search import pipeline
 
     docs, queries = small_corpus
     s = plaid.Searcher(small_index)
     seen = []
-    real = stages.candidates
-    monkeypatch.setattr(stages, "candidates", lambda St, nc, *a: seen.append(nc) or real(St, nc, *a))
+    real = pipeline.CellCuts.cells
+    monkeypatch.setattr(pipeline.CellCuts, "cells", lambda self, nc: seen.append(nc) or real(self, nc))
     s.search(queries[:1], k=10)
     assert seen[0] == 2  # the default for k <= 10
     seen.clear()
     s.search(queries[:1], k=10, ncells=7, ndocs=10_000)
     assert seen[0] == 7 and seen[-1] >= 7  # a minimum: widened while fewer than ndocs candidates
     seen.clear()
-    s.search(queries[:1], k=10, ncells=5, ndocs=1)
+    s.search(queries[:1], k=1, ncells=5, ndocs=1)
     assert seen == [5]  # enough candidates at once
-    narrow = s.search(queries, k=10, ndocs=8)  # stage 3 keeps max(ndocs // 4, k) = 10 documents
-    wide = s.search(queries, k=10, ndocs=4096)
-    assert (narrow.ids != wide.ids).any()
+    res = s.search(queries, k=10, ndocs=10, trace=True)  # stage 3 keeps max(ndocs // 4, k) = 10 documents
+    assert all(len(t.stage3) <= 10 and len(t.stage2) <= 10 for t in res.traces)
+    wide = s.search(queries, k=10, ndocs=4096, trace=True)
+    assert any(len(t.stage3) > 10 for t in wide.traces)
     assert plaid.default_search_params(10) == {"ncells": 2, "centroid_score_threshold": 0.5, "ndocs": 256}
     assert plaid.default_search_params(100)["ndocs"] == 1024
     assert plaid.default_search_params(1000)["ndocs"] == 4096
@@ -210,8 +211,10 @@ def test_k_larger_than_the_corpus_is_capped_at_the_corpus(small_index, small_cor
     # the default parameters of the capped k (600: ndocs 4096) reach every document too
     res = s.search(queries[:2], k=k)
     assert res.ids.shape == (2, len(docs)) and (res.ids >= 0).all()
-    res = s.search(queries[:2], k=k, ncells=1, ndocs=24)  # even from one cell and a small ndocs
+    res = s.search(queries[:2], k=k, ncells=1)  # even from one cell
     assert (res.ids >= 0).all()
+    with pytest.raises(plaid.InvalidInputError, match=r"ndocs \(24\) must be at least k \(650\)"):
+        s.search(queries[:2], k=k, ncells=1, ndocs=24)  # refused whatever the corpus size
 
 
 # -- empty documents -------------------------------------------------------------------------------------
@@ -277,32 +280,28 @@ def test_torch_engine_matches_numpy_engine(small_index, small_corpus, precision,
     np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-5)
 
 
-def test_stage1_tie_breaking_is_the_same_in_both_engines():
-    from plaid.search import stages, stages_torch
+def test_stage1_keeps_every_cell_tied_at_the_cut():
+    """The probed cells are every centroid at or above the ncells-th best score of some token:
+    ties at the cut are all kept, so the result does not depend on a sort order (one policy,
+    both engines)."""
+    from plaid.search.pipeline import CellCuts
 
-    # one query token; centroids 1, 2, 3, 4 and 6 tie for the best score; centroid c lists document c
-    St = np.array([[0.1], [0.5], [0.5], [0.5], [0.5], [0.2], [0.5], [0.0]], np.float32)
-    C = len(St)
-    ivf, ivf_offsets = np.arange(C, dtype=np.int32), np.arange(C + 1, dtype=np.int64)
-    R = np.ascontiguousarray(St.T)  # [m, C]
-    for ncells in (1, 2, 3, 4, 5, 6, 7):
-        a = stages.candidates(R, ncells, ivf, ivf_offsets)
-        _, b = stages_torch.candidate_pairs(torch.from_numpy(R)[None], torch.ones(1, 1, dtype=torch.bool), ncells,
-                                            torch.from_numpy(ivf.astype(np.int64)), torch.from_numpy(ivf_offsets), C)
-        np.testing.assert_array_equal(a, b.numpy(), err_msg=f"ncells={ncells}")
-        # every centroid at or above the ncells-th best score: ties at the cut are all kept
-        expected = [1, 2, 3, 4, 6] if ncells <= 5 else ([1, 2, 3, 4, 5, 6] if ncells == 6 else [0, 1, 2, 3, 4, 5, 6])
-        assert a.tolist() == expected
+    # one query token; centroids 1, 2, 3, 4 and 6 tie for the best score
+    R = np.array([[0.1, 0.5, 0.5, 0.5, 0.5, 0.2, 0.5, 0.0]], np.float32)
+    for ncells in (1, 2, 3, 4, 5, 6, 7, 8, 20):
+        got = CellCuts(R).cells(ncells).tolist()
+        expected = [1, 2, 3, 4, 6] if ncells <= 5 else {6: [1, 2, 3, 4, 5, 6], 7: list(range(7))}.get(ncells, list(range(8)))
+        assert got == expected, ncells
 
 
-def test_top_pairs_keeps_the_lower_index_first_on_ties():
-    from plaid.search import stages, stages_torch
+def test_top_n_keeps_the_lower_index_first_on_ties():
+    from plaid.search.pipeline import top_n
 
     scores = np.array([0.0, 1.0, 0.5, 1.0, 1.0, 0.25, 1.0], np.float32)
-    for n in (1, 2, 3, 5):
-        got = stages_torch.top_pairs(torch.from_numpy(scores), torch.zeros(len(scores), dtype=torch.long), 1, n)[0]
-        np.testing.assert_array_equal(got.numpy(), stages.top_n(scores, n), err_msg=f"n={n}")
-        np.testing.assert_array_equal(got.numpy()[: min(n, 4)], [1, 3, 4, 6][: min(n, 4)])
+    for n in (1, 2, 3, 5, 7, 9):
+        got = top_n(scores, n)
+        np.testing.assert_array_equal(got[: min(n, 4)], [1, 3, 4, 6][: min(n, 4)])
+        np.testing.assert_array_equal(got, np.argsort(-scores, kind="stable")[:n])
 
 
 @pytest.fixture(scope="module")
@@ -343,10 +342,12 @@ def test_torch_engine_matches_numpy_engine_on_tied_documents(duplicated_index, m
 
 @pytest.mark.parametrize("engine", [
     "numpy", "torch"])
-def test_k_above_ndocs_still_returns_k_hits(small_index, small_corpus, engine):
+def test_ndocs_below_k_is_refused_and_ndocs_equal_to_k_returns_k_hits(small_index, small_corpus, engine):
     _, queries = small_corpus
     s = plaid.Searcher(small_index, engine=engine, centroid_precision="float32")
-    res = s.search(queries[:5], k=50, ndocs=20)
+    with pytest.raises(plaid.InvalidInputError, match=r"ndocs \(20\) must be at least k \(50\)"):
+        s.search(queries[:5], k=50, ndocs=20)
+    res = s.search(queries[:5], k=50, ndocs=50)
     assert np.all((res.ids >= 0).sum(1) == 50)
 
 
@@ -405,28 +406,34 @@ def test_tiny_corpora_build_and_search(tmp_path, codec, n_docs):
 
 @pytest.mark.parametrize("scale", [1.0, 1e6])
 @pytest.mark.parametrize("threshold", [0.2, 0.45, 0.6])
-def test_both_sides_of_stage2_give_the_same_scores(small_index, small_corpus, threshold, scale):
+def test_both_sides_of_stage2_give_the_same_scores(small_index, small_corpus, threshold, scale, monkeypatch):
     """Stage 2 reads the surviving centroids' inverted lists or the candidates' centroids,
     whichever is shorter: the two give bit-identical pruned scores, as do the two ways of
-    deduplicating stage 1's candidates."""
-    from plaid.search import stages
+    deduplicating stage 1's candidates (sort, flag scan)."""
+    from plaid.search import engine_cpu, stages
+    from plaid.search.pipeline import QueryScores, surviving
 
     _, queries = small_corpus
     s = plaid.Searcher(small_index, centroid_precision="float32")
-    st = s._state
+    st = s._state.engine
     N = st.num_documents
     for q in queries[:6]:
         # scale 1e6: scores far below PRUNED_SCORE (a non-normalised index of large vectors)
-        R = s._centroid_scores(st, torch.from_numpy(q)).numpy() * np.float32(scale)
+        R = st.centroid_scores(q) * np.float32(scale)
         threshold_s = threshold * scale
-        mark = np.zeros(N, bool)
-        docs = stages.candidates(R, 3, st.ivf, st.ivf_offsets, mark=mark)
-        np.testing.assert_array_equal(docs, stages.candidates(R, 3, st.ivf, st.ivf_offsets))
-        assert not mark.any()
+        S = QueryScores(R)
+        cells = S.cuts.cells(3)
+        docs = st.candidates(S, cells)
+        monkeypatch.setattr(engine_cpu, "FLAG_SCAN_RATIO", 0)  # the sort instead of the flag scan
+        np.testing.assert_array_equal(docs, st.candidates(S, cells))
+        monkeypatch.setattr(engine_cpu, "FLAG_SCAN_RATIO", 1 << 40)  # the flag scan
+        np.testing.assert_array_equal(docs, st.candidates(S, cells))
+        monkeypatch.undo()
+        assert not st._scratch.marks(N).any()
         Re = stages.centroid_table(R)
-        keep = stages.surviving(R, threshold_s)
-        offs, cells = stages.document_cells(docs, st.dcells, st.dcell_offsets)
-        doc_side = stages.approximate_maxsim(Re, stages.pruned_cells(cells, keep), offs)
+        keep = surviving(R, threshold_s)
+        offs, dc = stages.document_cells(docs, st.dcells, st.dcell_offsets)
+        doc_side = stages.approximate_maxsim(Re, stages.pruned_cells(dc, keep), offs)
         slot = np.full(N, -1, np.int32)
         ivf_side = stages.pruned_maxsim(keep, Re, docs, st.ivf, st.ivf_offsets, np.diff(offs), slot)
         np.testing.assert_array_equal(ivf_side, doc_side)

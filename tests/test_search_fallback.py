@@ -5,7 +5,7 @@ PLAID's ``centroid_score_threshold`` is an absolute score (0.5 / 0.45 / 0.4, set
 cosine scale). On embeddings of another scale no centroid may reach it: every candidate then
 scored ``m * PRUNED_SCORE`` in stage 2 and the lowest document ids filled its ``ndocs`` slots,
 so a query made of a high-id document's own tokens did not find it. The fallback
-(:func:`plaid.search.stages.fallback_threshold`): when stage 2 would drop candidates while fewer
+(:func:`plaid.search.pipeline.stage2_prune`): when stage 2 would drop candidates while fewer
 than it keeps have a surviving centroid, the query is pruned at ``min(threshold, floor)``, floor
 = the lowest score among the cells stage 1 probed.
 
@@ -31,7 +31,8 @@ import pytest
 import torch
 
 import plaid
-from plaid.search import stages, stages_torch
+from plaid.search import pipeline, stages
+from plaid.search.pipeline import CellCuts, QueryScores, probed_floor, surviving
 
 N_DOCS = 300
 
@@ -81,18 +82,11 @@ def corpora(tmp_path_factory):
     return out
 
 
-def _spy_numpy(monkeypatch):
-    """Record the (threshold, returned) pairs of every stages.fallback_threshold call."""
-    calls = []
-    real = stages.fallback_threshold
-
-    def spy(threshold, covered, n_keep, floor):
-        out = real(threshold, covered, n_keep, floor)
-        calls.append((threshold, out, covered, n_keep))
-        return out
-
-    monkeypatch.setattr(stages, "fallback_threshold", spy)
-    return calls
+def _lowered(searcher, queries, **kw):
+    """Per query: whether stage 2 pruned it below the asked threshold (the fallback), from traces."""
+    res = searcher.search(queries, trace=True, **kw)
+    asked = kw.get("centroid_score_threshold", plaid.default_search_params(kw.get("k", 10))["centroid_score_threshold"])
+    return res, [t.threshold < asked for t in res.traces]
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -121,19 +115,15 @@ def test_a_documents_own_tokens_find_it_first(corpora, kind, engine, precision):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_when_the_fallback_triggers(corpora, kind, monkeypatch):
+def test_when_the_fallback_triggers(corpora, kind):
     """The corpora exercise what they are meant to: the fallback triggers on the short unit
     documents and on every query of the small-norm corpus, never where every centroid passes."""
     docs, path, sample = corpora[kind]
-    calls = _spy_numpy(monkeypatch)
     s = plaid.Searcher(path, engine="numpy", centroid_precision="float32")
-    lowered = 0
-    for i in sample:
-        calls.clear()
-        s.search(docs[i], k=10)
-        lowered += any(out < thr for thr, out, _, _ in calls)
+    _, flags = _lowered(s, [docs[i] for i in sample], k=10)
+    lowered = sum(flags)
     if kind == "norms-3-10":
-        assert lowered == 0 and not calls
+        assert lowered == 0
     elif kind == "norms-0.05-0.3":
         assert lowered >= 0.9 * len(sample)  # the rest: stage 2 kept every candidate (a no-op)
     else:
@@ -142,10 +132,11 @@ def test_when_the_fallback_triggers(corpora, kind, monkeypatch):
 
 @pytest.mark.parametrize("kind", ["unit-64", "unit-128", "norms-0.05-0.3"])
 def test_without_the_fallback_high_ids_are_missed(corpora, kind, monkeypatch):
-    """The property test can fail: with the fallback disabled the uncovered candidates tie and
-    the lowest ids take stage 2's slots, so documents near the end of the corpus are missed."""
+    """The property test can fail: with the fallback disabled (a floor that never lowers the
+    threshold) the uncovered candidates tie and the lowest ids take stage 2's slots, so
+    documents near the end of the corpus are missed."""
     docs, path, sample = corpora[kind]
-    monkeypatch.setattr(stages, "fallback_threshold", lambda threshold, covered, n_keep, floor: threshold)
+    monkeypatch.setattr(pipeline, "probed_floor", lambda cuts, ncells: float("inf"))
     s = plaid.Searcher(path, engine="numpy", centroid_precision="float32")
     res = s.search([docs[i] for i in sample], k=10)
     missed = sample[res.ids[:, 0] != sample]
@@ -154,99 +145,69 @@ def test_without_the_fallback_high_ids_are_missed(corpora, kind, monkeypatch):
 
 @pytest.mark.parametrize("ndocs", [None, 32])
 @pytest.mark.parametrize("kind", ["unit-64", "norms-0.05-0.3"])
-def test_engines_agree_under_the_fallback(corpora, kind, ndocs, monkeypatch):
+def test_engines_agree_under_the_fallback(corpora, kind, ndocs):
     """The numpy and torch engines make the same fallback decision and keep the same candidates
-    (float32 centroid scores: then only stage 4's summation order differs)."""
+    in every stage (float32 centroid scores: then only stage 4's summation order differs)."""
     docs, path, _ = corpora[kind]
     queries = docs[::3] + [np.concatenate(docs[-3:])]  # 101 queries, one of them long
-    calls = _spy_numpy(monkeypatch)
-    floors = []
-    real_floor = stages_torch.probed_floor
-    monkeypatch.setattr(stages_torch, "probed_floor", lambda *a: floors.append(1) or real_floor(*a))
     kw = dict(k=10) if ndocs is None else dict(k=5, ndocs=ndocs)
-    a = plaid.Searcher(path, engine="numpy", centroid_precision="float32").search(queries, **kw)
-    b = plaid.Searcher(path, engine="torch", centroid_precision="float32", batch_size=16).search(queries, **kw)
-    assert any(out < thr for thr, out, _, _ in calls) and floors  # both took the fallback
+    a, fa = _lowered(plaid.Searcher(path, engine="numpy", centroid_precision="float32"), queries, **kw)
+    b, fb = _lowered(plaid.Searcher(path, engine="torch", centroid_precision="float32", batch_size=16), queries, **kw)
+    assert any(fa) and fa == fb  # both took the fallback, for the same queries
+    for ta, tb in zip(a.traces, b.traces):
+        assert ta.threshold == tb.threshold and ta.ncells == tb.ncells
+        for name in ("candidates", "stage2", "stage3"):
+            np.testing.assert_array_equal(getattr(ta, name), getattr(tb, name), err_msg=name)
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-5)
 
 
-def test_probed_floor_is_the_same_in_both_engines_and_covers_every_candidate(corpora):
-    """stages.probed_floor (numpy) == stages_torch.probed_floor per query, at any ncells; at the
-    floor every stage-1 candidate keeps a centroid, on both sides of the numpy stage 2."""
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+def test_probed_floor_covers_every_candidate(corpora, engine):
+    """pipeline.probed_floor is the lowest score among the probed cells, at any ncells; at the
+    floor every stage-1 candidate keeps a centroid (on both sides of the numpy stage 2)."""
     docs, path, _ = corpora["unit-64"]
-    s = plaid.Searcher(path, centroid_precision="float32")
-    st = s._state
-    qs = [docs[i] for i in (0, 7, 150, 299)]
-    m = max(len(q) for q in qs)
-    S = torch.full((len(qs), m, st.num_centroids), 7.0)
-    qmask = torch.zeros((len(qs), m), dtype=torch.bool)
-    for ncells in (1, 2, 5, st.num_centroids, 10 * st.num_centroids):
-        got_t = []
-        for i, q in enumerate(qs):
-            R = s._centroid_scores(st, torch.from_numpy(q)).numpy()
-            S[i, : len(q)] = torch.from_numpy(R)
-            qmask[i, : len(q)] = True
-            cuts = stages.CellCuts(R)
-            floor = stages.probed_floor(cuts, ncells)
-            nc = min(ncells, st.num_centroids)
-            want = min(np.sort(row)[::-1][nc - 1] for row in R)
-            assert floor == want
-            docs_c = stages.candidates(R, ncells, st.ivf, st.ivf_offsets, cuts)
-            keep = stages.surviving(R, floor)
-            offs, cells = stages.document_cells(docs_c, st.dcells, st.dcell_offsets)
-            assert stages.covered_documents(cells, keep, offs).all()
-            slot = np.full(st.num_documents, -1, np.int32)
-            _, cov = stages.pruned_maxsim(keep, stages.centroid_table(R), docs_c, st.ivf, st.ivf_offsets,
-                                          np.diff(offs), slot, return_covered=True)
+    s = plaid.Searcher(path, engine=engine, centroid_precision="float32")
+    eng = s._state.engine
+    for q in [docs[i] for i in (0, 7, 150, 299)]:
+        R = eng.centroid_scores(q)
+        for ncells in (1, 2, 5, eng.num_centroids, 10 * eng.num_centroids):
+            S = QueryScores(R)
+            floor = probed_floor(S.cuts, ncells)
+            nc = min(ncells, eng.num_centroids)
+            assert floor == min(np.sort(row)[::-1][nc - 1] for row in R)
+            cand = eng.candidates(S, S.cuts.cells(ncells))
+            _, cov = eng.pruned_scores(S, surviving(R, floor), cand)
             assert cov.all()
-            got_t.append(floor)
-        nc_t = torch.full((len(qs),), ncells, dtype=torch.long)
-        np.testing.assert_array_equal(stages_torch.probed_floor(S, qmask, nc_t).numpy(), np.float32(got_t))
 
 
-def test_covered_documents_agree_on_both_sides_and_in_torch(corpora):
-    """The three ways of counting covered candidates (numpy: inverted-list side, document side;
-    torch: per pair) agree, at thresholds that cover none, some and all of them."""
+def test_covered_documents_agree_on_both_sides_and_in_torch(corpora, monkeypatch):
+    """The three ways of counting covered candidates and pruned scores (numpy: inverted-list side,
+    document side; torch) agree, at thresholds that cover none, some and all of them."""
+    from plaid.search import engine_cpu
+
     docs, path, _ = corpora["unit-64"]
-    s = plaid.Searcher(path, engine="torch", centroid_precision="float32")
-    st = s._state
-    from plaid.search.stages import doc_cells
-
-    dcells, dcell_offsets = doc_cells(st.ivf, st.ivf_offsets, st.num_documents)
+    cpu = plaid.Searcher(path, engine="numpy", centroid_precision="float32")._state.engine
+    tor = plaid.Searcher(path, engine="torch", centroid_precision="float32")._state.engine
     q = np.concatenate(docs[10:13])
-    R = s._centroid_scores(st, torch.from_numpy(q)).numpy()
-    S = torch.from_numpy(R)[None]
-    qmask = torch.ones((1, len(q)), dtype=torch.bool)
-    cand = stages.candidates(R, 4, st.ivf, st.ivf_offsets)
-    offs, cells = stages.document_cells(cand, dcells, dcell_offsets)
+    R = cpu.centroid_scores(q)
+    S = QueryScores(R)
+    cand = cpu.candidates(S, S.cuts.cells(4))
+    np.testing.assert_array_equal(cand, tor.candidates(QueryScores(R), S.cuts.cells(4)))
     seen = set()
     for thr in (2.0, 0.6, 0.45, 0.3, -2.0):
-        keep = stages.surviving(R, thr)
-        doc_side = stages.covered_documents(cells, keep, offs)
-        slot = np.full(st.num_documents, -1, np.int32)
-        scores, ivf_side = stages.pruned_maxsim(keep, stages.centroid_table(R), cand, st.ivf, st.ivf_offsets,
-                                                np.diff(offs), slot, return_covered=True)
-        np.testing.assert_array_equal(scores, stages.approximate_maxsim(stages.centroid_table(R),
-                                                                        stages.pruned_cells(cells, keep), offs))
-        np.testing.assert_array_equal(doc_side, ivf_side)
-        table = stages_torch.prune_centroid_scores(S, qmask, thr).transpose(1, 2).contiguous()
-        pq = torch.zeros(len(cand), dtype=torch.long)
-        _, cov_t = stages_torch.approximate_scores(table, pq, torch.from_numpy(cand), st.doc_offsets_t,
-                                                   lambda pos: st.codes_t[pos],
-                                                   covered_by=stages_torch.surviving(S, qmask, thr))
-        np.testing.assert_array_equal(cov_t.numpy(), doc_side)
-        # per-query thresholds give what a scalar one gives
-        t1 = stages_torch.prune_centroid_scores(S, qmask, torch.tensor([thr]))
-        assert torch.equal(t1, stages_torch.prune_centroid_scores(S, qmask, thr))
-        seen.add("none" if not doc_side.any() else "all" if doc_side.all() else "some")
+        keep = surviving(R, thr)
+        ivf_side = cpu.pruned_scores(QueryScores(R), keep, cand)
+        monkeypatch.setattr(cpu, "surviving_entries", lambda keep: 1 << 62)  # force the document side
+        doc_side = cpu.pruned_scores(QueryScores(R), keep, cand)
+        monkeypatch.undo()
+        t = tor.pruned_scores(QueryScores(R), keep, cand)
+        for a, b in ((ivf_side, doc_side), (doc_side, t)):
+            np.testing.assert_array_equal(a[0], b[0])
+            np.testing.assert_array_equal(a[1], b[1])
+        cov = doc_side[1]
+        seen.add("none" if not cov.any() else "all" if cov.all() else "some")
     assert seen == {"none", "some", "all"}
-
-
-def test_fallback_threshold_rule():
-    assert stages.fallback_threshold(0.5, covered=10, n_keep=256, floor=0.2) == 0.2
-    assert stages.fallback_threshold(0.5, covered=256, n_keep=256, floor=0.2) == 0.5  # enough covered
-    assert stages.fallback_threshold(0.5, covered=0, n_keep=256, floor=0.7) == 0.5  # never raised
 
 
 # -- k beyond the corpus ---------------------------------------------------------------------------
@@ -265,7 +226,7 @@ def test_huge_k_is_capped_at_the_number_of_documents(corpora, engine):
         assert sorted(row.tolist()) == list(range(len(docs)))
     assert capped.ids[0, 0] == 0 and capped.ids[1, 0] == 299
     # with explicit budgets and a subset, too
-    res = s.search(qs, k=10**13, ndocs=8, ncells=1, subset=list(range(0, 300, 2)))
+    res = s.search(qs, k=10**13, ncells=1, subset=list(range(0, 300, 2)))
     assert res.ids.shape == (3, len(docs))
     for row, sc in zip(res.ids, res.scores):
         hits = row >= 0

@@ -1,37 +1,24 @@
-"""PLAID's four search stages for one query on the CPU (numpy), after Santhanam et al., CIKM 2022.
+"""The numpy kernels of the CPU engine (:mod:`plaid.search.engine_cpu`), after PLAID
+(Santhanam et al., CIKM 2022). What each stage keeps is decided in :mod:`plaid.search.pipeline`.
 
-1. :func:`candidates` — the documents listed under the ``ncells`` best centroids of each query
-   token, from the centroid scores ``R = Q·Cᵀ``;
-2. :func:`pruned_maxsim` (or :func:`approximate_maxsim` over :func:`pruned_cells`) —
-   approximate MaxSim from centroid scores alone, counting only centroids that score ≥
-   ``centroid_score_threshold`` for some query token (a query token with no such centroid in a
-   document contributes :data:`PRUNED_SCORE`). Pruning never decides alone: when fewer
-   candidates keep a surviving centroid than stage 2 keeps, the threshold drops to
-   :func:`probed_floor` (the fallback, see :func:`fallback_threshold`);
-3. the same without pruning, over stage 2's survivors only;
-4. :func:`maxsim_scores` over :func:`adc_scores` — exact MaxSim on the decompressed vectors of
-   the survivors, computed without decompressing them (below).
+* stage 1: the documents listed under the probed cells (the engine, over the inverted file);
+* stages 2-3: :func:`approximate_maxsim` — per document, the sum over query tokens of the best
+  score among its distinct centroids (:func:`doc_cells`, the transpose of the inverted file:
+  MaxSim over centroid scores depends only on that set, half as long as the tokens: 0.50 entries
+  per token on msmarco-5k); with pruning, centroids not kept read :data:`PRUNED_SCORE`
+  (:func:`pruned_cells`), or :func:`pruned_maxsim` reads only the kept centroids' inverted lists
+  (identical scores; 4.8% of the entries at threshold 0.5 on 50k documents);
+* stage 4: :func:`maxsim_scores` over :func:`adc_scores` — a token ``x̂ = (c + r) / ‖c + r‖``
+  scores ``(<q, c> + <q, r>) / ‖c + r‖`` against the query: ``<q, c>`` is its centroid's score,
+  ``<q, r>`` a sum of ``code_bytes`` entries of the codec's per-query table (asymmetric distance
+  computation, one ``embedding_bag`` call), ``‖c + r‖`` is stored at indexing time. No vector
+  is decoded (measured 4x faster than decoding + a product for the 5.6k tokens of 64 documents).
 
-Stages 2-3 read each document's *distinct* centroids (:func:`doc_cells`, the transpose of the
-inverted file) rather than its tokens' centroids: MaxSim over centroid scores depends only on
-that set, and it is half as long (0.50 entries per token on msmarco-5k).
-
-Stage 4 scores a token ``x̂ = (c + r) / ‖c + r‖`` against the query as
-``(<q, c> + <q, r>) / ‖c + r‖``: ``<q, c>`` is the token's centroid score, ``<q, r>`` a sum of
-``code_bytes`` entries of the codec's per-query table (asymmetric distance computation, one
-``embedding_bag`` call), and ``‖c + r‖`` is stored at indexing time. No vector is decoded
-(measured 4x faster than decoding + a product for the 5.6k tokens of 64 documents).
-
-Every function is vectorised over documents and tokens (no Python loop over either). The
-matrix products are done with torch by the caller: mixing numpy's multi-threaded BLAS with
-torch's thread pool in one process costs milliseconds per switch on 2 cores (measured again:
-8.2 ms per query instead of 1.8 with Q·Cᵀ in numpy), so this module does none. (The codecs'
-tiny stacked per-query tables use ``np.matmul``: single-threaded at that size, and measured
-faster than ``torch.bmm``.) Centroid
-scores are token-major, ``R`` [m, C] (per-token best cells, the pruning mask: reductions along
-contiguous rows are ~30x faster than across columns), and gathered from ``Re`` [m, C + 1], ``R``
-with a last column of :data:`PRUNED_SCORE` where pruned centroids point.
-:mod:`plaid.search.stages_torch` has the same stages batched over queries in torch (GPU path).
+Every function is vectorised over documents and tokens. The matrix products are done with torch
+by the engine: mixing numpy's multi-threaded BLAS with torch's thread pool costs milliseconds per
+switch on 2 cores (8.2 ms per query instead of 1.8 with Q·Cᵀ in numpy). Centroid scores are
+token-major, ``R`` [m, C], gathered from ``Re`` [m, C + 1] (``R`` with a last column of
+:data:`PRUNED_SCORE`).
 """
 from __future__ import annotations
 
@@ -41,12 +28,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["PRUNED_SCORE", "expand_ranges", "top_n", "CellCuts", "best_cells", "candidates", "doc_cells", "centroid_table",
-           "document_cells", "surviving", "pruned_cells", "covered_documents", "approximate_maxsim", "pruned_maxsim",
-           "probed_floor", "fallback_threshold", "adc_scores", "maxsim_scores"]
+from .params import PRUNED_SCORE
 
-#: Contribution of a query token none of whose document centroids survives pruning (as PLAID).
-PRUNED_SCORE = -9999.0
+__all__ = ["PRUNED_SCORE", "expand_ranges", "segment_max_sum", "doc_cells", "centroid_table", "document_cells",
+           "pruned_cells", "covered_documents", "approximate_maxsim", "pruned_maxsim", "adc_scores", "maxsim_scores"]
 
 
 def expand_ranges(starts: np.ndarray, lens: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -61,82 +46,10 @@ def expand_ranges(starts: np.ndarray, lens: np.ndarray) -> Tuple[np.ndarray, np.
     return positions, offsets
 
 
-def top_n(scores: np.ndarray, n: int) -> np.ndarray:
-    """Indices of the ``n`` largest ``scores``, best first; ties keep the lower index first."""
-    if n >= len(scores):
-        return np.argsort(-scores, kind="stable")
-    part = np.argpartition(-scores, n - 1)[:n]
-    # argpartition breaks ties arbitrarily at the boundary: take every index tied with the n-th
-    # score, then order stably so the lowest indices win.
-    kth = scores[part].min()
-    part = np.flatnonzero(scores >= kth)
-    return part[np.argsort(-scores[part], kind="stable")][:n]
-
-
 def segment_max_sum(vals: np.ndarray, offsets: np.ndarray) -> np.ndarray:
     """``sum_i max_{rows r in segment} vals[r, i]`` for each segment; vals float32 [t, m],
     offsets int64 [n + 1] of non-empty segments. Returns float32 [n]."""
     return np.maximum.reduceat(vals, offsets[:-1], axis=0).sum(1, dtype=np.float32)
-
-
-class CellCuts:
-    """The per-token score of the ``ncells``-th best centroid, for growing ``ncells``.
-
-    R: float32 [m, C] centroid scores. One ``torch.topk`` of at least 16 columns serves every
-    ``ncells`` up to its width (the searcher probes more cells for queries with few candidates);
-    torch.topk is an order of magnitude faster than np.partition along 8k columns here.
-    """
-
-    def __init__(self, R: np.ndarray):
-        self.R = R
-        self._top: np.ndarray | None = None
-
-    def kth(self, ncells: int) -> np.ndarray:
-        """float32 [m]: each query token's ``ncells``-th best centroid score."""
-        if ncells == 1:
-            return self.R.max(1)
-        if self._top is None or self._top.shape[1] < ncells:
-            width = min(self.R.shape[1], max(16, 2 * ncells))
-            self._top = torch.topk(torch.from_numpy(self.R), width, dim=1, sorted=True).values.numpy()
-        return self._top[:, ncells - 1]
-
-
-def best_cells(R: np.ndarray, ncells: int, cuts: CellCuts | None = None) -> np.ndarray:
-    """Distinct ids of the centroids scoring at least the ``ncells``-th best score of some query
-    token, sorted.
-
-    R: float32 [m, C] centroid scores, one contiguous row per query token; ``cuts``: a
-    :class:`CellCuts` of ``R`` to reuse across calls. Exact ties at the cut are all kept (a few
-    extra cells when bfloat16 rounding makes scores tie), so the result does not depend on a
-    sort order and both engines probe the same cells.
-    """
-    C = R.shape[1]
-    if ncells >= C:
-        return np.arange(C)
-    kth = (cuts or CellCuts(R)).kth(ncells)
-    return np.flatnonzero(np.logical_or.reduce(R >= kth[:, None], axis=0))
-
-
-def candidates(R: np.ndarray, ncells: int, ivf: np.ndarray, ivf_offsets: np.ndarray,
-               cuts: CellCuts | None = None, mark: np.ndarray | None = None) -> np.ndarray:
-    """Stage 1: sorted distinct ids of the documents in the ``ncells`` best centroids of each token.
-
-    R: float32 [m, C] centroid scores (token-major); ivf: int32 [P] document ids grouped by
-    centroid, ivf_offsets: int64 [C + 1]; cuts: see :func:`best_cells`; mark: optional bool [N]
-    scratch, all False (left all False), which replaces a sort by a scan of N flags when the
-    lists are long enough to pay for it. Returns int64 [n_candidates].
-    """
-    cells = best_cells(R, ncells, cuts)
-    starts = ivf_offsets[cells]
-    pos, _ = expand_ranges(starts, ivf_offsets[cells + 1] - starts)
-    listed = ivf[pos]
-    if mark is None or len(mark) > 64 * len(listed):
-        return np.unique(listed).astype(np.int64)
-    try:
-        mark[listed] = True
-        return np.flatnonzero(mark)
-    finally:
-        mark[listed] = False
 
 
 def doc_cells(ivf: np.ndarray, ivf_offsets: np.ndarray, num_documents: int) -> Tuple[np.ndarray, np.ndarray]:
@@ -173,12 +86,6 @@ def document_cells(docs: np.ndarray, cells: np.ndarray, offsets: np.ndarray) -> 
     starts = offsets[docs]
     pos, offs = expand_ranges(starts, offsets[docs + 1] - starts)
     return offs, cells[pos]
-
-
-def surviving(R: np.ndarray, threshold: float) -> np.ndarray:
-    """bool [C]: the centroids that score at least ``threshold`` for some query token (stage 2
-    counts only these). R: float32 [m, C]."""
-    return R.max(0) >= threshold
 
 
 def pruned_cells(cells: np.ndarray, keep: np.ndarray) -> np.ndarray:
@@ -246,30 +153,6 @@ def pruned_maxsim(keep: np.ndarray, Re: np.ndarray, docs: np.ndarray, ivf: np.nd
     np.maximum(best, np.float32(PRUNED_SCORE), out=best, where=some_pruned[None, :])
     scores = best.sum(0, dtype=np.float32)  # the same reduction as approximate_maxsim's
     return (scores, listed > 0) if return_covered else scores
-
-
-def probed_floor(cuts: CellCuts, ncells: int) -> float:
-    """The lowest score among the cells stage 1 probed: the minimum over query tokens of each
-    token's ``ncells``-th best centroid score (``ncells`` capped at C: then the lowest score of
-    ``R``). Every candidate of :func:`candidates` has a centroid scoring at least this for some
-    query token (the one it was found through), so none is pruned away at this threshold."""
-    if ncells >= cuts.R.shape[1]:  # every cell probed (the value topk would give, without its cost)
-        return float(cuts.R.min())
-    return float(cuts.kth(int(ncells)).min())
-
-
-def fallback_threshold(threshold: float, covered: int, n_keep: int, floor: float) -> float:
-    """Stage 2's pruning threshold for one query, after the fallback.
-
-    ``covered``: the number of candidates that keep at least one centroid at ``threshold``
-    (:func:`covered_documents`; an upper bound below ``n_keep`` decides the same); ``n_keep``: how many stage 2 keeps, ``min(len(candidates),
-    max(ndocs, k))``; ``floor``: :func:`probed_floor`. When fewer than ``n_keep`` candidates are
-    covered, the uncovered ones would all tie at ``m * PRUNED_SCORE`` and the lowest document
-    ids would fill the rest, whatever their tokens: the threshold drops to ``min(threshold,
-    floor)``, so every candidate keeps the centroid it was found through and stage 2 ranks
-    them all by approximate MaxSim. Otherwise ``threshold`` is returned unchanged.
-    """
-    return min(threshold, floor) if covered < n_keep else threshold
 
 
 def adc_scores(table: torch.Tensor, residual_codes: np.ndarray) -> np.ndarray:

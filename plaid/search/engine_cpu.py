@@ -1,0 +1,177 @@
+"""The CPU engine: per-query kernels over one committed generation, in numpy (and torch for the
+products). What each stage decides is in :mod:`plaid.search.pipeline`; this module only computes.
+
+State prepared from the store's snapshot: centroids (float32 [C, dim]) and their unit-norm scoring
+copy (float32 or bfloat16), the inverted file (int32 [P], int64 [C + 1]) and its transpose (each
+document's distinct centroids: int32 [P], int64 [N + 1]), document offsets, tombstones; the
+per-token arrays (centroid ids, residual codes, norms) stay memory-mapped unless ``load_all``.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..embeddings import advise_random
+from ..store import Snapshot, checked_codes, checked_norms
+from . import stages
+from .pipeline import QueryScores
+
+__all__ = ["CPUEngine"]
+
+#: Stage 1 replaces a sort of the listed ids by a scan of N flags when the lists hold at least
+#: N / FLAG_SCAN_RATIO entries (a scan of 64 flags costs about one element of a sort).
+FLAG_SCAN_RATIO = 64
+
+
+class _Scratch(threading.local):
+    """Per-thread scratch arrays of one entry per document, reused across queries (allocating and
+    clearing them per query would cost O(documents)); kernels leave them as found."""
+
+    def marks(self, n: int) -> np.ndarray:
+        buf = self.__dict__.get("mark")
+        if buf is None or len(buf) != n:
+            buf = self.__dict__["mark"] = np.zeros(n, bool)
+        return buf
+
+    def slots(self, n: int) -> np.ndarray:
+        buf = self.__dict__.get("slot")
+        if buf is None or len(buf) != n:
+            buf = self.__dict__["slot"] = np.full(n, -1, np.int32)
+        return buf
+
+
+class CPUEngine:
+    """Kernels of the four stages on the CPU (see :class:`plaid.search.pipeline.Engine`)."""
+
+    name = "numpy"
+
+    def __init__(self, snap: Snapshot, load_all: bool = False, precision: str = "float32"):
+        m = snap.manifest
+        self.snapshot = snap
+        self.num_documents, self.num_centroids, self.normalized = m.num_documents, m.num_centroids, m.normalized
+        self.codec = snap.codec
+        self.centroids = snap.centroids
+        self.ivf, self.ivf_offsets, self.doc_offsets = snap.ivf, snap.ivf_offsets, snap.doc_offsets
+        self.ivf_lens = np.diff(self.ivf_offsets)
+        # stages 2-3 read each document's distinct centroids (the inverted file transposed: 4 B per
+        # (centroid, document) pair + 8 B per document, in memory)
+        self.dcells, self.dcell_offsets = stages.doc_cells(self.ivf, self.ivf_offsets, self.num_documents)
+        self.codes_file = snap.token_files("codes")
+        self.norms_file = snap.token_files("norms") if self.normalized else ""
+        self.codes, self.residuals, self.norms = snap.codes(load_all), snap.residuals(load_all), snap.norms(load_all)
+        if load_all:  # in memory anyway: check every token's centroid id and norm once, here
+            for a in self.codes.parts:
+                checked_codes(a, self.num_centroids, f"{snap.path}: index files {self.codes_file}")
+            for a in (self.norms.parts if self.norms is not None else []):
+                checked_norms(a, f"{snap.path}: index files {self.norms_file}")
+        else:  # searches touch scattered rows: no readahead (measured: cold-cache resident residual
+            for rows in (self.codes, self.residuals, self.norms):  # pages after 50 queries on 50k
+                for a in (rows.parts if rows is not None else []):  # documents 119 MB -> 25 MB)
+                    advise_random(a)
+        deleted = snap.deleted
+        self.alive: Optional[np.ndarray] = None
+        if len(deleted):
+            self.alive = np.ones(self.num_documents, bool)
+            self.alive[deleted] = False
+        self.num_live = snap.num_live
+        # Stages 1-3 score query tokens against unit centroids when the index holds unit vectors
+        # (cosine, the scale PLAID's thresholds are set in); stage 4 scores the raw ones.
+        scoring = self.centroids
+        if self.normalized:
+            scoring = scoring / np.maximum(np.linalg.norm(scoring, axis=1, keepdims=True), 1e-12)
+        self.scoring = torch.from_numpy(np.ascontiguousarray(scoring, np.float32)).to(
+            torch.bfloat16 if precision == "bfloat16" else torch.float32)
+        self._scratch = _Scratch()
+
+    # -- stage 1 ---------------------------------------------------------------------------------
+    def centroid_scores(self, Qcat: np.ndarray) -> np.ndarray:
+        """float32 [sum_m, dim] -> float32 [sum_m, C] (one product for the whole batch)."""
+        Q = torch.from_numpy(np.ascontiguousarray(Qcat, np.float32))
+        return (Q.to(self.scoring.dtype) @ self.scoring.T).float().numpy()
+
+    def candidates(self, S: QueryScores, cells: np.ndarray) -> np.ndarray:
+        starts = self.ivf_offsets[cells]
+        pos, _ = stages.expand_ranges(starts, self.ivf_offsets[cells + 1] - starts)
+        listed = self.ivf[pos]
+        mark = self._scratch.marks(self.num_documents)
+        if len(mark) > FLAG_SCAN_RATIO * len(listed):
+            return np.unique(listed).astype(np.int64)
+        try:
+            mark[listed] = True
+            return np.flatnonzero(mark)
+        finally:
+            mark[listed] = False
+
+    # -- stages 2 and 3 ----------------------------------------------------------------------------
+    def _table(self, S: QueryScores) -> np.ndarray:
+        Re = S.cache.get("Re")
+        if Re is None:
+            Re = S.cache["Re"] = stages.centroid_table(S.R)
+        return Re
+
+    def surviving_entries(self, keep: np.ndarray) -> int:
+        return int(self.ivf_lens[keep].sum())
+
+    def pruned_scores(self, S: QueryScores, keep: np.ndarray, docs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        Re = self._table(S)
+        counts = self.dcell_offsets[docs + 1] - self.dcell_offsets[docs]
+        # read whichever side is shorter (same scores): the surviving centroids' inverted lists,
+        # or the candidates' centroids (a low threshold keeps many centroids)
+        if self.surviving_entries(keep) <= counts.sum():
+            slot = self._scratch.slots(self.num_documents)
+            return stages.pruned_maxsim(keep, Re, docs, self.ivf, self.ivf_offsets, counts, slot, return_covered=True)
+        offs, cells = stages.document_cells(docs, self.dcells, self.dcell_offsets)
+        return (stages.approximate_maxsim(Re, stages.pruned_cells(cells, keep), offs),
+                stages.covered_documents(cells, keep, offs))
+
+    def full_scores(self, S: QueryScores, docs: np.ndarray) -> np.ndarray:
+        offs, cells = stages.document_cells(docs, self.dcells, self.dcell_offsets)
+        return stages.approximate_maxsim(self._table(S), cells, offs)
+
+    # -- stage 4 -----------------------------------------------------------------------------------
+    def token_codes(self, pos: np.ndarray) -> np.ndarray:
+        """Centroid ids of the tokens at ``pos`` (int64 [t], ascending), checked against C."""
+        return checked_codes(self.codes.take(pos), self.num_centroids,
+                             f"{self.snapshot.path}: index files {self.codes_file}")
+
+    def token_norms(self, pos: np.ndarray) -> np.ndarray:
+        """Stored norms (float16 [t]) of the tokens at ``pos``, checked finite and positive."""
+        return checked_norms(self.norms.take(pos), f"{self.snapshot.path}: index files {self.norms_file}")
+
+    def token_sims(self, q: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """float32 [t, m]: the decompressed tokens at ``pos`` · query tokens ``q`` [m, dim], with no
+        vector decoded: centroid score + the codec's byte-table sum (ADC), divided by the norm.
+
+        The centroid terms come from a float32 product of this query with the raw centroids the
+        tokens use, never from the batch's (possibly bfloat16) scores of stages 1-3: a query's
+        scores do not depend on the batch it came in.
+        """
+        sims = stages.adc_scores(self.codec.score_table(q), self.residuals.take(pos))
+        cc = self.token_codes(pos)
+        used = np.zeros(self.num_centroids, bool)
+        used[cc] = True
+        u = np.flatnonzero(used)
+        slot = np.empty(self.num_centroids, np.int32)
+        slot[u] = np.arange(len(u), dtype=np.int32)
+        # [m, u] orientation: torch's float32 product with few columns is 3x slower the other way
+        cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(self.centroids, u, axis=0)).T).numpy()
+        sims += cs.take(slot[cc], axis=1).T
+        if self.normalized:  # float16 -> float32 through torch: 4x faster than numpy's cast
+            sims /= torch.from_numpy(self.token_norms(pos)).float().numpy()[:, None]
+        return sims
+
+    def exact_scores(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
+        starts = self.doc_offsets[docs]
+        pos, offs = stages.expand_ranges(starts, self.doc_offsets[docs + 1] - starts)
+        return stages.maxsim_scores(self.token_sims(q, pos), offs)
+
+    def decompress(self, pos: np.ndarray) -> np.ndarray:
+        """Reconstructed vectors of the tokens at ``pos`` (int64 [t], ascending) -> float32 [t, dim]."""
+        D = self.codec.decode_numpy(self.residuals.take(pos))
+        D += self.centroids.take(self.token_codes(pos), axis=0)
+        if self.normalized:
+            D /= self.token_norms(pos)[:, None]
+        return D

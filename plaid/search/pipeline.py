@@ -1,0 +1,264 @@
+"""PLAID's four search stages, their policy written once (Santhanam et al., CIKM 2022).
+
+For each query, with the budgets of :class:`plaid.search.params.Budgets`:
+
+1. :func:`stage1_candidates` — the live documents listed under the ``ncells`` best centroids of
+   each query token (ties at the cut kept), ``ncells`` widened (:func:`~plaid.search.params.widen`)
+   while there are fewer than ``n2`` of them; restricted to the query's subset, if any;
+2. :func:`stage2_prune` — approximate MaxSim from centroid scores alone, counting only the
+   centroids that score at least the threshold for some query token (a token with none in a
+   document contributes :data:`~plaid.search.params.PRUNED_SCORE`); keeps ``n2``. Pruning never
+   decides alone: when fewer than ``n2`` candidates keep a surviving centroid (the others would
+   all tie, and the lowest ids would win), the query is pruned at ``min(threshold, floor)``,
+   ``floor`` being the lowest score among the cells stage 1 probed, so every candidate keeps the
+   centroid it was found through;
+3. :func:`stage3_rank` — the same without pruning, over stage 2's survivors; keeps ``n3``;
+4. :func:`stage4_exact` — exact MaxSim on the decompressed vectors of the survivors; keeps ``k``.
+
+A subset of at most ``small_subset`` documents skips stages 1-3 (exact within it). Ranks break
+ties by the lower document id (:func:`top_n`), in every stage.
+
+The engines (:mod:`plaid.search.engine_cpu`, :mod:`plaid.search.engine_torch`) provide the
+kernels — how a stage is computed — and never decide anything a stage decides. Arrays crossing
+this module are numpy: ``R`` float32 [m, C] (one query's centroid scores, token-major), document
+ids int64, scores float32.
+"""
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import List, Optional, Protocol, Tuple
+
+import numpy as np
+import torch
+
+from .params import Budgets, widen
+
+__all__ = ["Engine", "QueryScores", "CellCuts", "Trace", "top_n", "stage1_candidates", "stage2_prune", "stage3_rank",
+           "stage4_exact", "search_query", "search_batch", "probed_floor", "surviving"]
+
+Hits = Tuple[np.ndarray, np.ndarray]  # (ids int64 [<= k], scores float32 [<= k]), best first
+
+
+class Engine(Protocol):
+    """The kernels a device provides over one committed generation (see the engine modules)."""
+
+    num_documents: int
+    num_centroids: int
+    num_live: int
+    alive: Optional[np.ndarray]  # bool [N] (None: nothing deleted)
+
+    def centroid_scores(self, Qcat: np.ndarray) -> np.ndarray:
+        """float32 [sum_m, dim] query tokens -> float32 [sum_m, C] scores against the centroids."""
+
+    def candidates(self, S: "QueryScores", cells: np.ndarray) -> np.ndarray:
+        """Sorted distinct ids (int64) of the documents listed under ``cells`` (int64, sorted)."""
+
+    def surviving_entries(self, keep: np.ndarray) -> int:
+        """Entries of the inverted lists of the centroids in ``keep`` (bool [C])."""
+
+    def pruned_scores(self, S: "QueryScores", keep: np.ndarray, docs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        """Stage 2: (approximate MaxSim over kept centroids float32 [n], covered bool [n])."""
+
+    def full_scores(self, S: "QueryScores", docs: np.ndarray) -> np.ndarray:
+        """Stage 3: approximate MaxSim over every centroid of ``docs``: float32 [n]."""
+
+    def exact_scores(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
+        """Stage 4: exact MaxSim of query ``q`` float32 [m, dim] with ``docs``: float32 [n]."""
+
+
+def top_n(scores: np.ndarray, n: int) -> np.ndarray:
+    """Indices of the ``n`` largest ``scores``, best first; ties keep the lower index first."""
+    if n >= len(scores):
+        return np.argsort(-scores, kind="stable")
+    part = np.argpartition(-scores, n - 1)[:n]
+    # argpartition breaks ties arbitrarily at the boundary: take every index tied with the n-th
+    # score, then order stably so the lowest indices win.
+    kth = scores[part].min()
+    part = np.flatnonzero(scores >= kth)
+    return part[np.argsort(-scores[part], kind="stable")][:n]
+
+
+class QueryScores:
+    """One query's centroid scores ``R`` float32 [m, C] (token-major, contiguous), its
+    :class:`CellCuts`, and a cache where an engine keeps tables derived from ``R``."""
+
+    def __init__(self, R: np.ndarray):
+        self.R = R
+        self.cuts = CellCuts(R)
+        self.cache: dict = {}
+
+
+class CellCuts:
+    """The per-token score of the ``ncells``-th best centroid, for a growing ``ncells``.
+
+    R: float32 [m, C] centroid scores. One ``torch.topk`` of at least 16 columns serves every
+    ``ncells`` up to its width; torch.topk is an order of magnitude faster than np.partition
+    along 8k columns here.
+    """
+
+    def __init__(self, R: np.ndarray):
+        self.R = R
+        self._top: Optional[np.ndarray] = None
+
+    def kth(self, ncells: int) -> np.ndarray:
+        """float32 [m]: each query token's ``ncells``-th best centroid score."""
+        if ncells == 1:
+            return self.R.max(1)
+        if self._top is None or self._top.shape[1] < ncells:
+            width = min(self.R.shape[1], max(16, 2 * ncells))
+            self._top = torch.topk(torch.from_numpy(self.R), width, dim=1, sorted=True).values.numpy()
+        return self._top[:, ncells - 1]
+
+    def cells(self, ncells: int) -> np.ndarray:
+        """Distinct ids (int64, sorted) of the centroids scoring at least the ``ncells``-th best
+        score of some query token. Exact ties at the cut are all kept, so the result does not
+        depend on a sort order."""
+        C = self.R.shape[1]
+        if ncells >= C:
+            return np.arange(C)
+        kth = self.kth(ncells)
+        return np.flatnonzero(np.logical_or.reduce(self.R >= kth[:, None], axis=0))
+
+
+def surviving(R: np.ndarray, threshold: float) -> np.ndarray:
+    """bool [C]: the centroids that score at least ``threshold`` for some query token."""
+    return R.max(0) >= threshold
+
+
+def probed_floor(cuts: CellCuts, ncells: int) -> float:
+    """The lowest score among the cells stage 1 probed: the minimum over query tokens of each
+    token's ``ncells``-th best centroid score (the lowest score of ``R`` once every cell is
+    probed). Every candidate has a centroid scoring at least this for some query token."""
+    if ncells >= cuts.R.shape[1]:
+        return float(cuts.R.min())
+    return float(cuts.kth(int(ncells)).min())
+
+
+@dataclass
+class Trace:
+    """What each stage kept for one query (filled when asked for; used by tests and profiles)."""
+
+    candidates: Optional[np.ndarray] = None  # int64, sorted
+    ncells: int = 0                          # after widening
+    threshold: float = float("nan")          # after the fallback
+    stage2: Optional[np.ndarray] = None      # int64 ids, sorted
+    stage3: Optional[np.ndarray] = None      # int64 ids, sorted
+    timings: dict = field(default_factory=dict)  # seconds per stage: the pipeline's own timers
+
+
+def stage1_candidates(engine: Engine, S: QueryScores, b: Budgets, subset: Optional[np.ndarray],
+                      ncells: int) -> Tuple[np.ndarray, int]:
+    """Stage 1: (live candidate ids int64 sorted, the final ncells). ``subset``: sorted live ids."""
+    nc = ncells
+    while True:
+        docs = engine.candidates(S, S.cuts.cells(nc))
+        if engine.alive is not None:
+            docs = docs[engine.alive[docs]]
+        if subset is not None:
+            docs = docs[np.isin(docs, subset, assume_unique=True)]
+        if len(docs) >= b.n2 or nc >= engine.num_centroids:
+            return docs, nc
+        nc = widen(nc, engine.num_centroids)
+
+
+def stage2_prune(engine: Engine, S: QueryScores, docs: np.ndarray, b: Budgets,
+                 ncells: int) -> Tuple[np.ndarray, float]:
+    """Stage 2: (indices into ``docs`` of the ``n2`` best by pruned approximate MaxSim, sorted;
+    the threshold used). A no-op (every index) when there are at most ``n2`` candidates."""
+    if len(docs) <= b.n2:
+        return np.arange(len(docs)), b.threshold
+    threshold = b.threshold
+    keep = surviving(S.R, threshold)
+    listed = engine.surviving_entries(keep)  # an upper bound of the covered candidates
+    approx = None
+    if listed >= b.n2:
+        approx, covered = engine.pruned_scores(S, keep, docs)
+        n_covered = int(covered.sum())
+    else:
+        n_covered = listed
+    if n_covered < b.n2:  # the fallback: pruning never decides alone
+        threshold = min(threshold, probed_floor(S.cuts, ncells))
+        if threshold < b.threshold or approx is None:
+            approx, _ = engine.pruned_scores(S, surviving(S.R, threshold), docs)
+    return np.sort(top_n(approx, b.n2)), threshold
+
+
+def stage3_rank(engine: Engine, S: QueryScores, docs: np.ndarray, sel: np.ndarray, b: Budgets) -> np.ndarray:
+    """Stage 3: the ``n3`` of ``docs[sel]`` best by approximate MaxSim over all their centroids
+    (indices into ``docs``, sorted). A no-op when ``sel`` holds at most ``n3``."""
+    if len(sel) <= b.n3:
+        return sel
+    approx = engine.full_scores(S, docs[sel])
+    return sel[np.sort(top_n(approx, b.n3))]
+
+
+def stage4_exact(engine: Engine, q: np.ndarray, docs: np.ndarray, k: int) -> Hits:
+    """Stage 4: the ``k`` best of ``docs`` (sorted, non-empty, live) by exact MaxSim."""
+    if len(docs) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    exact = engine.exact_scores(q, docs)
+    top = top_n(exact, k)
+    return docs[top], exact[top]
+
+
+def scaled_ncells(ncells: int, subset_size: int, num_live: int, num_centroids: int) -> int:
+    """More cells for a selective subset, so that about as many candidates fall inside it."""
+    live = max(1, num_live)
+    return int(min(num_centroids, max(ncells, -(-ncells * live // max(1, subset_size)))))
+
+
+def search_query(engine: Engine, q: np.ndarray, R: np.ndarray, b: Budgets, subset: Optional[np.ndarray] = None,
+                 trace: Optional[Trace] = None) -> Hits:
+    """All four stages for one query. q: float32 [m, dim]; R: float32 [m, C] its centroid scores;
+    subset: sorted live non-empty ids the results must come from, or None."""
+    nc = b.ncells
+    if subset is not None:
+        if len(subset) == 0:
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
+        if len(subset) <= b.small_subset:  # small subset: exact within it
+            return stage4_exact(engine, q, subset, b.k)
+        nc = scaled_ncells(nc, len(subset), engine.num_live, engine.num_centroids)
+    clock = time.perf_counter
+    t0 = clock()
+    S = QueryScores(R)
+    docs, nc = stage1_candidates(engine, S, b, subset, nc)
+    if len(docs) == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.float32)
+    t1 = clock()
+    sel, threshold = stage2_prune(engine, S, docs, b, nc)
+    t2 = clock()
+    sel3 = stage3_rank(engine, S, docs, sel, b)
+    t3 = clock()
+    hits = stage4_exact(engine, q, docs[sel3], b.k)
+    if trace is not None:
+        trace.candidates, trace.ncells, trace.threshold = docs, nc, threshold
+        trace.stage2, trace.stage3 = docs[sel], docs[sel3]
+        trace.timings.update(stage1_candidates=t1 - t0, stage2_prune=t2 - t1, stage3_rank=t3 - t2,
+                             stage4_exact=clock() - t3)
+    return hits
+
+
+def search_batch(engine: Engine, queries: List[np.ndarray], b: Budgets,
+                 subsets: Optional[List[np.ndarray]] = None, traces: Optional[List[Trace]] = None,
+                 pool: Optional[ThreadPoolExecutor] = None) -> List[Hits]:
+    """Every query of a batch: one query-centroid product, then each query's stages, in ``pool``
+    when given (the kernels release the GIL where they can). Returns one ``Hits`` per query."""
+    t0 = time.perf_counter()
+    R_all = engine.centroid_scores(np.concatenate(queries))
+    if traces is not None:  # the batch's one product, shared out by query tokens
+        dt = time.perf_counter() - t0
+        total = sum(len(q) for q in queries)
+        for q, t in zip(queries, traces):
+            t.timings["centroid_scores"] = dt * len(q) / total
+    starts = np.concatenate([[0], np.cumsum([len(q) for q in queries])])
+
+    def one(i: int) -> Hits:
+        R = R_all[starts[i] : starts[i + 1]]
+        return search_query(engine, queries[i], R, b, None if subsets is None else subsets[i],
+                            None if traces is None else traces[i])
+
+    if pool is None or len(queries) == 1:
+        return [one(i) for i in range(len(queries))]
+    return list(pool.map(one, range(len(queries))))

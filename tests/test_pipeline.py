@@ -1,0 +1,144 @@
+"""One pipeline: the new search returns exactly what the pipeline it replaced returned, on both
+engines, and the engines agree stage by stage.
+
+The replaced numpy engine is kept, frozen, in ``tests/reference_search.py`` (with its stage
+functions in ``tests/reference_stages.py``); both run on the same index in the same session, so
+the comparison does not depend on the machine that built the index.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import plaid
+from conftest import SMALL_INDEXER
+from reference_search import RefIndex, reference_search
+
+#: benchmarks/run.py's sweep at k=10 (ncells, threshold, ndocs), plus the defaults at k=10 and k=100
+GRID = [(1, 0.5, 256), (2, 0.5, 256), (2, 0.45, 1024), (4, 0.4, 1024), (4, 0.4, 4096), (8, 0.3, 8192)]
+
+
+def _params(k, setting):
+    if setting is None:
+        d = plaid.default_search_params(k)
+        return d["ncells"], d["centroid_score_threshold"], d["ndocs"]
+    return setting
+
+
+def _compare(path, queries, k, setting, engine, subsets=None):
+    nc, th, nd = _params(k, setting)
+    s = plaid.Searcher(path, engine=engine, centroid_precision="float32")
+    res = s.search(queries, k=k, ncells=nc, centroid_score_threshold=th, ndocs=max(nd, k), subset=subsets)
+    ids, scores = reference_search(RefIndex(path), [np.asarray(q, np.float32) for q in queries], res.ids.shape[1],
+                                   nc, th, max(nd, k), subsets=None if subsets is None else s._subsets(
+                                       s._state, subsets, len(queries)))
+    np.testing.assert_array_equal(res.ids, ids)
+    np.testing.assert_allclose(res.scores, scores, rtol=0, atol=1e-5)
+    return res
+
+
+@pytest.mark.msmarco
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+@pytest.mark.parametrize("k,setting", [(10, s) for s in GRID] + [(100, s) for s in GRID if s[2] >= 100]
+                         + [(10, None), (100, None)])
+def test_same_results_as_the_replaced_pipeline_on_msmarco(msmarco, msmarco_pq32, engine, k, setting):
+    queries = [np.asarray(q, np.float32) for q in msmarco.queries]
+    _compare(msmarco_pq32, queries, k, setting, engine)
+
+
+@pytest.fixture(scope="module")
+def living(tmp_path_factory, small_corpus):
+    """Three segments (build + two adds), 40 documents deleted."""
+    docs, _ = small_corpus
+    path = str(tmp_path_factory.mktemp("pipeline") / "living")
+    idx = plaid.Indexer(**SMALL_INDEXER).build(path, docs[:400], doc_ids=[f"d{i}" for i in range(400)])
+    idx.add(docs[400:500], doc_ids=[f"d{i}" for i in range(400, 500)], show_progress=False)
+    idx.add(docs[500:], doc_ids=[f"d{i}" for i in range(500, len(docs))], show_progress=False)
+    idx.delete(list(range(0, 400, 10)))
+    return path
+
+
+@pytest.mark.parametrize("engine", ["numpy", "torch"])
+@pytest.mark.parametrize("setting", [(1, 0.5, 16), (2, 0.45, 64), (4, 0.4, 300), None])
+def test_same_results_with_segments_tombstones_and_subsets(living, small_corpus, engine, setting):
+    _, queries = small_corpus
+    _compare(living, queries, 10, setting, engine)
+    rng = np.random.default_rng(0)
+    big = sorted(rng.choice(600, 400, replace=False).tolist())
+    small = [f"d{i}" for i in range(5, 600, 40)]
+    for subset in (big, small, [big if i % 2 else small for i in range(len(queries))]):
+        _compare(living, queries, 10, setting, engine, subsets=subset)
+
+
+@pytest.mark.parametrize("threshold", [0.1, 0.5, 0.9])
+def test_engines_agree_stage_by_stage(living, small_corpus, threshold):
+    """Candidates, stage-2 and stage-3 survivors, the fallback's threshold and the final scores."""
+    _, queries = small_corpus
+    kw = dict(k=5, ncells=2, centroid_score_threshold=threshold, ndocs=24, trace=True)
+    a = plaid.Searcher(living, engine="numpy", centroid_precision="float32").search(queries, **kw)
+    b = plaid.Searcher(living, engine="torch", centroid_precision="float32").search(queries, **kw)
+    ran = 0
+    for ta, tb in zip(a.traces, b.traces):
+        for name in ("candidates", "stage2", "stage3"):
+            np.testing.assert_array_equal(getattr(ta, name), getattr(tb, name), err_msg=name)
+        assert ta.threshold == tb.threshold and ta.ncells == tb.ncells
+        ran += len(ta.candidates) > len(ta.stage2) > len(ta.stage3)
+    assert ran > 0  # stages 2 and 3 really narrowed
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-5)
+
+
+def test_reload_follows_a_commit_through_the_pipeline(tmp_path, small_corpus):
+    docs, queries = small_corpus
+    path = str(tmp_path / "idx")
+    idx = plaid.Indexer(**SMALL_INDEXER).build(path, docs[:300])
+    s = plaid.Searcher(path, centroid_precision="float32")
+    before = s.search(docs[350], k=1)
+    idx.add(docs[300:], show_progress=False)
+    assert s.search(docs[350], k=1).ids.tolist() == before.ids.tolist()  # the generation it holds
+    assert s.reload()
+    assert s.search(docs[350], k=1).ids.tolist() == [[350]]
+    _compare(path, queries, 10, None, "numpy")
+
+
+# -- SearchParams ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kw, match", [
+    (dict(ncells=0), "ncells must be a positive integer"),
+    (dict(ncells=1.5), "ncells must be a positive integer"),
+    (dict(ndocs=5, k=10), r"ndocs \(5\) must be at least k \(10\)"),
+    (dict(centroid_score_threshold=float("nan")), "centroid_score_threshold must be a finite number"),
+    (dict(centroid_score_threshold="high"), "centroid_score_threshold must be a number"),
+    (dict(threads=0), "threads must be a positive integer"),
+    (dict(k=0), "k must be a positive integer"),
+    (dict(k=True), "k must be a positive integer"),
+])
+def test_search_params_out_of_range_are_refused_naming_the_field(kw, match):
+    with pytest.raises(plaid.InvalidInputError, match=match):
+        plaid.SearchParams(**kw)
+
+
+def test_search_params_defaults_budgets_and_use(small_index, small_corpus):
+    p = plaid.SearchParams(k=10)
+    b = p.budgets(600)
+    assert (b.k, b.ncells, b.threshold, b.n2, b.n3, b.small_subset) == (10, 2, 0.5, 256, 64, 256)
+    b = plaid.SearchParams(k=10**13).budgets(600)  # capped at the corpus, defaults of the capped k
+    assert b.k == 600 and b.n2 == 4096
+    with pytest.raises(AttributeError):
+        p.k = 5  # frozen
+    _, queries = small_corpus
+    s = plaid.Searcher(small_index)
+    a = s.search(queries, params=plaid.SearchParams(k=7, ncells=3, threads=2))
+    b = s.search(queries, k=7, ncells=3)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    with pytest.raises(plaid.InvalidInputError, match="either params"):
+        s.search(queries, k=5, params=p)
+
+
+def test_threads_give_the_same_results(small_index, small_corpus):
+    _, queries = small_corpus
+    one = plaid.Searcher(small_index, num_threads=1).search(queries, k=10)
+    two = plaid.Searcher(small_index, num_threads=2).search(queries, k=10)
+    np.testing.assert_array_equal(one.ids, two.ids)
+    np.testing.assert_array_equal(one.scores, two.scores)
+    with pytest.raises(plaid.InvalidInputError, match="num_threads"):
+        plaid.Searcher(small_index, num_threads=0)
