@@ -17,7 +17,7 @@ import torch
 from ..embeddings import advise_random
 from ..store import Snapshot, checked_codes, checked_norms
 from . import stages
-from .pipeline import QueryScores
+from .pipeline import QueryScores, alive_mask, scoring_centroids
 
 __all__ = ["CPUEngine"]
 
@@ -71,18 +71,9 @@ class CPUEngine:
             for rows in (self.codes, self.residuals, self.norms):  # pages after 50 queries on 50k
                 for a in (rows.parts if rows is not None else []):  # documents 119 MB -> 25 MB)
                     advise_random(a)
-        deleted = snap.deleted
-        self.alive: Optional[np.ndarray] = None
-        if len(deleted):
-            self.alive = np.ones(self.num_documents, bool)
-            self.alive[deleted] = False
+        self.alive: Optional[np.ndarray] = alive_mask(snap.deleted, self.num_documents)
         self.num_live = snap.num_live
-        # Stages 1-3 score query tokens against unit centroids when the index holds unit vectors
-        # (cosine, the scale PLAID's thresholds are set in); stage 4 scores the raw ones.
-        scoring = self.centroids
-        if self.normalized:
-            scoring = scoring / np.maximum(np.linalg.norm(scoring, axis=1, keepdims=True), 1e-12)
-        self.scoring = torch.from_numpy(np.ascontiguousarray(scoring, np.float32)).to(
+        self.scoring = torch.from_numpy(scoring_centroids(self.centroids, self.normalized)).to(
             torch.bfloat16 if precision == "bfloat16" else torch.float32)
         self._scratch = _Scratch()
 

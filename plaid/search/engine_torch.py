@@ -20,7 +20,7 @@ from ..maxsim import segment_max
 from ..store import Snapshot, checked_codes, checked_norms
 from . import stages
 from .params import PRUNED_SCORE
-from .pipeline import QueryScores
+from .pipeline import QueryScores, alive_mask, scoring_centroids
 
 __all__ = ["TorchEngine", "expand_ranges"]
 
@@ -77,16 +77,9 @@ class TorchEngine:
             checked_norms(n, f"{snap.path}: index files {snap.token_files('norms')}")
             self.norms_t = torch.from_numpy(n).to(dev)
         self.shift_t = torch.arange(0, 256 * m.code_bytes, 256, dtype=torch.int32, device=dev)
-        deleted = snap.deleted
-        self.alive = None
-        if len(deleted):
-            self.alive = np.ones(self.num_documents, bool)
-            self.alive[deleted] = False
+        self.alive = alive_mask(snap.deleted, self.num_documents)
         self.num_live = snap.num_live
-        scoring = centroids
-        if self.normalized:
-            scoring = scoring / np.maximum(np.linalg.norm(scoring, axis=1, keepdims=True), 1e-12)
-        self.scoring_t = torch.from_numpy(np.ascontiguousarray(scoring, np.float32)).to(dev).to(
+        self.scoring_t = torch.from_numpy(scoring_centroids(centroids, self.normalized)).to(dev).to(
             torch.bfloat16 if precision == "bfloat16" else torch.float32)
 
     # -- stage 1 ---------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ import torch
 
 from .params import Budgets, widen
 
-__all__ = ["Engine", "QueryScores", "CellCuts", "Trace", "top_n", "stage1_candidates", "stage2_prune", "stage3_rank",
+__all__ = ["Engine", "QueryScores", "CellCuts", "alive_mask", "scoring_centroids", "Trace", "top_n", "stage1_candidates", "stage2_prune", "stage3_rank",
            "stage4_exact", "search_query", "search_batch", "probed_floor", "surviving"]
 
 Hits = Tuple[np.ndarray, np.ndarray]  # (ids int64 [<= k], scores float32 [<= k]), best first
@@ -66,6 +66,23 @@ class Engine(Protocol):
 
     def exact_scores(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
         """Stage 4: exact MaxSim of query ``q`` float32 [m, dim] with ``docs``: float32 [n]."""
+
+
+def alive_mask(deleted: np.ndarray, num_documents: int) -> Optional[np.ndarray]:
+    """bool [N]: False for deleted documents (never candidates), or None when none is deleted."""
+    if not len(deleted):
+        return None
+    alive = np.ones(num_documents, bool)
+    alive[deleted] = False
+    return alive
+
+
+def scoring_centroids(centroids: np.ndarray, normalized: bool) -> np.ndarray:
+    """float32 [C, dim]: what stages 1-3 score query tokens against. Unit centroids when the index
+    holds unit vectors (cosine: the scale PLAID's thresholds are set in); stage 4 scores the raw ones."""
+    if normalized:
+        centroids = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+    return np.ascontiguousarray(centroids, np.float32)
 
 
 def top_n(scores: np.ndarray, n: int) -> np.ndarray:
