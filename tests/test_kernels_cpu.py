@@ -84,6 +84,31 @@ def test_pairwise_sum_is_numpys_order():
                 assert nb.token_sum(a, n, False) == two.sum(0, dtype=np.float32)[0]
 
 
+# -- stage 1 -----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("m", [1, 7, 9])
+def test_stage1_random(m):
+    rng = np.random.default_rng(m)
+    N, C = 300, 203
+    ivf, ivf_offsets = random_ivf(rng, N, C, max_cells=4)
+    mark = np.zeros(N, bool)
+    for R in (tied_scores(rng, (m, C)), rng.normal(size=(m, C)).astype(np.float32)):
+        cuts = stages.CellCuts(R)
+        for nc in (1, 2, 3, 16, 17, 64, 65, 150, C - 1, C, C + 5):
+            docs, kth = K.candidates(R, nc, ivf, ivf_offsets, mark)
+            assert not mark.any()
+            assert np.array_equal(docs, stages.candidates(R, nc, ivf, ivf_offsets, cuts)), nc
+            assert docs.dtype == np.int64
+            if nc < C:
+                assert same(kth, np.asarray(cuts.kth(nc), np.float32)), nc
+            else:
+                assert same(kth, R.min(1))
+            assert float(kth.min()) == stages.probed_floor(cuts, nc)
+    # few documents listed against many flags: the sorted-collection branch
+    big = np.zeros(100_000, bool)
+    docs, _ = K.candidates(R, 2, (ivf * 300).astype(np.int32), ivf_offsets, big)
+    assert np.array_equal(docs, stages.candidates(R, 2, ivf, ivf_offsets) * 300) and not big.any()
+
+
 # -- stages 2-3 on random data ---------------------------------------------------------------------------
 @pytest.mark.parametrize("m", [1, 3, 7, 8, 9, 17, 32, 33])
 def test_stages_2_3_random(m):
@@ -95,6 +120,8 @@ def test_stages_2_3_random(m):
     Re = stages.centroid_table(R)
     ReT = K.centroid_table_t(Re)
     assert ReT.shape == (C + 1, -(-m // 8) * 8) and same(ReT[:, :m], np.ascontiguousarray(Re.T))
+    buf = np.full((C + 1, 40), np.nan, np.float32)
+    assert K.centroid_table_t(Re, out=buf) is buf and same(buf[:, :m], ReT[:, :m])
     slot = np.full(N, -1, np.int32)
     for trial in range(6):
         n = [1, 2, 3, 50, 200, N][trial]
@@ -236,6 +263,10 @@ def check_index(path, queries, nq):
         q = np.asarray(q, np.float32)
         R = s._centroid_scores(st, torch.from_numpy(q)).numpy()
         docs = stages.candidates(R, 2, st.ivf, st.ivf_offsets)
+        mark = np.zeros(st.num_documents, bool)
+        for nc in (1, 2, 3, 5):
+            got, kth = K.candidates(R, nc, st.ivf, st.ivf_offsets, mark)
+            assert np.array_equal(got, stages.candidates(R, nc, st.ivf, st.ivf_offsets)) and not mark.any()
         Re = stages.centroid_table(R)
         keep = stages.surviving(R, 0.5)
         counts = st.dcell_offsets[docs + 1] - st.dcell_offsets[docs]
@@ -343,7 +374,8 @@ def all_kernels(seed=0):
     docs = np.sort(rng.choice(N, 60, replace=False)).astype(np.int64)
     counts = dcell_offsets[docs + 1] - dcell_offsets[docs]
     slot = np.full(N, -1, np.int32)
-    out = list(K.approx_maxsim_docs(Re, keep, docs, dcells, dcell_offsets, return_covered=True))
+    out = list(K.candidates(Re[:, :C], 3, ivf, ivf_offsets, np.zeros(N, bool)))
+    out += list(K.approx_maxsim_docs(Re, keep, docs, dcells, dcell_offsets, return_covered=True))
     out.append(K.approx_maxsim_docs(Re, None, docs, dcells, dcell_offsets, ReT=K.centroid_table_t(Re)))
     out += list(K.approx_maxsim_ivf(Re, keep, docs, ivf, ivf_offsets, counts, slot))
     table, cs, sl, codes, residuals, norms, offsets = random_stage4(rng, m, 16, 30, 200, [4, 9, 1, 30], np.uint16,

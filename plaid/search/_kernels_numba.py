@@ -152,6 +152,25 @@ def vmax(typingctx, a, b):
     return f32x8(a, b), codegen
 
 
+def _cmp_mask(op):
+    def impl(typingctx, a, s):
+        """Bit k set where lane k of ``a`` {op} ``s`` (float32), as an int64."""
+        if a != f32x8 or s != types.float32:
+            return None
+
+        def codegen(context, builder, sig, args):
+            bits = builder.fcmp_ordered(op, args[0], _splat(builder, args[1], _VTY))
+            return builder.zext(builder.bitcast(bits, ir.IntType(8)), _I64)
+
+        return types.int64(a, s), codegen
+
+    return intrinsic(impl)
+
+
+vgt_mask = _cmp_mask(">")
+vge_mask = _cmp_mask(">=")
+
+
 # ------------------------------------------------------------------------------------------------
 # float32 sums in numpy's orders
 # ------------------------------------------------------------------------------------------------
@@ -250,18 +269,115 @@ def token_sum(a, m, pairwise):
 # ------------------------------------------------------------------------------------------------
 # Stages 2-3
 # ------------------------------------------------------------------------------------------------
+# ------------------------------------------------------------------------------------------------
+# Stage 1
+# ------------------------------------------------------------------------------------------------
 @jit
-def transpose_table(Re):
-    """[m, C + 1] -> [C + 1, W] float32, W = m rounded up to 8, pad lanes 0."""
+def _kth_largest(R, i, k, buf):
+    """The k-th largest value of row ``R[i]`` (ties counted: the value ``torch.topk`` puts at
+    position k - 1), k <= len(buf): one pass keeping the k best in ``buf``, descending."""
+    C = R.shape[1]
+    for j in range(k):
+        buf[j] = -np.inf
+    thr = buf[k - 1]
+    for c0 in range(0, C, 8):
+        ln = min(8, C - c0)
+        bits = vgt_mask(vload(R, i, c0, ln), thr)
+        if ln < 8:
+            bits &= (1 << ln) - 1
+        while bits:
+            lane = 0
+            while not (bits >> lane) & 1:
+                lane += 1
+            bits &= ~(1 << lane)
+            v = R[i, c0 + lane]
+            if v > buf[k - 1]:
+                j = k - 1
+                while j > 0 and buf[j - 1] < v:
+                    buf[j] = buf[j - 1]
+                    j -= 1
+                buf[j] = v
+        thr = buf[k - 1]
+    return thr
+
+
+@jit
+def candidates(R, ncells, ivf, ivf_offsets, mark, kth):
+    """Stage 1: sorted distinct documents listed under the centroids that score at least some
+    token's ``ncells``-th best score. R float32 [m, C]; mark bool [N] scratch, all False (left
+    all False); kth float32 [m] out: each token's ``ncells``-th best score (its minimum over the
+    row when ncells >= C). Returns int64 [n]."""
+    m, C = R.shape
+    N = mark.shape[0]
+    cells = np.zeros(C, np.bool_)
+    if ncells >= C:
+        for i in range(m):
+            lo = np.float32(np.inf)
+            for c in range(C):
+                if R[i, c] < lo:
+                    lo = R[i, c]
+            kth[i] = lo
+        cells[:] = True
+    else:
+        if ncells <= 64:
+            buf = np.empty(ncells, np.float32)
+            for i in range(m):
+                kth[i] = _kth_largest(R, i, ncells, buf)
+        else:
+            for i in range(m):
+                kth[i] = np.partition(R[i], C - ncells)[C - ncells]
+        for i in range(m):
+            t = kth[i]
+            for c0 in range(0, C, 8):
+                ln = min(8, C - c0)
+                bits = vge_mask(vload(R, i, c0, ln), t)
+                if ln < 8:
+                    bits &= (1 << ln) - 1
+                lane = 0
+                while bits:
+                    if bits & 1:
+                        cells[c0 + lane] = True
+                    bits >>= 1
+                    lane += 1
+    listed = 0
+    for c in range(C):
+        if cells[c]:
+            listed += ivf_offsets[c + 1] - ivf_offsets[c]
+    found = np.empty(min(listed, N), np.int64)
+    n = 0
+    for c in range(C):
+        if cells[c]:
+            for p in range(ivf_offsets[c], ivf_offsets[c + 1]):
+                d = ivf[p]
+                if not mark[d]:
+                    mark[d] = True
+                    found[n] = d
+                    n += 1
+    if N <= 64 * n:  # a scan of the flags beats a sort
+        out = np.empty(n, np.int64)
+        k = 0
+        for d in range(N):
+            if mark[d]:
+                out[k] = d
+                mark[d] = False
+                k += 1
+        return out
+    out = np.sort(found[:n])
+    for k in range(n):
+        mark[out[k]] = False
+    return out
+
+
+@jit
+def transpose_table(Re, T):
+    """``T[c, i] = Re[i, c]``: Re float32 [m, C + 1] into T float32 [C + 1, >= m] (other columns
+    untouched: no kernel reads them)."""
     m, C1 = Re.shape
-    W = (m + 7) // 8 * 8
-    T = np.zeros((C1, W), np.float32)
     for c0 in range(0, C1, 256):
         c1 = min(C1, c0 + 256)
         for i in range(m):
             for c in range(c0, c1):
                 T[c, i] = Re[i, c]
-    return T
 
 
 @jit

@@ -53,7 +53,7 @@ import torch
 from ..errors import IndexCorruptError
 from . import stages
 
-__all__ = ["backend", "reset", "warmup", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf", "used_centroids",
+__all__ = ["backend", "reset", "warmup", "candidates", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf", "used_centroids",
            "exact_maxsim", "exact_maxsim_ranges", "exact_scores"]
 
 _NEG_INF = np.float32(-np.inf)
@@ -104,7 +104,7 @@ def reset() -> None:
 
 # the arguments each kernel writes; every other array is passed read-only, so that one compiled
 # specialisation serves in-memory and memory-mapped (read-only) inputs alike
-_OUTPUTS = {"transpose_table": (), "approx_docs": (7, 8), "approx_docs_strided": (6, 7), "approx_ivf": (6, 7, 8),
+_OUTPUTS = {"candidates": (4, 5), "transpose_table": (1,), "approx_docs": (7, 8), "approx_docs_strided": (6, 7), "approx_ivf": (6, 7, 8),
             "used_centroids": (4,), "exact": (11,)}
 
 
@@ -159,6 +159,7 @@ def warmup(codes_dtype=np.uint16, background: bool = False):
     docs = np.arange(N, dtype=np.int64)
     keep = np.array([True, False, True, True])
     counts = dcell_offsets[1:] - dcell_offsets[:-1]
+    candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(N, bool))
     approx_maxsim_docs(Re, keep, docs, dcells, dcell_offsets, ReT=centroid_table_t(Re))
     approx_maxsim_docs(Re, keep, docs[:1], dcells, dcell_offsets)  # few entries: the strided kernel
     approx_maxsim_ivf(Re, keep, docs, ivf, ivf_offsets, counts, np.full(N, -1, np.int32))
@@ -171,22 +172,59 @@ def warmup(codes_dtype=np.uint16, background: bool = False):
     return None
 
 
+# -- stage 1 --------------------------------------------------------------------------------------
+def candidates(R: np.ndarray, ncells: int, ivf: np.ndarray, ivf_offsets: np.ndarray,
+               mark: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Stage 1 in one pass: :func:`stages.candidates` with the ``ncells``-th best scores found here.
+
+    R: float32 [m, C] centroid scores (token-major); ncells: centroids probed per token; ivf:
+    int32 [P], ivf_offsets: int64 [C + 1]; mark: bool [N] scratch, all False (left all False; one
+    per thread). Returns (docs int64 [n]: the sorted distinct documents listed under every
+    centroid scoring at least some token's ``ncells``-th best score, exact ties all kept; kth
+    float32 [m]: those scores, i.e. ``stages.CellCuts(R).kth(ncells)``, or each token's lowest
+    score when ``ncells >= C``, so that ``kth.min()`` is :func:`stages.probed_floor`). Equal to
+    ``stages.candidates(R, ncells, ivf, ivf_offsets)``.
+    """
+    R = np.ascontiguousarray(R, np.float32)
+    m, C = R.shape
+    if len(ivf_offsets) != C + 1:
+        raise ValueError("ivf_offsets does not match R's number of centroids")
+    if mark.dtype != np.bool_ or not mark.flags.c_contiguous or not mark.flags.writeable:
+        raise ValueError("mark must be a writable contiguous bool array")
+    ncells = int(ncells)
+    if ncells <= 0:
+        raise ValueError("ncells must be positive")
+    kth = np.empty(m, np.float32)
+    r = _run("candidates", R, ncells, np.ascontiguousarray(ivf, np.int32), np.ascontiguousarray(ivf_offsets, np.int64),
+             mark, kth)
+    if r is not None:
+        return r[0], kth
+    cuts = stages.CellCuts(R)
+    docs = stages.candidates(R, ncells, ivf, ivf_offsets, cuts, mark)
+    kth = R.min(1) if ncells >= C else np.array(cuts.kth(ncells), np.float32)
+    return docs, kth
+
+
 # -- stages 2-3 -----------------------------------------------------------------------------------
 _NO_KEEP = np.zeros(1, np.bool_)
 
 
-def centroid_table_t(Re: np.ndarray) -> np.ndarray:
+def centroid_table_t(Re: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
     """The centroid-major copy of ``Re`` that :func:`approx_maxsim_docs` reads: float32
-    [C + 1, W], row c = ``Re[:, c]`` followed by zeros, W = m rounded up to a multiple of 8.
-    Build it once per query to share between stages 2 and 3. Re: float32 [m, C + 1]."""
+    [C + 1, W], row c holding ``Re[:, c]`` in its first m columns, W = m rounded up to a
+    multiple of 8 (the other columns are never read and left as they are). Build it once per
+    query to share between stages 2 and 3. Re: float32 [m, C + 1]; out: optional float32
+    [C + 1, >= m] C-contiguous buffer to write into and return (reusing one per thread avoids a
+    fresh allocation's page faults, ~half the cost at 16k centroids)."""
     Re = np.ascontiguousarray(Re, np.float32)
-    r = _run("transpose_table", Re)
-    if r is not None:
-        return r[0]
     m, C1 = Re.shape
-    T = np.zeros((C1, -(-m // 8) * 8), np.float32)
-    T[:, :m] = Re.T
-    return T
+    if out is None:
+        out = np.empty((C1, -(-m // 8) * 8), np.float32)
+    elif out.dtype != np.float32 or out.shape[0] != C1 or out.shape[1] < m or not out.flags.c_contiguous:
+        raise ValueError(f"out must be float32 [{C1}, >= {m}], C-contiguous")
+    if _run("transpose_table", Re, out) is None:
+        out[:, :m] = Re.T
+    return out
 
 
 def approx_maxsim_docs(Re: np.ndarray, keep: Optional[np.ndarray], docs: np.ndarray, dcells: np.ndarray,
@@ -197,8 +235,8 @@ def approx_maxsim_docs(Re: np.ndarray, keep: Optional[np.ndarray], docs: np.ndar
     bool [C] (:func:`stages.surviving`; a centroid not kept reads column C) or None (no pruning:
     stage 3); docs: int64 [n] candidate ids; dcells: int32 [P], dcell_offsets: int64 [N + 1]
     (:func:`stages.doc_cells`); ReT: optional :func:`centroid_table_t` of ``Re`` (when None it is
-    built here if the candidates hold at least C centroid entries, where the copy pays; below,
-    ``Re`` is read as is). Returns float32 [n]: per candidate, the sum over query tokens i of
+    built here if the candidates hold at least C / 2 centroid entries, where the copy pays:
+    measured break-even ~0.5 C on 8k and 16k centroids; below, ``Re`` is read as is). Returns float32 [n]: per candidate, the sum over query tokens i of
     the max over its (pruned) centroids c of ``Re[i, c]``; with ``return_covered`` also bool [n]:
     the candidates keeping at least one centroid (with keep None: having one).
 
@@ -221,7 +259,7 @@ def approx_maxsim_docs(Re: np.ndarray, keep: Optional[np.ndarray], docs: np.ndar
     kp = _NO_KEEP if keep is None else np.ascontiguousarray(keep, np.bool_)
     done = False
     if n and backend() == "numba":
-        if ReT is None and int((dcell_offsets[docs + 1] - dcell_offsets[docs]).sum()) >= C1 - 1:
+        if ReT is None and 2 * int((dcell_offsets[docs + 1] - dcell_offsets[docs]).sum()) >= C1 - 1:
             ReT = centroid_table_t(Re)
         if ReT is not None:
             done = _run("approx_docs", np.ascontiguousarray(ReT, np.float32), m, kp, keep is not None, docs, dcells,
