@@ -294,6 +294,48 @@ def bench_threads(path: str, queries, reps: int) -> dict:
                         list(ex.map(lambda q: one(impl, q), queries))
                 best[workers] = min(best[workers], time.perf_counter() - t)
         out[impl] = {"qps_1": len(queries) / best[1], "qps_2": len(queries) / best[2], "speedup": best[1] / best[2]}
+    # the kernels alone (inputs prepared beforehand): stage 1, stage 2 (inverted-file side),
+    # stage 3 (document side), stage 4 kernel in place, per query
+    st, K, S = p.st, p.K, p.stages
+    prepared = []
+    for q in queries:
+        inp = stage2_inputs(p, q)
+        if inp is None or not p.inplace:
+            continue
+        keep, Re, docs, counts = inp
+        R = np.ascontiguousarray(Re[:, :-1])
+        d4 = docs[:64]
+        table = st.codec.score_table(q).numpy()
+        u, sl = K.used_centroids(p.codes, st.doc_offsets, d4, st.num_centroids)
+        cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(st.centroids, u, axis=0)).T).numpy()
+        prepared.append((R, Re, keep, docs, counts, d4, table, cs, sl))
+
+    def kernels_only(args):
+        R, Re, keep, docs, counts, d4, table, cs, sl = args
+        mark, slot = local.scratch
+        K.candidates(R, 2, st.ivf, st.ivf_offsets, mark)
+        K.approx_maxsim_ivf(Re, keep, docs, st.ivf, st.ivf_offsets, counts, slot)
+        K.approx_maxsim_docs(Re, None, docs[:256], st.dcells, st.dcell_offsets)
+        K.exact_maxsim_ranges(table, cs, sl, p.codes, p.residuals, p.norms, st.doc_offsets, d4)
+
+    def task(a):
+        if not hasattr(local, "scratch"):
+            local.scratch = p.scratch()
+        kernels_only(a)
+
+    work = prepared * 4
+    best = {1: np.inf, 2: np.inf}
+    for _ in range(reps):
+        for workers in (1, 2):
+            t = time.perf_counter()
+            if workers == 1:
+                for a in work:
+                    task(a)
+            else:
+                with ThreadPoolExecutor(2) as ex:
+                    list(ex.map(task, work))
+            best[workers] = min(best[workers], time.perf_counter() - t)
+    out["kernels only"] = {"qps_1": len(work) / best[1], "qps_2": len(work) / best[2], "speedup": best[1] / best[2]}
     return out
 
 
@@ -450,7 +492,7 @@ def main(argv=None) -> dict:
             out["threads"][name] = t
             print(f"\n-- {name}: threads (whole pipeline, {len(queries)} queries, best of {args.threads_reps})")
             for impl, v in t.items():
-                print(f"{impl:<7} 1 thread {v['qps_1']:8.1f} q/s   2 threads {v['qps_2']:8.1f} q/s   "
+                print(f"{impl:<13} 1 thread {v['qps_1']:8.1f} q/s   2 threads {v['qps_2']:8.1f} q/s   "
                       f"speedup {v['speedup']:.2f}x")
         if "first" not in skip:
             f = bench_first_search(path, args.first_rounds)

@@ -302,11 +302,32 @@ def _kth_largest(R, i, k, buf):
 
 
 @jit
-def candidates(R, ncells, ivf, ivf_offsets, mark, kth):
+def _radix_sort(a, n):
+    """``a[:n]`` (int64 in [0, 2**32)) sorted ascending: 4 stable counting passes of 8 bits."""
+    out = a[:n].copy()
+    tmp = np.empty(n, np.int64)
+    cnt = np.empty(257, np.int64)
+    for shift in (0, 8, 16, 24):
+        cnt[:] = 0
+        for i in range(n):
+            cnt[((out[i] >> shift) & 255) + 1] += 1
+        for b in range(256):
+            cnt[b + 1] += cnt[b]
+        for i in range(n):
+            v = out[i]
+            b = (v >> shift) & 255
+            tmp[cnt[b]] = v
+            cnt[b] += 1
+        out, tmp = tmp, out
+    return out
+
+
+@jit
+def candidates(R, ncells, ivf, ivf_offsets, mark, kth, have_kth):
     """Stage 1: sorted distinct documents listed under the centroids that score at least some
     token's ``ncells``-th best score. R float32 [m, C]; mark bool [N] scratch, all False (left
-    all False); kth float32 [m] out: each token's ``ncells``-th best score (its minimum over the
-    row when ncells >= C). Returns int64 [n]."""
+    all False); kth float32 [m]: each token's ``ncells``-th best score, given (``have_kth``)
+    or found here (ncells <= 64; each token's minimum score when ncells >= C). Returns int64 [n]."""
     m, C = R.shape
     N = mark.shape[0]
     cells = np.zeros(C, np.bool_)
@@ -319,13 +340,10 @@ def candidates(R, ncells, ivf, ivf_offsets, mark, kth):
             kth[i] = lo
         cells[:] = True
     else:
-        if ncells <= 64:
+        if not have_kth:
             buf = np.empty(ncells, np.float32)
             for i in range(m):
                 kth[i] = _kth_largest(R, i, ncells, buf)
-        else:
-            for i in range(m):
-                kth[i] = np.partition(R[i], C - ncells)[C - ncells]
         for i in range(m):
             t = kth[i]
             for c0 in range(0, C, 8):
@@ -362,7 +380,7 @@ def candidates(R, ncells, ivf, ivf_offsets, mark, kth):
                 mark[d] = False
                 k += 1
         return out
-    out = np.sort(found[:n])
+    out = _radix_sort(found, n)
     for k in range(n):
         mark[out[k]] = False
     return out

@@ -104,8 +104,8 @@ def reset() -> None:
 
 # the arguments each kernel writes; every other array is passed read-only, so that one compiled
 # specialisation serves in-memory and memory-mapped (read-only) inputs alike
-_OUTPUTS = {"candidates": (4, 5), "transpose_table": (1,), "approx_docs": (7, 8), "approx_docs_strided": (6, 7), "approx_ivf": (6, 7, 8),
-            "used_centroids": (4,), "exact": (11,)}
+_OUTPUTS = {"candidates": (4, 5), "transpose_table": (1,), "approx_docs": (7, 8), "approx_docs_strided": (6, 7),
+            "approx_ivf": (6, 7, 8), "used_centroids": (4,), "exact": (11,)}
 
 
 def _ro(a):
@@ -151,15 +151,16 @@ def warmup(codes_dtype=np.uint16, background: bool = False):
     if backend() != "numba":
         return None
     rng = np.random.default_rng(0)
-    C, N, m = 4, 3, 2
+    C, N, m = 8, 3, 2
     Re = stages.centroid_table(rng.random((m, C), dtype=np.float32))
     ivf = np.array([0, 1, 2, 0], np.int32)
-    ivf_offsets = np.array([0, 1, 2, 3, 4], np.int64)
+    ivf_offsets = np.array([0, 1, 2, 3, 4, 4, 4, 4, 4], np.int64)
     dcells, dcell_offsets = stages.doc_cells(ivf, ivf_offsets, N)
     docs = np.arange(N, dtype=np.int64)
-    keep = np.array([True, False, True, True])
+    keep = rng.random(C) < 0.5
     counts = dcell_offsets[1:] - dcell_offsets[:-1]
     candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(N, bool))
+    candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(1000, bool))  # the sorting branch
     approx_maxsim_docs(Re, keep, docs, dcells, dcell_offsets, ReT=centroid_table_t(Re))
     approx_maxsim_docs(Re, keep, docs[:1], dcells, dcell_offsets)  # few entries: the strided kernel
     approx_maxsim_ivf(Re, keep, docs, ivf, ivf_offsets, counts, np.full(N, -1, np.int32))
@@ -170,6 +171,11 @@ def warmup(codes_dtype=np.uint16, background: bool = False):
     exact_maxsim(table, rng.random((m, len(u)), dtype=np.float32), slot, codes, np.zeros((N, 1), np.uint8),
                  np.ones(N, np.float16), offsets)
     return None
+
+
+#: Up to this ``ncells``, :func:`candidates` finds each token's ``ncells``-th best score in the
+#: kernel (one pass with a small sorted buffer); above, with ``torch.topk``.
+KTH_IN_KERNEL = 64
 
 
 # -- stage 1 --------------------------------------------------------------------------------------
@@ -195,11 +201,14 @@ def candidates(R: np.ndarray, ncells: int, ivf: np.ndarray, ivf_offsets: np.ndar
     if ncells <= 0:
         raise ValueError("ncells must be positive")
     kth = np.empty(m, np.float32)
+    cuts = stages.CellCuts(R)
+    have_kth = KTH_IN_KERNEL < ncells < C  # many cells: torch.topk's, not the kernel's insertion buffer
+    if have_kth:
+        kth[:] = cuts.kth(ncells)
     r = _run("candidates", R, ncells, np.ascontiguousarray(ivf, np.int32), np.ascontiguousarray(ivf_offsets, np.int64),
-             mark, kth)
+             mark, kth, have_kth)
     if r is not None:
         return r[0], kth
-    cuts = stages.CellCuts(R)
     docs = stages.candidates(R, ncells, ivf, ivf_offsets, cuts, mark)
     kth = R.min(1) if ncells >= C else np.array(cuts.kth(ncells), np.float32)
     return docs, kth
