@@ -1,0 +1,507 @@
+"""Compiled CPU kernels for the numpy engine's stages 2-4 (numba), with a numpy fallback.
+
+Each kernel does in one loop over the candidates what :mod:`plaid.search.stages` does in
+several vectorised numpy passes, with no intermediate the size of (entries or tokens) x query
+tokens:
+
+* :func:`approx_maxsim_docs` — stages 2-3 from the document side: approximate MaxSim over each
+  candidate's distinct centroids (:func:`stages.doc_cells`), pruned or not;
+* :func:`approx_maxsim_ivf` — stage 2 from the inverted file's side: only the surviving
+  centroids' lists are read (:func:`stages.pruned_maxsim`);
+* :func:`used_centroids` — the distinct centroids of the candidates' tokens, which stage 4
+  scores against the query with one BLAS product outside the kernels;
+* :func:`exact_maxsim` — stage 4: exact MaxSim from centroid ids, residual codes and norms
+  through the codec's per-query table (asymmetric distance computation), over gathered tokens;
+* :func:`exact_maxsim_ranges` — the same reading the per-token arrays (memory-mapped or not) in
+  place by each candidate's token range, validating the centroid ids and norms it reads;
+* :func:`exact_scores` — all of stage 4 for one query (table, centroids used, product, kernel).
+
+**Equality.** Results are bit-identical to the numpy path: the same float32 operations in the
+same order. Stages 2-3 sum the per-token maxima sequentially over query tokens i = 0..m-1, as
+numpy's ``[m, n].sum(0)`` does (but numpy's pairwise order when ``n == 1``: the array is then a
+single contiguous column); stage 4 adds the ``code_bytes`` table entries in order from 0 (as
+``embedding_bag``), then the centroid score, divides by the norm (IEEE division), and sums the
+per-token maxima in numpy's pairwise order (``[n, m].sum(1)``). ``tests/test_kernels_cpu.py``
+compares with ``==``.
+
+**Compilation.** Importing this module imports neither numba nor compiles anything. The first
+call imports :mod:`plaid.search._kernels_numba` (numba), and each kernel compiles on its first
+call for its argument types, with ``cache=True`` (later processes load it from numba's cache:
+``NUMBA_CACHE_DIR``, else ``__pycache__`` beside the source or a user cache directory). Kernels
+release the GIL (``nogil``): threads can run them for different queries at once.
+
+**Fallback.** When numba cannot be imported, when ``PLAID_NO_NUMBA`` is set (to anything but
+``""`` or ``"0"``), or when a kernel fails to compile, every kernel runs a vectorised numpy
+implementation (the stages of :mod:`plaid.search.stages`) with the same results, and ONE
+:class:`RuntimeWarning` says why (once per process, or per :func:`reset`). :func:`backend` says
+which one is in use.
+
+**Edge cases** (the numpy stages never pass them; defined here): a candidate without centroids
+(stages 2-3) or without tokens (stage 4) scores -inf and is not covered; an empty candidate
+list gives empty results.
+"""
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from typing import Optional, Tuple
+
+import numpy as np
+import torch
+
+from ..errors import IndexCorruptError
+from . import stages
+
+__all__ = ["backend", "reset", "warmup", "candidates", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf", "used_centroids",
+           "exact_maxsim", "exact_maxsim_ranges", "exact_scores"]
+
+_NEG_INF = np.float32(-np.inf)
+
+# -- backend selection (lazy: once per process, or per reset()) -----------------------------------
+_lock = threading.RLock()
+_backend: Optional[str] = None  # "numba" | "numpy"; None until resolved
+_warned = False
+_nb = None  # the plaid.search._kernels_numba module once imported
+
+
+def _fallback(reason: str) -> None:
+    global _backend, _warned
+    _backend = "numpy"
+    if not _warned:
+        _warned = True
+        warnings.warn(f"plaid: compiled CPU kernels unavailable ({reason}); using the numpy implementation "
+                      "(same results, slower)", RuntimeWarning, stacklevel=4)
+
+
+def backend() -> str:
+    """``"numba"`` or ``"numpy"``: the implementation the kernels use. The first call decides
+    (importing numba, ~0.3 s; compiling nothing)."""
+    global _backend, _nb
+    if _backend is None:
+        with _lock:
+            if _backend is None:
+                flag = os.environ.get("PLAID_NO_NUMBA", "")
+                if flag not in ("", "0"):
+                    _fallback(f"PLAID_NO_NUMBA={flag}")
+                else:
+                    try:
+                        from . import _kernels_numba
+                        _nb = _kernels_numba
+                        _backend = "numba"
+                    except Exception as e:  # ImportError, or a broken numba / llvmlite install
+                        _fallback(f"numba could not be imported: {type(e).__name__}: {e}")
+    return _backend
+
+
+def reset() -> None:
+    """Forget the backend choice and the warning: the next call decides again (for tests)."""
+    global _backend, _warned
+    with _lock:
+        _backend = None
+        _warned = False
+
+
+# the arguments each kernel writes; every other array is passed read-only, so that one compiled
+# specialisation serves in-memory and memory-mapped (read-only) inputs alike
+_OUTPUTS = {"candidates": (4, 5), "transpose_table": (1,), "approx_docs": (7, 8), "approx_docs_strided": (6, 7),
+            "approx_ivf": (6, 7, 8), "used_centroids": (4,), "exact": (11,)}
+
+
+def _ro(a):
+    if not isinstance(a, np.ndarray) or not a.flags.writeable:
+        return a
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
+def _run(name: str, *args):
+    """``(result,)`` of numba kernel ``name``, or None when the numpy fallback is (or has just
+    become, the kernel failing to compile) in use."""
+    if backend() != "numba":
+        return None
+    outs = _OUTPUTS[name]
+    args = [a if i in outs else _ro(a) for i, a in enumerate(args)]
+    try:
+        return (getattr(_nb, name)(*args),)
+    except MemoryError:
+        raise
+    except Exception as e:  # typing / lowering / LLVM failure: numpy from now on
+        with _lock:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            _fallback(f"numba failed to compile {name}: {type(e).__name__}: {first}")
+        return None
+
+
+def warmup(codes_dtype=np.uint16, background: bool = False):
+    """Decide the backend and compile (or load from numba's cache) every kernel for the argument
+    types a search uses, on tiny inputs, so that the first search pays none of it.
+
+    codes_dtype: the index's centroid-id dtype (uint16, or int32 above 65536 centroids);
+    background: run in a daemon thread and return it (else run here and return None). A process
+    that searches soon after opening an index can start this first: numba's own start-up (its
+    import, ~0.2 s, and its first use, ~0.5 s, then ~10 ms per cached kernel) then overlaps the
+    opening.
+    """
+    if background:
+        t = threading.Thread(target=warmup, args=(codes_dtype,), name="plaid-kernels-warmup", daemon=True)
+        t.start()
+        return t
+    if backend() != "numba":
+        return None
+    rng = np.random.default_rng(0)
+    C, N, m = 8, 3, 2
+    Re = stages.centroid_table(rng.random((m, C), dtype=np.float32))
+    ivf = np.array([0, 1, 2, 0], np.int32)
+    ivf_offsets = np.array([0, 1, 2, 3, 4, 4, 4, 4, 4], np.int64)
+    dcells, dcell_offsets = stages.doc_cells(ivf, ivf_offsets, N)
+    docs = np.arange(N, dtype=np.int64)
+    keep = rng.random(C) < 0.5
+    counts = dcell_offsets[1:] - dcell_offsets[:-1]
+    candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(N, bool))
+    candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(1000, bool))  # the sorting branch
+    approx_maxsim_docs(Re, keep, docs, dcells, dcell_offsets, ReT=centroid_table_t(Re))
+    approx_maxsim_docs(Re, keep, docs[:1], dcells, dcell_offsets)  # few entries: the strided kernel
+    approx_maxsim_ivf(Re, keep, docs, ivf, ivf_offsets, counts, np.full(N, -1, np.int32))
+    codes = np.array([0, 1, 2], codes_dtype)
+    offsets = np.arange(N + 1, dtype=np.int64)
+    u, slot = used_centroids(codes, offsets, docs, C)
+    table = rng.random((256, m), dtype=np.float32)
+    exact_maxsim(table, rng.random((m, len(u)), dtype=np.float32), slot, codes, np.zeros((N, 1), np.uint8),
+                 np.ones(N, np.float16), offsets)
+    return None
+
+
+#: Up to this ``ncells``, :func:`candidates` finds each token's ``ncells``-th best score in the
+#: kernel (one pass with a small sorted buffer); above, with ``torch.topk``.
+KTH_IN_KERNEL = 64
+
+
+# -- stage 1 --------------------------------------------------------------------------------------
+def candidates(R: np.ndarray, ncells: int, ivf: np.ndarray, ivf_offsets: np.ndarray,
+               mark: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Stage 1 in one pass: :func:`stages.candidates` with the ``ncells``-th best scores found here.
+
+    R: float32 [m, C] centroid scores (token-major); ncells: centroids probed per token; ivf:
+    int32 [P], ivf_offsets: int64 [C + 1]; mark: bool [N] scratch, all False (left all False; one
+    per thread). Returns (docs int64 [n]: the sorted distinct documents listed under every
+    centroid scoring at least some token's ``ncells``-th best score, exact ties all kept; kth
+    float32 [m]: those scores, i.e. ``stages.CellCuts(R).kth(ncells)``, or each token's lowest
+    score when ``ncells >= C``, so that ``kth.min()`` is :func:`stages.probed_floor`). Equal to
+    ``stages.candidates(R, ncells, ivf, ivf_offsets)``.
+    """
+    R = np.ascontiguousarray(R, np.float32)
+    m, C = R.shape
+    if len(ivf_offsets) != C + 1:
+        raise ValueError("ivf_offsets does not match R's number of centroids")
+    if mark.dtype != np.bool_ or not mark.flags.c_contiguous or not mark.flags.writeable:
+        raise ValueError("mark must be a writable contiguous bool array")
+    ncells = int(ncells)
+    if ncells <= 0:
+        raise ValueError("ncells must be positive")
+    kth = np.empty(m, np.float32)
+    cuts = stages.CellCuts(R)
+    have_kth = KTH_IN_KERNEL < ncells < C  # many cells: torch.topk's, not the kernel's insertion buffer
+    if have_kth:
+        kth[:] = cuts.kth(ncells)
+    r = _run("candidates", R, ncells, np.ascontiguousarray(ivf, np.int32), np.ascontiguousarray(ivf_offsets, np.int64),
+             mark, kth, have_kth)
+    if r is not None:
+        return r[0], kth
+    docs = stages.candidates(R, ncells, ivf, ivf_offsets, cuts, mark)
+    kth = R.min(1) if ncells >= C else np.array(cuts.kth(ncells), np.float32)
+    return docs, kth
+
+
+# -- stages 2-3 -----------------------------------------------------------------------------------
+_NO_KEEP = np.zeros(1, np.bool_)
+
+
+def centroid_table_t(Re: np.ndarray, out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The centroid-major copy of ``Re`` that :func:`approx_maxsim_docs` reads: float32
+    [C + 1, W], row c holding ``Re[:, c]`` in its first m columns, W = m rounded up to a
+    multiple of 8 (the other columns are never read and left as they are). Build it once per
+    query to share between stages 2 and 3. Re: float32 [m, C + 1]; out: optional float32
+    [C + 1, >= m] C-contiguous buffer to write into and return (reusing one per thread avoids a
+    fresh allocation's page faults, ~half the cost at 16k centroids)."""
+    Re = np.ascontiguousarray(Re, np.float32)
+    m, C1 = Re.shape
+    if out is None:
+        out = np.empty((C1, -(-m // 8) * 8), np.float32)
+    elif out.dtype != np.float32 or out.shape[0] != C1 or out.shape[1] < m or not out.flags.c_contiguous:
+        raise ValueError(f"out must be float32 [{C1}, >= {m}], C-contiguous")
+    if _run("transpose_table", Re, out) is None:
+        out[:, :m] = Re.T
+    return out
+
+
+def approx_maxsim_docs(Re: np.ndarray, keep: Optional[np.ndarray], docs: np.ndarray, dcells: np.ndarray,
+                       dcell_offsets: np.ndarray, *, ReT: Optional[np.ndarray] = None, return_covered: bool = False):
+    """Stages 2-3, document side: approximate MaxSim over each candidate's distinct centroids.
+
+    Re: float32 [m, C + 1] (:func:`stages.centroid_table`; column C is ``PRUNED_SCORE``); keep:
+    bool [C] (:func:`stages.surviving`; a centroid not kept reads column C) or None (no pruning:
+    stage 3); docs: int64 [n] candidate ids; dcells: int32 [P], dcell_offsets: int64 [N + 1]
+    (:func:`stages.doc_cells`); ReT: optional :func:`centroid_table_t` of ``Re`` (when None it is
+    built here if the candidates hold at least C / 2 centroid entries, where the copy pays:
+    measured break-even ~0.5 C on 8k and 16k centroids; below, ``Re`` is read as is). Returns float32 [n]: per candidate, the sum over query tokens i of
+    the max over its (pruned) centroids c of ``Re[i, c]``; with ``return_covered`` also bool [n]:
+    the candidates keeping at least one centroid (with keep None: having one).
+
+    Bit-identical to ``stages.approximate_maxsim(Re, stages.pruned_cells(cells, keep), offs)``
+    (or over ``cells``) and ``stages.covered_documents(cells, keep, offs)`` over
+    ``offs, cells = stages.document_cells(docs, dcells, dcell_offsets)``.
+    """
+    Re = np.ascontiguousarray(Re, np.float32)
+    m, C1 = Re.shape
+    if keep is not None and len(keep) != C1 - 1:
+        raise ValueError(f"keep has {len(keep)} entries for {C1 - 1} centroids")
+    if ReT is not None and (ReT.shape[0] != C1 or ReT.shape[1] < m):
+        raise ValueError(f"ReT has shape {ReT.shape}, expected [{C1}, >= {m}]")
+    docs = np.ascontiguousarray(docs, np.int64)
+    dcells = np.ascontiguousarray(dcells, np.int32)
+    dcell_offsets = np.ascontiguousarray(dcell_offsets, np.int64)
+    n = len(docs)
+    out = np.empty(n, np.float32)
+    covered = np.empty(n, np.bool_)
+    kp = _NO_KEEP if keep is None else np.ascontiguousarray(keep, np.bool_)
+    done = False
+    if n and backend() == "numba":
+        if ReT is None and 2 * int((dcell_offsets[docs + 1] - dcell_offsets[docs]).sum()) >= C1 - 1:
+            ReT = centroid_table_t(Re)
+        if ReT is not None:
+            done = _run("approx_docs", np.ascontiguousarray(ReT, np.float32), m, kp, keep is not None, docs, dcells,
+                        dcell_offsets, out, covered) is not None
+        else:
+            done = _run("approx_docs_strided", Re, kp, keep is not None, docs, dcells, dcell_offsets, out,
+                        covered) is not None
+    if not done:
+        out, covered = _np_approx_docs(Re, keep, docs, dcells, dcell_offsets)
+    return (out, covered) if return_covered else out
+
+
+def approx_maxsim_ivf(Re: np.ndarray, keep: np.ndarray, docs: np.ndarray, ivf: np.ndarray, ivf_offsets: np.ndarray,
+                      cell_counts: np.ndarray, slot: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Stage 2, inverted-file side: the pruned scores of :func:`approx_maxsim_docs`, reading only
+    the inverted lists of the centroids in ``keep``.
+
+    Re: float32 [m, C + 1]; keep: bool [C]; docs: int64 [n] distinct candidate ids; ivf: int32
+    [P], ivf_offsets: int64 [C + 1]; cell_counts: int64 [n], each candidate's number of distinct
+    centroids; slot: int32 [N] scratch, all -1 (left all -1; one per thread). Each kept
+    centroid's scores are max-ed into its listed candidates' rows of a [n, m] array; a candidate
+    with fewer listed centroids than ``cell_counts`` also gets ``PRUNED_SCORE`` per token.
+    Returns (float32 [n] scores, bool [n] covered: listed under a kept centroid), bit-identical
+    to ``stages.pruned_maxsim(..., return_covered=True)``.
+    """
+    Re = np.ascontiguousarray(Re, np.float32)
+    if len(keep) != Re.shape[1] - 1 or len(ivf_offsets) != Re.shape[1]:
+        raise ValueError("keep / ivf_offsets do not match Re's number of centroids")
+    if slot.dtype != np.int32 or not slot.flags.c_contiguous or not slot.flags.writeable:
+        raise ValueError("slot must be a writable contiguous int32 array")
+    docs = np.ascontiguousarray(docs, np.int64)
+    out = np.empty(len(docs), np.float32)
+    covered = np.empty(len(docs), np.bool_)
+    if len(docs) and _run("approx_ivf", Re, np.ascontiguousarray(keep, np.bool_), docs,
+                          np.ascontiguousarray(ivf, np.int32), np.ascontiguousarray(ivf_offsets, np.int64),
+                          np.ascontiguousarray(cell_counts, np.int64), slot, out, covered) is not None:
+        return out, covered
+    if not len(docs):
+        return out, covered
+    return stages.pruned_maxsim(keep, Re, docs, ivf, ivf_offsets, cell_counts, slot, return_covered=True)
+
+
+# -- stage 4 --------------------------------------------------------------------------------------
+def used_centroids(codes: np.ndarray, doc_offsets: np.ndarray, docs: np.ndarray,
+                   num_centroids: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The distinct centroids of the tokens of ``docs``, reading ``codes`` in place.
+
+    codes: uint16/int32 [T] centroid id of every token (may be memory-mapped); doc_offsets: int64
+    [N + 1]; docs: int64 [n]. Returns (u int64 [U] ascending, slot int32 [C] with ``slot[u[k]] =
+    k`` and -1 elsewhere). Raises :class:`IndexCorruptError` for an id outside [0, C).
+    """
+    codes = _codes_arg(codes)
+    docs = np.ascontiguousarray(docs, np.int64)
+    doc_offsets = np.ascontiguousarray(doc_offsets, np.int64)
+    slot = np.full(int(num_centroids), -1, np.int32)
+    r = _run("used_centroids", codes, doc_offsets, docs, int(num_centroids), slot)
+    if r is not None:
+        u, bad = r[0]
+        if bad >= 0:
+            raise IndexCorruptError(f"token {bad}: centroid id {int(codes[bad])} out of range "
+                                    f"({num_centroids} centroids)")
+        return u, slot
+    starts = doc_offsets[docs]
+    pos, _ = stages.expand_ranges(starts, doc_offsets[docs + 1] - starts)
+    cc = codes[pos]
+    if len(cc) and (int(cc.min()) < 0 or int(cc.max()) >= num_centroids):
+        raise IndexCorruptError(f"token centroid ids out of range ({num_centroids} centroids)")
+    used = np.zeros(int(num_centroids), bool)
+    used[cc] = True
+    u = np.flatnonzero(used)
+    slot[u] = np.arange(len(u), dtype=np.int32)
+    return u, slot
+
+
+_HALF_LUT: Optional[np.ndarray] = None
+_NO16 = np.zeros(1, np.uint16)
+_NO32 = np.zeros(1, np.float32)
+
+
+def _half_lut() -> np.ndarray:
+    """float32 [65536]: the value of every float16 bit pattern (exact)."""
+    global _HALF_LUT
+    if _HALF_LUT is None:
+        _HALF_LUT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    return _HALF_LUT
+
+
+def _norm_args(norms):
+    """(mode, uint16 bits, float32 values, lut): mode 0 no norms, 1 float16, 2 float32."""
+    if norms is None:
+        return 0, _NO16, _NO32, _NO32
+    norms = np.asarray(norms)
+    if norms.dtype == np.float16:
+        return 1, np.ascontiguousarray(norms).view(np.uint16), _NO32, _half_lut()
+    return 2, _NO16, np.ascontiguousarray(norms, np.float32), _NO32
+
+
+def _codes_arg(codes):
+    codes = np.asarray(codes)
+    if codes.dtype not in (np.uint16, np.int32):
+        codes = codes.astype(np.int64)
+    return np.ascontiguousarray(codes)
+
+
+def _check_stage4(table, cs, slot, residuals, t, norms):
+    if table.ndim != 2 or cs.ndim != 2 or residuals.ndim != 2 or table.shape[0] != residuals.shape[1] * 256 \
+            or cs.shape[0] != table.shape[1]:
+        raise ValueError(f"stage 4 shapes: table {table.shape}, cs {cs.shape}, residuals {residuals.shape}")
+    if len(residuals) != t or (norms is not None and len(norms) != t):
+        raise ValueError("stage 4: codes, residuals and norms must have one row per token")
+    if slot.dtype != np.int32 or slot.ndim != 1:
+        raise ValueError("stage 4: slot must be int32 [C]")
+
+
+def exact_maxsim(table: np.ndarray, cs: np.ndarray, slot: np.ndarray, codes: np.ndarray, residuals: np.ndarray,
+                 norms: Optional[np.ndarray], offsets: np.ndarray) -> np.ndarray:
+    """Stage 4: exact MaxSim of candidates from their gathered tokens' codes, without decoding.
+
+    table: float32 [code_bytes * 256, m] (``codec.score_table(q)`` as numpy); cs: float32 [m, U],
+    the query's scores of the U centroids the tokens use (``q @ centroids[u].T``: one BLAS product,
+    outside); slot: int32 [C], centroid id -> column of ``cs`` (:func:`used_centroids`); codes:
+    uint16/int32 [t], residuals: uint8 [t, code_bytes], norms: float16/float32 [t] or None: the
+    candidates' tokens; offsets: int64 [n + 1] delimiting each candidate's tokens. Returns
+    float32 [n]: ``sum_i max_t (sum_j table[j*256 + r_tj, i] + cs[i, slot[c_t]]) / norm_t``.
+
+    Bit-identical to ``stages.maxsim_scores(Searcher._stage4_sims(...), offsets)``. Raises
+    :class:`IndexCorruptError` for a centroid id outside ``slot`` or unmapped by it, or a norm
+    that is not finite and positive.
+    """
+    offsets = np.ascontiguousarray(offsets, np.int64)
+    n = len(offsets) - 1
+    return exact_maxsim_ranges(table, cs, slot, codes, residuals, norms, offsets, np.arange(max(n, 0)))
+
+
+def exact_maxsim_ranges(table: np.ndarray, cs: np.ndarray, slot: np.ndarray, codes: np.ndarray,
+                        residuals: np.ndarray, norms: Optional[np.ndarray], doc_offsets: np.ndarray,
+                        docs: np.ndarray) -> np.ndarray:
+    """Stage 4 reading the per-token arrays in place: :func:`exact_maxsim` of ``docs``.
+
+    codes [T], residuals [T, code_bytes], norms [T] or None: every token of one segment
+    (memory-mapped or in memory: no gathered copy is made); doc_offsets: int64 [N + 1] token
+    offsets of the documents; docs: int64 [n]. Other arguments and the result as
+    :func:`exact_maxsim`. The centroid ids and norms read are validated before scoring (an
+    :class:`IndexCorruptError` names the token's position), as ``checked_codes`` and
+    ``checked_norms`` do on gathered ones.
+    """
+    table = np.ascontiguousarray(table, np.float32)
+    cs = np.ascontiguousarray(cs, np.float32)
+    doc_offsets = np.ascontiguousarray(doc_offsets, np.int64)
+    docs = np.ascontiguousarray(docs, np.int64)
+    codes = _codes_arg(codes)
+    residuals = np.asarray(residuals)
+    if residuals.dtype != np.uint8:
+        raise ValueError("stage 4: residuals must be uint8")
+    residuals = np.ascontiguousarray(residuals)
+    _check_stage4(table, cs, slot, residuals, len(codes), norms)
+    if len(docs):
+        if int(docs.min()) < 0 or int(docs.max()) + 1 >= len(doc_offsets):
+            raise ValueError("stage 4: docs outside doc_offsets")
+        lo, hi = doc_offsets[docs], doc_offsets[docs + 1]
+        if int(lo.min()) < 0 or int(hi.max()) > len(codes):
+            raise ValueError("stage 4: the documents' token ranges run past the token arrays")
+    mode, n16, n32, lut = _norm_args(norms)
+    out = np.empty(len(docs), np.float32)
+    r = _run("exact", table, cs, slot, codes, residuals, mode, n16, n32, lut, doc_offsets, docs, out) \
+        if len(docs) else (-1,)
+    if r is None:
+        starts = doc_offsets[docs]
+        pos, offs = stages.expand_ranges(starts, doc_offsets[docs + 1] - starts)
+        return _np_exact(table, cs, slot, codes, residuals, norms, pos, offs)
+    if r[0] >= 0:
+        raise IndexCorruptError(f"stage 4: token {r[0]}: centroid id or norm invalid (id {int(codes[r[0]])})")
+    return out
+
+
+def exact_scores(q: np.ndarray, codec, centroids: np.ndarray, codes: np.ndarray, residuals: np.ndarray,
+                 norms: Optional[np.ndarray], doc_offsets: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    """All of stage 4 for one query, reading the token arrays in place.
+
+    q: float32 [m, dim]; codec: the index's :class:`~plaid.codecs.ResidualCodec`; centroids:
+    float32 [C, dim] (raw); codes, residuals, norms, doc_offsets, docs: as
+    :func:`exact_maxsim_ranges`. Builds the ADC table, finds the centroids used
+    (:func:`used_centroids`), scores them with one float32 torch product ([m, U], as the numpy
+    engine) and runs the kernel. Returns float32 [n], bit-identical to
+    ``stages.maxsim_scores(Searcher._stage4_sims(...))``.
+    """
+    q = np.ascontiguousarray(q, np.float32)
+    table = codec.score_table(q).numpy()
+    u, slot = used_centroids(codes, doc_offsets, docs, len(centroids))
+    cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(centroids, u, axis=0)).T).numpy()
+    return exact_maxsim_ranges(table, cs, slot, codes, residuals, norms, doc_offsets, docs)
+
+
+# -- numpy fallbacks (the reference semantics, vectorised; used when numba is unavailable) ---------
+def _np_approx_docs(Re, keep, docs, dcells, dcell_offsets):
+    n = len(docs)
+    out = np.full(n, _NEG_INF, np.float32)
+    covered = np.zeros(n, bool)
+    nonempty = dcell_offsets[docs + 1] > dcell_offsets[docs]
+    if not nonempty.any():
+        return out, covered
+    d = docs[nonempty]
+    offs, cells = stages.document_cells(d, dcells, dcell_offsets)
+    read = cells if keep is None else stages.pruned_cells(cells, keep)
+    scores = stages.approximate_maxsim(Re, read, offs)
+    if len(d) == 1 and n > 1:  # numpy summed one column pairwise; the kernels sum by n (sequentially)
+        scores = np.cumsum(np.maximum.reduceat(Re.take(read, axis=1), offs[:-1], axis=1)[:, 0], dtype=np.float32)[-1:]
+    out[nonempty] = scores
+    covered[nonempty] = True if keep is None else stages.covered_documents(cells, keep, offs)
+    return out, covered
+
+
+def _np_exact(table, cs, slot, codes, residuals, norms, pos, offsets):
+    """``Searcher._stage4_sims`` + ``stages.maxsim_scores`` over the tokens at ``pos``."""
+    n = len(offsets) - 1
+    out = np.full(n, _NEG_INF, np.float32)
+    if len(pos) == 0:
+        return out
+    cc = codes[pos]
+    if int(cc.min()) < 0 or int(cc.max()) >= len(slot):
+        raise IndexCorruptError("stage 4: centroid ids out of range")
+    u = slot[cc]
+    if int(u.min()) < 0 or int(u.max()) >= cs.shape[1]:
+        raise IndexCorruptError("stage 4: a token's centroid is not among the scored ones")
+    if norms is not None:
+        nv = np.asarray(norms)[pos]
+        if not (np.isfinite(nv).all() and (nv > 0).all()):
+            raise IndexCorruptError("stage 4: token norms that are NaN, infinite, zero or negative")
+    sims = stages.adc_scores(torch.from_numpy(table), np.ascontiguousarray(residuals[pos]))
+    sims += cs.take(u, axis=1).T
+    if norms is not None:
+        sims /= torch.from_numpy(np.ascontiguousarray(nv)).float().numpy()[:, None]
+    lens = np.diff(offsets)
+    nonempty = lens > 0
+    out[nonempty] = stages.maxsim_scores(sims, np.concatenate([[0], np.cumsum(lens[nonempty])]))
+    return out
