@@ -55,9 +55,12 @@ class Pipeline:
     stages (``impl="numpy"``) or the kernels (``impl="numba"``); records each stage's time."""
 
     def __init__(self, searcher):
-        from plaid.search import kernels_cpu, stages
+        from plaid.search import kernels_cpu
 
-        self.s, self.st, self.stages, self.K = searcher, searcher._state, stages, kernels_cpu
+        sys.path.insert(0, os.path.join(os.path.dirname(HERE), "tests"))
+        import reference_stages as stages  # the numpy stages as the pipeline ran them before the kernels
+
+        self.s, self.st, self.stages, self.K = searcher, searcher._state.engine, stages, kernels_cpu
         st = self.st
         self.inplace = len(st.codes.parts) == 1
         if self.inplace:
@@ -73,7 +76,7 @@ class Pipeline:
         k, ncells, threshold, ndocs = K10["k"], K10["ncells"], K10["threshold"], K10["ndocs"]
         mark, slot = scratch or self.scratch()
         t0 = time.perf_counter()
-        R = self.s._centroid_scores(st, torch.from_numpy(q)).numpy()
+        R = self.st.centroid_scores(q)
         t1 = time.perf_counter()
         cuts = S.CellCuts(R)
         nc, target = ncells, max(ndocs, k)
@@ -149,7 +152,7 @@ class Pipeline:
         S, st = self.stages, self.st
         starts = st.doc_offsets[d4]
         pos, offs = S.expand_ranges(starts, st.doc_offsets[d4 + 1] - starts)
-        return S.maxsim_scores(self.s._stage4_sims(st, pos, q), offs)
+        return S.maxsim_scores(st.token_sims(q, pos), offs)
 
     def _exact_gathered(self, q, d4):
         S, st, K = self.stages, self.st, self.K
@@ -175,7 +178,7 @@ def touch_pages(st) -> float:
 def stage2_inputs(p, q):
     """(keep, Re, docs, counts) of a query's first stage-2 pass, or None when stage 2 is skipped."""
     S, st = p.stages, p.st
-    R = p.s._centroid_scores(st, torch.from_numpy(q)).numpy()
+    R = p.st.centroid_scores(q)
     cuts = S.CellCuts(R)
     nc = K10["ncells"]
     while True:
@@ -254,7 +257,7 @@ def bench_index(name: str, path: str, queries, reps: int) -> dict:
 
 def stages_docs(p, q):
     S, st = p.stages, p.st
-    R = p.s._centroid_scores(st, torch.from_numpy(q)).numpy()
+    R = p.st.centroid_scores(q)
     return S.candidates(R, K10["ncells"], st.ivf, st.ivf_offsets)
 
 

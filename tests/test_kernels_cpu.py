@@ -14,7 +14,7 @@ import torch
 import plaid
 from plaid.errors import IndexCorruptError
 from plaid.search import kernels_cpu as K
-from plaid.search import stages
+import reference_stages as stages  # the numpy stages, frozen (incl. the policy helpers)
 
 from conftest import requires_msmarco
 
@@ -254,14 +254,14 @@ def test_stage4_edge_cases():
 def check_index(path, queries, nq):
     """Every kernel against the numpy stages on the stage inputs of real queries (default k=10 params)."""
     s = plaid.Searcher(path, engine="numpy")
-    st = s._state
+    st = s._state.engine
     slot = np.full(st.num_documents, -1, np.int32)
     codes, residuals = st.codes.parts[0], st.residuals.parts[0]  # memory-mapped, read in place
     norms = st.norms.parts[0] if st.norms is not None else None
     checked = 0
     for q in queries[:nq]:
         q = np.asarray(q, np.float32)
-        R = s._centroid_scores(st, torch.from_numpy(q)).numpy()
+        R = st.centroid_scores(q)
         docs = stages.candidates(R, 2, st.ivf, st.ivf_offsets)
         mark = np.zeros(st.num_documents, bool)
         for nc in (1, 2, 3, 5):
@@ -283,7 +283,7 @@ def check_index(path, queries, nq):
         d4 = docs[np.sort(stages.top_n(want3, 64))]
         starts = st.doc_offsets[d4]
         pos, offs = stages.expand_ranges(starts, st.doc_offsets[d4 + 1] - starts)
-        want4 = stages.maxsim_scores(s._stage4_sims(st, pos, q), offs)
+        want4 = stages.maxsim_scores(st.token_sims(q, pos), offs)
         assert same(K.exact_scores(q, st.codec, st.centroids, codes, residuals, norms, st.doc_offsets, d4), want4)
         cc = st.token_codes(pos)
         u, sl = K.used_centroids(cc, offs, np.arange(len(d4)), st.num_centroids)
@@ -327,13 +327,13 @@ def test_msmarco(msmarco, msmarco_pq32):
 def test_kernels_from_two_threads(small_index, small_corpus):
     _, queries = small_corpus
     s = plaid.Searcher(small_index, engine="numpy")
-    st = s._state
+    st = s._state.engine
     codes, residuals, norms = st.codes.parts[0], st.residuals.parts[0], st.norms.parts[0]
 
     def run(qs, out):
         slot = np.full(st.num_documents, -1, np.int32)  # one scratch per thread
         for q in qs:
-            R = s._centroid_scores(st, torch.from_numpy(q)).numpy()
+            R = st.centroid_scores(q)
             docs = stages.candidates(R, 2, st.ivf, st.ivf_offsets)
             Re = stages.centroid_table(R)
             counts = st.dcell_offsets[docs + 1] - st.dcell_offsets[docs]

@@ -15,7 +15,9 @@ import numpy as np
 import torch
 
 from ..embeddings import advise_random
+from ..errors import IndexCorruptError
 from ..store import Snapshot, checked_codes, checked_norms
+from . import kernels_cpu as K
 from . import stages
 from .pipeline import QueryScores, alive_mask, scoring_centroids
 
@@ -106,21 +108,30 @@ class CPUEngine:
     def surviving_entries(self, keep: np.ndarray) -> int:
         return int(self.ivf_lens[keep].sum())
 
+    def _table_t(self, S: QueryScores, entries: int) -> Optional[np.ndarray]:
+        """The centroid-major copy of the table (kernels_cpu.centroid_table_t), built once per query
+        when the candidates hold at least C / 2 centroid entries (below, the copy does not pay)."""
+        ReT = S.cache.get("ReT")
+        if ReT is None and 2 * entries >= self.num_centroids:
+            ReT = S.cache["ReT"] = K.centroid_table_t(self._table(S))
+        return ReT
+
     def pruned_scores(self, S: QueryScores, keep: np.ndarray, docs: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
         Re = self._table(S)
         counts = self.dcell_offsets[docs + 1] - self.dcell_offsets[docs]
+        total = int(counts.sum())
         # read whichever side is shorter (same scores): the surviving centroids' inverted lists,
         # or the candidates' centroids (a low threshold keeps many centroids)
-        if self.surviving_entries(keep) <= counts.sum():
+        if self.surviving_entries(keep) <= total:
             slot = self._scratch.slots(self.num_documents)
-            return stages.pruned_maxsim(keep, Re, docs, self.ivf, self.ivf_offsets, counts, slot, return_covered=True)
-        offs, cells = stages.document_cells(docs, self.dcells, self.dcell_offsets)
-        return (stages.approximate_maxsim(Re, stages.pruned_cells(cells, keep), offs),
-                stages.covered_documents(cells, keep, offs))
+            return K.approx_maxsim_ivf(Re, keep, docs, self.ivf, self.ivf_offsets, counts, slot)
+        return K.approx_maxsim_docs(Re, keep, docs, self.dcells, self.dcell_offsets, ReT=self._table_t(S, total),
+                                    return_covered=True)
 
     def full_scores(self, S: QueryScores, docs: np.ndarray) -> np.ndarray:
-        offs, cells = stages.document_cells(docs, self.dcells, self.dcell_offsets)
-        return stages.approximate_maxsim(self._table(S), cells, offs)
+        total = int((self.dcell_offsets[docs + 1] - self.dcell_offsets[docs]).sum())
+        return K.approx_maxsim_docs(self._table(S), None, docs, self.dcells, self.dcell_offsets,
+                                    ReT=self._table_t(S, total))
 
     # -- stage 4 -----------------------------------------------------------------------------------
     def token_codes(self, pos: np.ndarray) -> np.ndarray:
@@ -155,9 +166,26 @@ class CPUEngine:
         return sims
 
     def exact_scores(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
-        starts = self.doc_offsets[docs]
-        pos, offs = stages.expand_ranges(starts, self.doc_offsets[docs + 1] - starts)
-        return stages.maxsim_scores(self.token_sims(q, pos), offs)
+        """Stage 4 by the compiled kernel: one pass over each candidate's tokens (centroid score +
+        byte-table sum, / norm, max per query token, sum), reading a single segment's token
+        arrays in place and several segments' gathered; identical to :meth:`token_sims` +
+        ``stages.maxsim_scores``."""
+        try:
+            if len(self.codes.parts) == 1:
+                norms = self.norms.parts[0] if self.norms is not None else None
+                return K.exact_scores(q, self.codec, self.centroids, self.codes.parts[0], self.residuals.parts[0],
+                                      norms, self.doc_offsets, docs)
+            starts = self.doc_offsets[docs]
+            pos, offs = stages.expand_ranges(starts, self.doc_offsets[docs + 1] - starts)
+            cc = self.token_codes(pos)
+            norms = self.token_norms(pos) if self.normalized else None
+            u, slot = K.used_centroids(cc, offs, np.arange(len(docs), dtype=np.int64), self.num_centroids)
+            table = self.codec.score_table(q).numpy()
+            cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(self.centroids, u, axis=0)).T).numpy()
+            return K.exact_maxsim(table, cs, slot, cc, self.residuals.take(pos), norms, offs)
+        except IndexCorruptError as e:
+            raise IndexCorruptError(f"{self.snapshot.path}: index files {self.codes_file}"
+                                    f"{', ' + self.norms_file if self.norms_file else ''}: {e}") from None
 
     def decompress(self, pos: np.ndarray) -> np.ndarray:
         """Reconstructed vectors of the tokens at ``pos`` (int64 [t], ascending) -> float32 [t, dim]."""

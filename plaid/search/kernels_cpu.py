@@ -181,7 +181,7 @@ KTH_IN_KERNEL = 64
 # -- stage 1 --------------------------------------------------------------------------------------
 def candidates(R: np.ndarray, ncells: int, ivf: np.ndarray, ivf_offsets: np.ndarray,
                mark: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-    """Stage 1 in one pass: :func:`stages.candidates` with the ``ncells``-th best scores found here.
+    """Stage 1 in one pass: :meth:`plaid.search.pipeline.CellCuts.cells` + the inverted file with the ``ncells``-th best scores found here.
 
     R: float32 [m, C] centroid scores (token-major); ncells: centroids probed per token; ivf:
     int32 [P], ivf_offsets: int64 [C + 1]; mark: bool [N] scratch, all False (left all False; one
@@ -200,8 +200,10 @@ def candidates(R: np.ndarray, ncells: int, ivf: np.ndarray, ivf_offsets: np.ndar
     ncells = int(ncells)
     if ncells <= 0:
         raise ValueError("ncells must be positive")
+    from .pipeline import CellCuts
+
     kth = np.empty(m, np.float32)
-    cuts = stages.CellCuts(R)
+    cuts = CellCuts(R)
     have_kth = KTH_IN_KERNEL < ncells < C  # many cells: torch.topk's, not the kernel's insertion buffer
     if have_kth:
         kth[:] = cuts.kth(ncells)
@@ -209,7 +211,10 @@ def candidates(R: np.ndarray, ncells: int, ivf: np.ndarray, ivf_offsets: np.ndar
              mark, kth, have_kth)
     if r is not None:
         return r[0], kth
-    docs = stages.candidates(R, ncells, ivf, ivf_offsets, cuts, mark)
+    cells = cuts.cells(ncells)
+    starts = ivf_offsets[cells]
+    pos, _ = stages.expand_ranges(starts, ivf_offsets[cells + 1] - starts)
+    docs = np.unique(ivf[pos]).astype(np.int64)
     kth = R.min(1) if ncells >= C else np.array(cuts.kth(ncells), np.float32)
     return docs, kth
 
