@@ -391,11 +391,9 @@ def transpose_table(Re, T):
     """``T[c, i] = Re[i, c]``: Re float32 [m, C + 1] into T float32 [C + 1, >= m] (other columns
     untouched: no kernel reads them)."""
     m, C1 = Re.shape
-    for c0 in range(0, C1, 256):
-        c1 = min(C1, c0 + 256)
-        for i in range(m):
-            for c in range(c0, c1):
-                T[c, i] = Re[i, c]
+    for c in range(C1):  # contiguous writes, m sequential read streams (measured 1.4-1.9x the
+        for i in range(m):  # blocked order, faster than numpy's transposed copy)
+            T[c, i] = Re[i, c]
 
 
 @jit
