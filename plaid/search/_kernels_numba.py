@@ -391,11 +391,9 @@ def transpose_table(Re, T):
     """``T[c, i] = Re[i, c]``: Re float32 [m, C + 1] into T float32 [C + 1, >= m] (other columns
     untouched: no kernel reads them)."""
     m, C1 = Re.shape
-    for c0 in range(0, C1, 256):
-        c1 = min(C1, c0 + 256)
-        for i in range(m):
-            for c in range(c0, c1):
-                T[c, i] = Re[i, c]
+    for c in range(C1):  # contiguous writes, m sequential read streams (measured 1.4-1.9x the
+        for i in range(m):  # blocked order, faster than numpy's transposed copy)
+            T[c, i] = Re[i, c]
 
 
 @jit
@@ -578,34 +576,121 @@ def exact(table, cs, slot, codes, residuals, norm_mode, norms16, norms32, lut, d
         for k in range(U):
             csT[k, i] = cs[i, k]
     best = np.empty((n, W), np.float32)
-    zero = vsplat(np.float32(0.0))
-    ninf = vsplat(np.float32(-np.inf))
-    for o in range(0, m, 8):
-        ln = min(8, m - o)
-        for d in range(n):
-            doc = docs[d]
-            hi = doc_offsets[doc + 1]
-            t = doc_offsets[doc]
-            b = ninf
-            while t < hi:
-                # two tokens at a time: independent add chains (each in order j = 0..B-1)
-                t2 = t + 1 if t + 1 < hi else t
-                a1 = zero
-                a2 = zero
-                for j in range(B):
-                    a1 = vadd(a1, vload(table, j * 256 + np.int64(residuals[t, j]), o, ln))
-                    a2 = vadd(a2, vload(table, j * 256 + np.int64(residuals[t2, j]), o, ln))
-                a1 = vadd(a1, vload(csT, slot[np.int64(codes[t])], o, 8))
-                a2 = vadd(a2, vload(csT, slot[np.int64(codes[t2])], o, 8))
-                if norm_mode == 1:
-                    a1 = vdivs(a1, lut[norms16[t]])
-                    a2 = vdivs(a2, lut[norms16[t2]])
-                elif norm_mode == 2:
-                    a1 = vdivs(a1, norms32[t])
-                    a2 = vdivs(a2, norms32[t2])
-                b = vmax(vmax(b, a1), a2)
-                t += 2
-            vstore(best, d, o, 8, b)
+    if m <= 8:
+        _exact_narrow(table, csT, slot, codes, residuals, norm_mode, norms16, norms32, lut, doc_offsets, docs, best)
+    else:
+        _exact_wide(table, csT, slot, codes, residuals, norm_mode, norms16, norms32, lut, doc_offsets, docs, best)
     for d in range(n):
         out[d] = pairwise_sum(best[d], m)
     return -1
+
+
+@jit
+def _exact_narrow(table, csT, slot, codes, residuals, norm_mode, norms16, norms32, lut, doc_offsets, docs, best):
+    """Stage 4 for m <= 8 query tokens (one 8-lane block): two tokens at a time, independent add
+    chains (each in order j = 0..B-1). Writes best[d, :8] (the per-token maxima of doc d)."""
+    m = table.shape[1]
+    B = residuals.shape[1]
+    zero = vsplat(np.float32(0.0))
+    ninf = vsplat(np.float32(-np.inf))
+    for d in range(docs.shape[0]):
+        doc = docs[d]
+        hi = doc_offsets[doc + 1]
+        t = doc_offsets[doc]
+        b = ninf
+        while t < hi:
+            t2 = t + 1 if t + 1 < hi else t  # an odd last token counts twice: max is idempotent
+            a1 = zero
+            a2 = zero
+            for j in range(B):
+                a1 = vadd(a1, vload(table, j * 256 + np.int64(residuals[t, j]), 0, m))
+                a2 = vadd(a2, vload(table, j * 256 + np.int64(residuals[t2, j]), 0, m))
+            a1 = vadd(a1, vload(csT, slot[np.int64(codes[t])], 0, 8))
+            a2 = vadd(a2, vload(csT, slot[np.int64(codes[t2])], 0, 8))
+            if norm_mode == 1:
+                a1 = vdivs(a1, lut[norms16[t]])
+                a2 = vdivs(a2, lut[norms16[t2]])
+            elif norm_mode == 2:
+                a1 = vdivs(a1, norms32[t])
+                a2 = vdivs(a2, norms32[t2])
+            b = vmax(vmax(b, a1), a2)
+            t += 2
+        vstore(best, d, 0, 8, b)
+
+
+@jit
+def _exact_wide(table, csT, slot, codes, residuals, norm_mode, norms16, norms32, lut, doc_offsets, docs, best):
+    """Stage 4 for m > 8: groups of 32 query tokens (four 8-lane blocks, masked where the group
+    has fewer), one pass over the tokens per group (two at a time), each table row read whole."""
+    m = table.shape[1]
+    B = residuals.shape[1]
+    W = best.shape[1]
+    zero = vsplat(np.float32(0.0))
+    ninf = vsplat(np.float32(-np.inf))
+    for g in range(0, m, 32):
+        l0 = min(8, max(0, m - g))
+        l1 = min(8, max(0, m - g - 8))
+        l2 = min(8, max(0, m - g - 16))
+        l3 = min(8, max(0, m - g - 24))
+        w1 = 8 if g + 8 < W else 0  # blocks beyond W: no lanes (nothing read or written)
+        w2 = 8 if g + 16 < W else 0
+        w3 = 8 if g + 24 < W else 0
+        for d in range(docs.shape[0]):
+            doc = docs[d]
+            b0 = ninf
+            b1 = ninf
+            b2 = ninf
+            b3 = ninf
+            hi = doc_offsets[doc + 1]
+            t = doc_offsets[doc]
+            while t < hi:  # two tokens at a time: 8 independent add chains
+                t2 = t + 1 if t + 1 < hi else t
+                a0 = zero
+                a1 = zero
+                a2 = zero
+                a3 = zero
+                c0 = zero
+                c1 = zero
+                c2 = zero
+                c3 = zero
+                for j in range(B):
+                    r = j * 256 + np.int64(residuals[t, j])
+                    q = j * 256 + np.int64(residuals[t2, j])
+                    a0 = vadd(a0, vload(table, r, g, l0))
+                    a1 = vadd(a1, vload(table, r, g + 8, l1))
+                    a2 = vadd(a2, vload(table, r, g + 16, l2))
+                    a3 = vadd(a3, vload(table, r, g + 24, l3))
+                    c0 = vadd(c0, vload(table, q, g, l0))
+                    c1 = vadd(c1, vload(table, q, g + 8, l1))
+                    c2 = vadd(c2, vload(table, q, g + 16, l2))
+                    c3 = vadd(c3, vload(table, q, g + 24, l3))
+                u = slot[np.int64(codes[t])]
+                a0 = vadd(a0, vload(csT, u, g, 8))
+                a1 = vadd(a1, vload(csT, u, g + 8, w1))
+                a2 = vadd(a2, vload(csT, u, g + 16, w2))
+                a3 = vadd(a3, vload(csT, u, g + 24, w3))
+                u = slot[np.int64(codes[t2])]
+                c0 = vadd(c0, vload(csT, u, g, 8))
+                c1 = vadd(c1, vload(csT, u, g + 8, w1))
+                c2 = vadd(c2, vload(csT, u, g + 16, w2))
+                c3 = vadd(c3, vload(csT, u, g + 24, w3))
+                if norm_mode != 0:
+                    nv = lut[norms16[t]] if norm_mode == 1 else norms32[t]
+                    a0 = vdivs(a0, nv)
+                    a1 = vdivs(a1, nv)
+                    a2 = vdivs(a2, nv)
+                    a3 = vdivs(a3, nv)
+                    nv = lut[norms16[t2]] if norm_mode == 1 else norms32[t2]
+                    c0 = vdivs(c0, nv)
+                    c1 = vdivs(c1, nv)
+                    c2 = vdivs(c2, nv)
+                    c3 = vdivs(c3, nv)
+                b0 = vmax(vmax(b0, a0), c0)
+                b1 = vmax(vmax(b1, a1), c1)
+                b2 = vmax(vmax(b2, a2), c2)
+                b3 = vmax(vmax(b3, a3), c3)
+                t += 2
+            vstore(best, d, g, 8, b0)
+            vstore(best, d, g + 8, w1, b1)
+            vstore(best, d, g + 16, w2, b2)
+            vstore(best, d, g + 24, w3, b3)
