@@ -35,12 +35,16 @@ _LAZY = {
     "Searcher": "plaid.search.searcher",
     "Results": "plaid.search.searcher",
     "default_search_params": "plaid.search.searcher",
+    "ShardedSearcher": "plaid.distributed.searcher",
+    "ShardedIndex": "plaid.distributed.sharded",
+    "build_sharded": "plaid.distributed.build",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
     from .indexing.index import Index
     from .indexing.indexer import Indexer
     from .search.searcher import Results, Searcher, default_search_params
+    from .distributed import ShardedIndex, ShardedSearcher, build_sharded
 
 __all__ = [
     "Indexer",
@@ -50,6 +54,9 @@ __all__ = [
     "Embeddings",
     "maxsim",
     "default_search_params",
+    "ShardedSearcher",
+    "ShardedIndex",
+    "build_sharded",
     "PlaidError",
     "InvalidInputError",
     "IndexExistsError",
