@@ -36,6 +36,9 @@ _LAZY = {
     "Results": "plaid.search.searcher",
     "default_search_params": "plaid.search.searcher",
     "SearchParams": "plaid.search.params",
+    "ShardedSearcher": "plaid.distributed.searcher",
+    "ShardedIndex": "plaid.distributed.sharded",
+    "build_sharded": "plaid.distributed.build",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -43,6 +46,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .indexing.indexer import Indexer
     from .search.params import SearchParams
     from .search.searcher import Results, Searcher, default_search_params
+    from .distributed import ShardedIndex, ShardedSearcher, build_sharded
 
 __all__ = [
     "Indexer",
@@ -53,6 +57,9 @@ __all__ = [
     "Embeddings",
     "maxsim",
     "default_search_params",
+    "ShardedSearcher",
+    "ShardedIndex",
+    "build_sharded",
     "PlaidError",
     "InvalidInputError",
     "IndexExistsError",

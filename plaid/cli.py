@@ -44,6 +44,7 @@ examples:
   plaid evaluate --run run.trec --qrels qrels/test.tsv --metrics nDCG@10 RR@10 R@100
   plaid info idx/
   plaid verify idx/
+  plaid index sharded/ --embeddings msmarco-5k/ --shards 4 [--ray-address auto]
 """
 
 
@@ -144,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--kmeans-niter", type=_positive_int, default=4, help="k-means iterations")
     ix.add_argument("--seed", type=_seed, default=0,
                     help=f"seed of sampling, k-means and codec training (0 to {MAX_SEED})")
+    sh = p.add_argument_group("sharded index on Ray (needs the [ray] extra)")
+    sh.add_argument("--shards", type=_positive_int, default=None, metavar="N",
+                    help="build a sharded index of N shards: train once here, encode each shard in a Ray task")
+    sh.add_argument("--ray-address", default=None, metavar="ADDR",
+                    help="Ray cluster to run on: 'auto' or host:port (default: a local Ray started for the command)")
+    sh.add_argument("--max-shard-documents", type=_positive_int, default=None, metavar="N",
+                    help="documents added later open a new shard rather than grow one past N live documents")
     p.add_argument("--overwrite", action="store_true", help="replace an existing index (and --save-embeddings folder)")
     _add_common(p)
 
@@ -176,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "without whitespace (an id that is not is refused, naming it)")
     p.add_argument("--tag", default="plaid", help="run tag, the last column of the run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
+    sh = p.add_argument_group("sharded index on Ray")
+    sh.add_argument("--ray-address", default=None, metavar="ADDR",
+                    help="Ray cluster to run the shard actors on: 'auto' or host:port (default: a local Ray)")
+    sh.add_argument("--allow-partial", action="store_true",
+                    help="a shard that does not answer in time is left out (a warning names it) instead of an error")
     _add_common(p)
 
     # -- evaluate -------------------------------------------------------------------------------
@@ -221,9 +234,11 @@ def _cmd_index(args) -> int:
         args.index_dir, embeddings=args.embeddings, corpus=args.corpus, checkpoint=args.checkpoint,
         save_embeddings=args.save_embeddings, overwrite=args.overwrite, device=args.device,
         batch_size=args.batch_size, doc_maxlen=args.doc_maxlen, indexer_options=options,
-        show_progress=not args.quiet)
+        show_progress=not args.quiet, shards=args.shards, ray_address=args.ray_address,
+        max_shard_documents=args.max_shard_documents)
     info = index.info()
-    logger.info(f"index {args.index_dir}: {info['num_documents']} documents, {info['num_tokens']} tokens, "
+    shards = f"{info['num_shards']} shards, " if info.get("sharded") else ""
+    logger.info(f"index {args.index_dir}: {shards}{info['num_documents']} documents, {info['num_tokens']} tokens, "
                 f"{info['bytes'] / 2**20:.1f} MiB ({info['bytes_per_token']:.1f} bytes/token); "
                 f"{' '.join(f'{k} {v:.1f}s' for k, v in timings.items())}, total {time.perf_counter() - t:.1f}s")
     return 0
@@ -240,7 +255,7 @@ def _cmd_search(args) -> int:
         args.index_dir, queries=args.queries, checkpoint=args.checkpoint, query_embeddings=args.query_embeddings,
         k=args.k, ncells=args.ncells, centroid_score_threshold=args.centroid_score_threshold, ndocs=args.ndocs,
         device=args.device, batch_size=args.batch_size, query_maxlen=args.query_maxlen,
-        show_progress=not args.quiet)
+        show_progress=not args.quiet, ray_address=args.ray_address, allow_partial=args.allow_partial)
     if args.output is None or args.output == "-":
         write_run(sys.stdout, qids, doc_ids, scores, tag=args.tag)
         sys.stdout.flush()
@@ -261,7 +276,9 @@ def _cmd_evaluate(args) -> int:
     run = read_run(args.run)
     doc_ids = None
     if args.index is not None:
-        doc_ids = Index(args.index).doc_ids
+        from .distributed.sharded import ShardedIndex, is_sharded
+
+        doc_ids = (ShardedIndex if is_sharded(args.index) else Index)(args.index).doc_ids
         if doc_ids is None:
             warnings.warn(f"{args.index} stores no document ids: the run's ids are not checked")
     result = evaluate(run, qrels, args.metrics, doc_ids=doc_ids)
@@ -272,9 +289,53 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _cmd_info_sharded(args) -> int:
+    from .distributed.sharded import ShardedIndex
+
+    index = ShardedIndex(args.index_dir)
+    problems = index.verify() if args.verify else []
+    if problems:
+        _error(args, f"{args.index_dir}: sharded index verification failed: {'; '.join(problems)}")
+        return 2
+    info = index.info()
+    if args.verify:
+        info["problems"] = []
+    if args.json:
+        print(json.dumps(info, indent=1))
+        return 0
+    rows = [
+        ("path", info["path"]),
+        ("format", f"sharded plaid index, version {info['format_version']}"),
+        ("created by", info["created_by"]),
+        ("shards", info["num_shards"]),
+        ("documents", f"{info['num_live_documents']} live ({info['num_documents']} ids, {info['num_deleted']} deleted)"),
+        ("tokens", info["num_tokens"]),
+        ("dim", info["dim"]),
+        ("codec", " ".join(f"{k}={v}" for k, v in info["codec"].items())),
+        ("codec fingerprint", info["codec_fingerprint"][:16]),
+        ("normalized", info["normalized"]),
+        ("size", f"{info['bytes']} bytes ({info['bytes'] / 2**20:.2f} MiB)"),
+        ("bytes per token", info["bytes_per_token"]),
+        ("external ids", "yes" if info["has_doc_ids"] else "no"),
+        ("max shard documents", info["max_shard_documents"] or "no limit"),
+        ("generation", info["generation"]),
+    ]
+    for s in info["shards"]:
+        rows.append((s["name"], f"{s['num_live_documents']} live of {s['num_documents']} documents, {s['num_tokens']} "
+                                f"tokens, {s['num_centroids']} centroids, generation {s['generation']}"))
+    if args.verify:
+        rows.append(("verify", "ok"))
+    width = max(len(k) for k, _ in rows)
+    print("\n".join(f"{k:<{width}}  {v}" for k, v in rows))
+    return 0
+
+
 def _cmd_info(args) -> int:
+    from .distributed.sharded import is_sharded
     from .indexing.index import Index
 
+    if is_sharded(args.index_dir):
+        return _cmd_info_sharded(args)
     index = Index(args.index_dir)
     if args.verify:  # first: a damaged file is reported as such, not as a failure to open it
         problems = index.verify()
@@ -318,9 +379,21 @@ def _cmd_info(args) -> int:
 
 
 def _cmd_verify(args) -> int:
+    from .distributed.sharded import ShardedIndex, is_sharded
     from .indexing.index import Index
     from .search.searcher import Searcher
 
+    if is_sharded(args.index_dir):
+        sharded = ShardedIndex(args.index_dir)
+        problems = sharded.verify()
+        if not problems:
+            print(f"ok: {args.index_dir}: {sharded.num_shards} shards intact, one codec, ids unique "
+                  f"(generation {sharded.generation})")
+            return 0
+        for p in problems:
+            print(f"{args.index_dir}: {p}")
+        _error(args, f"{args.index_dir}: sharded index verification failed ({len(problems)} problem(s))")
+        return 2
     index = Index(args.index_dir)
     problems = index.verify()
     if not problems:

@@ -87,7 +87,8 @@ def build_index(index_dir: str, *, embeddings: Optional[str] = None, corpus: Opt
                 checkpoint: Optional[str] = None, save_embeddings: Optional[str] = None,
                 overwrite: bool = False, device: str = "cpu", batch_size: int = 32,
                 doc_maxlen: Optional[int] = None, indexer_options: Optional[dict] = None,
-                show_progress: bool = True, log: Log = _quiet):
+                show_progress: bool = True, log: Log = _quiet, shards: Optional[int] = None,
+                ray_address: Optional[str] = None, max_shard_documents: Optional[int] = None):
     """Build an index at ``index_dir`` from an embeddings bundle or from a BEIR corpus + checkpoint.
 
     ``embeddings``: bundle folder (``doc_embeddings.f16.npy``, ``doclens.npy``, ``doc_ids.txt``),
@@ -96,11 +97,20 @@ def build_index(index_dir: str, *, embeddings: Optional[str] = None, corpus: Opt
     ``indexer_options``: keyword arguments of :class:`plaid.Indexer`. ``device`` (the encoder's)
     must be a name torch parses, also with ``embeddings`` (where it is not used).
 
-    Returns ``(plaid.Index, timings)`` with timings in seconds (``encode_s``, ``index_s``).
+    ``shards``: build a sharded index of that many shards on Ray (:func:`plaid.build_sharded`;
+    ``ray_address``: None for a local Ray, ``"auto"`` or ``"host:port"`` for a cluster;
+    ``max_shard_documents``: where ``add`` opens a new shard).
+
+    Returns ``(plaid.Index or plaid.ShardedIndex, timings)`` with timings in seconds
+    (``encode_s``, ``index_s``).
     """
     from .indexing.indexer import Indexer
 
     log = _notes(log)
+    if shards is not None and (isinstance(shards, bool) or not isinstance(shards, int) or shards <= 0):
+        raise InvalidInputError(f"--shards must be a positive integer, got {shards!r}")
+    if shards is None and (ray_address is not None or max_shard_documents is not None):
+        raise InvalidInputError("--ray-address and --max-shard-documents apply to a sharded build (--shards N) only")
 
     if (embeddings is None) == (corpus is None):
         raise InvalidInputError("give either an embeddings bundle or a corpus (with a checkpoint), not both")
@@ -143,7 +153,13 @@ def build_index(index_dir: str, *, embeddings: Optional[str] = None, corpus: Opt
                 emb = writer.embeddings()
             log(f"encoded {len(texts)} documents into {emb.num_tokens} tokens in {timings['encode_s']:.1f}s")
         t = time.perf_counter()
-        index = indexer.build(index_dir, emb, doc_ids=ids, overwrite=overwrite)
+        if shards is not None:
+            from .distributed.build import build_sharded
+
+            index = build_sharded(index_dir, emb, num_shards=shards, doc_ids=ids, indexer=indexer, overwrite=overwrite,
+                                  ray_address=ray_address, max_shard_documents=max_shard_documents)
+        else:
+            index = indexer.build(index_dir, emb, doc_ids=ids, overwrite=overwrite)
         timings["index_s"] = time.perf_counter() - t
         return index, timings
     finally:
@@ -155,8 +171,11 @@ def search(index_dir: str, *, queries: Optional[str] = None, checkpoint: Optiona
            query_embeddings: Optional[str] = None, k: int = 10, ncells: Optional[int] = None,
            centroid_score_threshold: Optional[float] = None, ndocs: Optional[int] = None,
            device: str = "cpu", batch_size: int = 32, query_maxlen: Optional[int] = None,
-           show_progress: bool = True, log: Log = _quiet):
-    """Search every query of a file against the index.
+           show_progress: bool = True, log: Log = _quiet, ray_address: Optional[str] = None,
+           allow_partial: bool = False):
+    """Search every query of a file against the index (a plaid index, or a sharded one: then on
+    Ray, ``ray_address`` as for :func:`build_index`; ``allow_partial``: shards that do not answer
+    are left out, with a warning naming them, rather than an error).
 
     ``queries`` (BEIR ``queries.jsonl`` or ``qid<TAB>text``) + ``checkpoint``, or
     ``query_embeddings`` (a bundle folder with ``query_embeddings.f16.npy``, ``query_lens.npy``,
@@ -167,10 +186,14 @@ def search(index_dir: str, *, queries: Optional[str] = None, checkpoint: Optiona
     ``k`` capped to the index's number of documents (no query can have more hits: the run is the
     same, and a huge ``k`` does not allocate [nq, k] arrays).
     """
+    from .distributed.sharded import ShardedIndex, is_sharded
     from .indexing.index import Index
     from .search.searcher import Searcher
 
     log = _notes(log)
+    sharded = is_sharded(index_dir)
+    if not sharded and (ray_address is not None or allow_partial):
+        raise InvalidInputError(f"--ray-address and --allow-partial apply to a sharded index; {index_dir} is not one")
 
     if (queries is None) == (query_embeddings is None):
         raise InvalidInputError("give either --queries (with --checkpoint) or --query-embeddings")
@@ -179,7 +202,9 @@ def search(index_dir: str, *, queries: Optional[str] = None, checkpoint: Optiona
     if query_embeddings is not None and checkpoint is not None:
         raise InvalidInputError("--checkpoint applies to --queries only")
     check_device(device)
-    index = Index(index_dir)
+    if sharded and device != "cpu":
+        raise InvalidInputError(f"--device {device}: a sharded index is searched by CPU shard actors (use --device cpu)")
+    index = ShardedIndex(index_dir) if sharded else Index(index_dir)
     if isinstance(k, int) and not isinstance(k, bool) and k > index.num_documents:
         k = max(1, index.num_documents)
     timings: Dict[str, float] = {}
@@ -194,13 +219,26 @@ def search(index_dir: str, *, queries: Optional[str] = None, checkpoint: Optiona
         qs = enc.encode_queries(texts, show_progress=show_progress)
         timings["encode_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    searcher = Searcher(index, device=device)
+    if sharded:
+        from .distributed.searcher import ShardedSearcher
+
+        searcher = ShardedSearcher(index_dir, ray_address=ray_address, allow_partial=allow_partial)
+    else:
+        searcher = Searcher(index, device=device)
     timings["load_s"] = time.perf_counter() - t
     t = time.perf_counter()
-    res = searcher.search(qs, k=k, ncells=ncells, centroid_score_threshold=centroid_score_threshold, ndocs=ndocs)
+    try:
+        res = searcher.search(qs, k=k, ncells=ncells, centroid_score_threshold=centroid_score_threshold, ndocs=ndocs)
+    finally:
+        if sharded:
+            searcher.close()
     timings["search_s"] = time.perf_counter() - t
-    names = searcher.doc_ids
-    if names is None:
+    if sharded:
+        if res.missing_shards:
+            warnings.warn(f"partial result: shard(s) {', '.join(res.missing_shards)} did not answer; the run "
+                          "holds the other shards' documents only")
+    has_names = index.has_doc_ids if sharded else searcher.doc_ids is not None
+    if not has_names:
         warnings.warn(f"{index_dir} stores no document ids: the run names documents by position")
         doc_ids = [[str(i) if i >= 0 else None for i in row] for row in res.ids.tolist()]
     else:

@@ -5,28 +5,37 @@ chunks of ``chunk_tokens`` tokens for encoding. Codes and residual codes go stra
 memory-mapped files, so memory stays bounded by the chunk size, the sample and the centroids,
 whatever the corpus size. Nothing is visible to readers until the manifest is committed.
 
+Training (steps 1-3: sample, k-means, codec) and encoding (steps 4-5: encode, inverted file,
+commit) are separate: :meth:`Indexer.train` returns :class:`TrainedParams`, and
+:meth:`Indexer.build_trained` encodes a corpus into a folder with them. :meth:`Indexer.build` is
+the two in a row, so an index built from parts of a corpus with one training (the shards of
+:mod:`plaid.distributed`) is byte for byte what ``build_trained`` writes in one process.
+
 The encoding pass and the inverted-file merge (:mod:`plaid.indexing.encode`) are shared with
 :meth:`plaid.Index.add`; every file goes through the store's writer (:mod:`plaid.store`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import time
 import warnings
+from dataclasses import dataclass, field
 from typing import Dict, Optional
 
 import numpy as np
 
 from .._version import __version__
-from ..codecs import make_codec
+from ..codecs import ResidualCodec, check_codec_params, codec_from_manifest, make_codec
 from ..embeddings import Corpus, as_corpus
-from ..errors import InvalidInputError
-from ..store import IndexWriter, Manifest, Segment, check_doc_ids, encode_doc_ids, writing
+from ..errors import IndexCorruptError, InvalidInputError
+from ..store import IndexWriter, Manifest, Segment, check_doc_ids, encode_doc_ids, open_snapshot, writing
 from .encode import encode_segment, merge_ivf, warn_empty
 from .kmeans import CentroidAssigner, default_num_centroids, sample_token_ids, train_centroids
 
-__all__ = ["Indexer", "OUTLIER_QUANTILE"]
+__all__ = ["Indexer", "TrainedParams", "params_fingerprint", "OUTLIER_QUANTILE"]
 
 logger = logging.getLogger(__name__)
 
@@ -111,6 +120,8 @@ class Indexer:
         ``path`` must be empty or absent unless ``overwrite=True``, which replaces an existing
         plaid index atomically (readers see the old index until the new one is committed).
         A build that fails leaves no index behind (or the previous one, untouched).
+
+        The same as :meth:`train` followed by :meth:`build_trained`, in one pass over the folder.
         """
         from .index import Index
 
@@ -126,14 +137,64 @@ class Indexer:
                     corpus.close()
         return Index(path)
 
-    def _build(self, writer: IndexWriter, corpus: Corpus, names: Optional[list]) -> Manifest:
+    def train(self, documents) -> "TrainedParams":
+        """Learn what encoding needs from a sample of ``documents``: centroids, residual codec,
+        whether to renormalise, the outlier limit of ``add`` (see :class:`TrainedParams`).
+
+        ``documents`` as in :meth:`build` (a one-shot iterable is spilled to a temporary file).
+        Deterministic for a given corpus, seed and thread count: ``build_trained(path, docs,
+        train(docs))`` writes the same files, byte for byte, as ``build(path, docs)``.
+        """
+        corpus = as_corpus(documents)
+        try:
+            return self._train(corpus, {})
+        finally:
+            corpus.close()
+
+    def build_trained(self, path: str, documents, trained: "TrainedParams", *, doc_ids=None,
+                      overwrite: bool = False):
+        """Index ``documents`` into ``path`` with parameters trained before (:meth:`train`, or
+        :meth:`TrainedParams.from_index`); returns the opened :class:`plaid.Index`.
+
+        Nothing is trained: every token is encoded against ``trained``'s centroids and codec, so
+        indexes built from parts of one corpus with one ``trained`` share a codec and their
+        stage-4 scores are comparable (the shards of :mod:`plaid.distributed`). This Indexer's
+        own codec and k-means parameters are ignored; ``chunk_tokens`` and ``show_progress`` apply.
+        """
+        if not isinstance(trained, TrainedParams):
+            raise InvalidInputError(f"trained must be plaid.indexing.indexer.TrainedParams, got {type(trained).__name__}")
+        from .index import Index
+
+        path = os.fspath(path)
+        with writing(path, new=True, overwrite=bool(overwrite)) as writer:
+            corpus = None
+            try:
+                corpus = as_corpus(documents, spill=writer.scratch_file)
+                names = check_doc_ids(doc_ids, corpus.num_docs)
+                if corpus.dim != trained.dim:
+                    raise InvalidInputError(f"documents: dim {corpus.dim} differs from the trained parameters' "
+                                            f"dim {trained.dim}")
+                self._build(writer, corpus, names, trained)
+            finally:
+                if corpus is not None:
+                    corpus.close()
+        return Index(path)
+
+    def _build(self, writer: IndexWriter, corpus: Corpus, names: Optional[list],
+               trained: Optional["TrainedParams"] = None) -> Manifest:
         t_start = time.perf_counter()
         timings: Dict[str, float] = {}
-        T, N, dim = corpus.num_tokens, corpus.num_docs, corpus.dim
         num_empty = warn_empty(corpus)
+        if trained is None:
+            trained = self._train(corpus, timings)
+        return self._encode(writer, corpus, names, trained, num_empty, timings, t_start)
+
+    def _train(self, corpus: Corpus, timings: Dict[str, float]) -> "TrainedParams":
+        """Steps 1-3 of a build: sample, k-means, codec training (timings in ``timings``)."""
+        T, dim = corpus.num_tokens, corpus.dim
         C = self.num_centroids or default_num_centroids(T)
         if C > T:
-            warnings.warn(f"num_centroids={C} exceeds the {T} tokens of the corpus; using {T}", stacklevel=3)
+            warnings.warn(f"num_centroids={C} exceeds the {T} tokens of the corpus; using {T}", stacklevel=4)
             C = T
         codec = make_codec(self.codec, dim, pq_m=self.pq_m, nbits=self.nbits)
 
@@ -171,6 +232,19 @@ class Indexer:
         outlier_norm = float(np.quantile(np.linalg.norm(residuals, axis=1), OUTLIER_QUANTILE))
         del sample, rows, residuals, km_rows
         timings["codec_train_s"] = time.perf_counter() - t
+        build = {"seed": self.seed, "kmeans_niter": self.kmeans_niter,
+                 "kmeans_points_per_centroid": self.kmeans_points_per_centroid, "codec_sample": self.codec_sample}
+        return TrainedParams(centroids=centroids, centroid_dtype=np.dtype(centroid_dtype), codec=codec,
+                             normalized=normalized, outlier_norm=outlier_norm, build=build, _assigner=assigner)
+
+    def _encode(self, writer: IndexWriter, corpus: Corpus, names: Optional[list], trained: "TrainedParams",
+                num_empty: int, timings: Dict[str, float], t_start: float) -> Manifest:
+        """Steps 4-5 of a build: encode every token with ``trained``, write the inverted file and
+        the small arrays, commit."""
+        T, N, dim = corpus.num_tokens, corpus.num_docs, corpus.dim
+        centroids, codec, normalized = trained.centroids, trained.codec, trained.normalized
+        C = len(centroids)
+        assigner = trained.assigner
 
         # 4. streamed encoding into segment 0
         t = time.perf_counter()
@@ -185,7 +259,7 @@ class Indexer:
         writer.write("ivf", ivf)
         writer.write("ivf_offsets", ivf_offsets)
         writer.write("doclens", corpus.doclens.astype(np.int32))
-        writer.write("centroids", centroids.astype(centroid_dtype))
+        writer.write("centroids", centroids.astype(trained.centroid_dtype))
         for name, arr in codec.arrays().items():
             writer.write(name, arr)
         if names is not None:
@@ -195,6 +269,7 @@ class Indexer:
         timings["ivf_s"] = time.perf_counter() - t
         timings["total_s"] = time.perf_counter() - t_start
 
+        b = trained.build
         fields = {
             "created_by": f"plaid-engine {__version__}",
             "dim": dim,
@@ -205,16 +280,16 @@ class Indexer:
             "num_deleted": 0,
             "has_doc_ids": names is not None,
             "normalized": normalized,
-            "outlier_residual_norm": outlier_norm,
+            "outlier_residual_norm": trained.outlier_norm,
             "codec": codec.params(),
             "segments": [Segment("seg0", 0, N, T)],
             "next_segment": 1,
             "tombstones": [],
             "build": {
-                "seed": self.seed,
-                "kmeans_niter": self.kmeans_niter,
-                "kmeans_points_per_centroid": self.kmeans_points_per_centroid,
-                "codec_sample": self.codec_sample,
+                "seed": b["seed"],
+                "kmeans_niter": b["kmeans_niter"],
+                "kmeans_points_per_centroid": b["kmeans_points_per_centroid"],
+                "codec_sample": b["codec_sample"],
                 "chunk_tokens": self.chunk_tokens,
                 "initial_centroids": C,
             },
@@ -224,3 +299,114 @@ class Indexer:
                     ", ".join(f"{k[:-2]} {v:.1f}s" for k, v in timings.items() if k != "total_s"))
         self.last_timings = timings
         return manifest
+
+
+@dataclass
+class TrainedParams:
+    """Everything a build learns from its sample, i.e. everything encoding needs besides the
+    documents (steps 1-3 of :class:`Indexer`).
+
+    centroids : float32 [C, dim]
+        The k-means centroids as stored (rounded to float16 unless ``centroid_dtype`` is float32);
+        tokens are encoded against exactly these values.
+    centroid_dtype : numpy dtype
+        How ``centroids`` are stored (float16, or float32 for vectors beyond float16's range).
+    codec : ResidualCodec
+        The trained residual codec.
+    normalized : bool
+        Decoded vectors are renormalised to unit length (the index stores per-token norms).
+    outlier_norm : float
+        Residual-norm quantile :data:`OUTLIER_QUANTILE` of the training sample (``add`` trains
+        new centroids when too many added tokens exceed it).
+    build : dict
+        ``seed``, ``kmeans_niter``, ``kmeans_points_per_centroid``, ``codec_sample``: recorded in
+        each manifest's ``build`` field; ``seed`` also seeds the centroid assigner.
+
+    ``to_payload`` / ``from_payload`` turn it into plain numbers, strings and arrays (no faiss or
+    torch object), to send it to another process; :meth:`fingerprint` names it.
+    """
+
+    centroids: np.ndarray
+    centroid_dtype: np.dtype
+    codec: ResidualCodec
+    normalized: bool
+    outlier_norm: float
+    build: Dict[str, int]
+    _assigner: Optional[CentroidAssigner] = field(default=None, repr=False, compare=False)
+
+    @property
+    def dim(self) -> int:
+        return int(self.centroids.shape[1])
+
+    @property
+    def num_centroids(self) -> int:
+        return int(self.centroids.shape[0])
+
+    @property
+    def assigner(self) -> CentroidAssigner:
+        """The nearest-centroid search over ``centroids`` (built once, seeded by ``build["seed"]``)."""
+        if self._assigner is None:
+            self._assigner = CentroidAssigner(self.centroids, seed=int(self.build["seed"]))
+        return self._assigner
+
+    def fingerprint(self) -> str:
+        """SHA-256 (hex) of the centroids, codec parameters and arrays, dim and normalisation:
+        two indexes whose trained parameters have the same fingerprint score on the same scale."""
+        return params_fingerprint(self.dim, self.centroids, dict(self.codec.params()), self.codec.arrays(),
+                                  self.normalized)
+
+    def to_payload(self) -> dict:
+        """Plain data (numbers, strings, numpy arrays): picklable, safe to send to another process."""
+        return {"centroids": np.ascontiguousarray(self.centroids, np.float32), "centroid_dtype": self.centroid_dtype.str,
+                "codec": dict(self.codec.params()),
+                "codec_arrays": {k: np.ascontiguousarray(v, np.float32) for k, v in self.codec.arrays().items()},
+                "normalized": bool(self.normalized), "outlier_norm": float(self.outlier_norm),
+                "build": {k: int(v) for k, v in self.build.items()}}
+
+    @classmethod
+    def from_payload(cls, payload: dict) -> "TrainedParams":
+        """The inverse of :meth:`to_payload`."""
+        centroids = np.ascontiguousarray(payload["centroids"], np.float32)
+        codec = codec_from_manifest(centroids.shape[1], check_codec_params(centroids.shape[1], payload["codec"]),
+                                    payload["codec_arrays"])
+        return cls(centroids=centroids, centroid_dtype=np.dtype(payload["centroid_dtype"]), codec=codec,
+                   normalized=bool(payload["normalized"]), outlier_norm=float(payload["outlier_norm"]),
+                   build=dict(payload["build"]))
+
+    @classmethod
+    def from_index(cls, path) -> "TrainedParams":
+        """The parameters the index at ``path`` was trained with: its first
+        ``build.initial_centroids`` centroids (``add`` may have appended more), its codec,
+        normalisation, outlier limit and build parameters."""
+        snap = open_snapshot(os.fspath(getattr(path, "path", path)))
+        m = snap.manifest
+        b = dict(m.build)
+        try:
+            c0 = int(b["initial_centroids"])
+            build = {k: int(b[k]) for k in ("seed", "kmeans_niter", "kmeans_points_per_centroid", "codec_sample")}
+        except (KeyError, TypeError, ValueError):
+            raise IndexCorruptError(f"{snap.path}: manifest field build lacks the training parameters "
+                                    "(seed, kmeans_niter, kmeans_points_per_centroid, codec_sample, "
+                                    "initial_centroids)") from None
+        if not 0 < c0 <= m.num_centroids:
+            raise IndexCorruptError(f"{snap.path}: manifest field build.initial_centroids = {c0} is not within "
+                                    f"[1, num_centroids={m.num_centroids}]")
+        if m.outlier_residual_norm is None:
+            raise IndexCorruptError(f"{snap.path}: manifest field outlier_residual_norm is missing")
+        return cls(centroids=np.ascontiguousarray(snap.centroids[:c0]), centroid_dtype=m.arrays["centroids"].dtype,
+                   codec=snap.codec, normalized=m.normalized, outlier_norm=float(m.outlier_residual_norm),
+                   build=build)
+
+
+def params_fingerprint(dim: int, centroids: np.ndarray, codec_params: dict, codec_arrays: Dict[str, np.ndarray],
+                       normalized: bool) -> str:
+    """SHA-256 (hex) naming trained parameters: dim, normalisation, codec parameters, the float32
+    bytes of the centroids and of every codec array (in name order)."""
+    h = hashlib.sha256()
+    h.update(json.dumps({"dim": int(dim), "normalized": bool(normalized), "codec": codec_params},
+                        sort_keys=True).encode())
+    h.update(np.ascontiguousarray(centroids, np.float32).tobytes())
+    for name in sorted(codec_arrays):
+        h.update(name.encode())
+        h.update(np.ascontiguousarray(codec_arrays[name], np.float32).tobytes())
+    return h.hexdigest()
