@@ -1,7 +1,7 @@
 """Searching a sharded index: one Ray actor per shard, each holding a memory-mapped ``plaid.Searcher``.
 
-**Fan-out.** A call to :meth:`ShardedSearcher.search` puts the queries once in Ray's object store
-and sends one message per shard (all queries of the call; the shard batches them itself); every
+**Fan-out.** A call to :meth:`ShardedSearcher.search` sends one message per shard (the queries
+inline when they are small, else put once in Ray's object store) (all queries of the call; the shard batches them itself); every
 shard runs the same four stages with the same parameters (``ncells``, threshold, ``ndocs``
 resolved from ``k`` once, here) and returns its top-``k``: local ids, stage-4 scores and external
 ids. Shards share one codec (checked when they open), so their stage-4 scores — MaxSim on the
@@ -57,6 +57,9 @@ DEFAULT_TIMEOUT_S = 60.0
 START_TIMEOUT_S = 120.0
 #: Seconds between attempts to reach an actor that Ray is restarting.
 RETRY_PAUSE_S = 0.25
+#: Query batches up to this size are sent inside each shard's message rather than put once in
+#: the object store (a put and a fetch cost more than copying a few kilobytes).
+INLINE_QUERY_BYTES = 256 << 10
 
 
 @dataclass
@@ -429,9 +432,11 @@ class ShardedSearcher:
         dead = []
         for i in range(old):
             try:
-                self._ray.get(self._actors[i].ready.remote(), timeout=self.start_timeout)
-            except self._ray.exceptions.RayError:
+                self._ray.get(self._actors[i].ready.remote(), timeout=self.timeout)
+            except self._ray.exceptions.RayActorError:
                 dead.append(i)
+            except self._ray.exceptions.RayError:  # busy (a long call) or unreachable now: keep it
+                pass
         self._start(dead + list(range(old, len(m.shards))))
         return changed
 
@@ -492,7 +497,8 @@ class ShardedSearcher:
         routing = Routing(m.routing, len(m.shards))
         qs = as_queries(queries, dim=m.dim)
         specs, groups = self._route_subset(subset, len(qs), routing)
-        qref = ray.put(qs)
+        # small batches travel inline in each shard's message; larger ones once, through the object store
+        qref = ray.put(qs) if sum(q.nbytes for q in qs) > INLINE_QUERY_BYTES else qs
         targets = [i for i in range(len(m.shards)) if specs is None or specs[i] is not None]
 
         def submit(i):

@@ -687,7 +687,9 @@ class ShardedIndex:
                 shards = list(m.shards)
                 limit = m.max_shard_documents
                 if limit is not None and sizes[target] + n > limit:
-                    name = shard_name(m.next_shard)
+                    taken = [int(SHARD_NAME_RE.match(e).group(1)) for e in os.listdir(self.path) if SHARD_NAME_RE.match(e)]
+                    number = max([m.next_shard] + [t + 1 for t in taken])  # past a folder an interrupted add left
+                    name = shard_name(number)
                     trained = TrainedParams.from_index(os.path.join(self.path, shards[0].name))
                     if trained.fingerprint() != m.codec_fingerprint:
                         raise IndexCorruptError(f"{self.path}: shard {shards[0].name} was trained with another codec")
@@ -701,7 +703,7 @@ class ShardedIndex:
                         remove_index_folder(os.path.join(self.path, name))
                         raise
                     shards.append(ShardEntry(name, index.generation, 0))
-                    target, next_shard = len(shards) - 1, m.next_shard + 1
+                    target, next_shard = len(shards) - 1, number + 1
                     local0 = 0
                 else:
                     ix = Index(os.path.join(self.path, shards[target].name))
