@@ -44,15 +44,19 @@ LOOPBACK = "127.0.0.2"
 log = logging.getLogger("bench.distributed")
 
 
-def latencies(search, queries) -> np.ndarray:
-    """Seconds per query, one query per call (after one untimed pass)."""
+def latencies(search, queries, cpu: list = None) -> np.ndarray:
+    """Seconds per query, one query per call (after one untimed pass). ``cpu``: receives this
+    process's CPU seconds per call (for a sharded searcher: the driver's own work)."""
     for q in queries:
         search([q])
     out = []
+    c0 = time.process_time()
     for q in queries:
         t = time.perf_counter()
         search([q])
         out.append(time.perf_counter() - t)
+    if cpu is not None:
+        cpu.append((time.process_time() - c0) / len(queries))
     return np.array(out)
 
 
@@ -95,14 +99,15 @@ def fit_power(ns, ts):
     return float(np.exp(logc)), float(beta)
 
 
-def projection(c, beta, call_s, shard_s, bytes_per_token, tokens_per_doc, machines, cores, ram_gb,
+def projection(c, beta, call_s, shard_s, driver_s, bytes_per_token, tokens_per_doc, machines, cores, ram_gb,
                total_docs=100e6):
     """On paper: ``total_docs`` over M machines of ``cores`` cores, in two layouts.
 
     A query visits every shard. t(n) = c * n**beta is one shard's single-thread search time;
-    ``call_s`` the fan-out cost of a call (1 shard), ``shard_s`` the driver's cost of each further
-    shard (one actor call, its part of the merge). Latency = t(n) + call_s + (S - 1) * shard_s.
-    Throughput is the smaller of what the shards' cores give and what one driver can send.
+    ``call_s`` the fan-out cost of a call (1 shard, wall clock), ``driver_s`` the driver's CPU per
+    call with one shard, ``shard_s`` its CPU for each further shard (one actor call, the answer, its
+    part of the merge). Latency = t(n) + call_s + (S - 1) * shard_s. Throughput is the smaller of
+    what the shards' cores give and what one driver can send (1 / its CPU per call).
     """
     index_gb = total_docs * tokens_per_doc * bytes_per_token / 1e9
     rows = []
@@ -111,7 +116,7 @@ def projection(c, beta, call_s, shard_s, bytes_per_token, tokens_per_doc, machin
             n = total_docs / S
             t = c * n ** beta
             compute_qps = M * cores / (S * t)  # every query costs t on one core of each of the S shards
-            driver_qps = 1.0 / max(1e-9, call_s + (S - 1) * shard_s)
+            driver_qps = 1.0 / max(1e-9, driver_s + (S - 1) * shard_s)
             rows.append({"machines": M, "layout": layout, "shards": S, "docs_per_shard": n, "shard_query_s": t,
                          "latency_s": t + call_s + (S - 1) * shard_s, "compute_qps": compute_qps,
                          "driver_qps": driver_qps, "index_gb_per_machine": index_gb / M,
@@ -129,6 +134,8 @@ def main(argv=None) -> dict:
                     help="rounds of the searchers in turn (per searcher the round of the lowest median is kept)")
     ap.add_argument("--work", default=corpora.DEFAULT_WORK)
     ap.add_argument("--results", default=RESULTS, help="folder of distributed.json and distributed.md")
+    ap.add_argument("--reuse-builds", action="store_true",
+                    help="search the indexes of the last run again, with its build figures (no build)")
     ap.add_argument("--source", default=corpora.DEFAULT_SOURCE)
     ap.add_argument("--machines", default="1,4,16,64", help="cluster sizes of the projection")
     ap.add_argument("--cores", type=int, default=16, help="cores per machine in the projection")
@@ -156,12 +163,23 @@ def main(argv=None) -> dict:
 
     # -- build: one process, then sharded on a local Ray (started after, so it is not in the way) --
     one = os.path.join(work, "one")
-    ix = plaid.Indexer(show_progress=False)
-    t = time.perf_counter()
-    ix.build(one, emb, overwrite=True)
-    out["build_one_process"] = dict(ix.last_timings, total_s=time.perf_counter() - t)
-    log.info("one-process build: %.1f s (%s)", out["build_one_process"]["total_s"],
-             ", ".join(f"{k} {v:.1f}" for k, v in ix.last_timings.items()))
+    sharded = os.path.join(work, f"sharded{args.shards}")
+    previous = None
+    if args.reuse_builds:
+        with open(os.path.join(args.results, "distributed.json")) as f:
+            previous = json.load(f)
+        if (previous["size"], previous["shards"], previous["threads"]) != (args.size, args.shards, args.threads):
+            ap.error("--reuse-builds: the last results are of another --size, --shards or --threads")
+        out["build_one_process"], out["build_sharded"] = previous["build_one_process"], previous["build_sharded"]
+        out["builds_reused_from_an_earlier_run"] = True
+        log.info("builds reused: %s, %s", one, sharded)
+    else:
+        ix = plaid.Indexer(show_progress=False)
+        t = time.perf_counter()
+        ix.build(one, emb, overwrite=True)
+        out["build_one_process"] = dict(ix.last_timings, total_s=time.perf_counter() - t)
+        log.info("one-process build: %.1f s (%s)", out["build_one_process"]["total_s"],
+                 ", ".join(f"{k} {v:.1f}" for k, v in ix.last_timings.items()))
     local = plaid.Searcher(one)
     res_one = local.search(queries, k=10)
     torch.set_num_threads(1)
@@ -177,17 +195,17 @@ def main(argv=None) -> dict:
         ray.init(address="local", num_cpus=args.threads, include_dashboard=False, _node_ip_address=LOOPBACK,
                  log_to_driver=False, logging_level="WARNING")
     out["ray_init_s"] = time.perf_counter() - t
-    sharded = os.path.join(work, f"sharded{args.shards}")
-    t = time.perf_counter()
-    si = plaid.build_sharded(sharded, emb, num_shards=args.shards, indexer=dict(show_progress=False), overwrite=True,
-                             cpus_per_task=1)
-    bt = si.build_timings
-    out["build_sharded"] = {"total_s": time.perf_counter() - t, "train_s": bt["train_s"], "encode_s": bt["encode_s"],
-                            "tasks_s": [s["seconds"] for s in bt["shards"].values()],
-                            "task_encode_s": [s["timings"].get("encode_s") for s in bt["shards"].values()]}
-    log.info("sharded build (%d tasks): %.1f s (train %.1f, encode phase %.1f; tasks %s)", args.shards,
-             out["build_sharded"]["total_s"], bt["train_s"], bt["encode_s"],
-             ", ".join(f"{s:.1f}" for s in out["build_sharded"]["tasks_s"]))
+    if previous is None:
+        t = time.perf_counter()
+        si = plaid.build_sharded(sharded, emb, num_shards=args.shards, indexer=dict(show_progress=False),
+                                 overwrite=True, cpus_per_task=1)
+        bt = si.build_timings
+        out["build_sharded"] = {"total_s": time.perf_counter() - t, "train_s": bt["train_s"],
+                                "encode_s": bt["encode_s"], "tasks_s": [s["seconds"] for s in bt["shards"].values()],
+                                "task_encode_s": [s["timings"].get("encode_s") for s in bt["shards"].values()]}
+        log.info("sharded build (%d tasks): %.1f s (train %.1f, encode phase %.1f; tasks %s)", args.shards,
+                 out["build_sharded"]["total_s"], bt["train_s"], bt["encode_s"],
+                 ", ".join(f"{s:.1f}" for s in out["build_sharded"]["tasks_s"]))
 
     # -- fan-out overhead, latency, throughput: the searchers in turn, --rounds rounds, best kept. Latency
     #    one query per call with one thread everywhere (on a shared 2-core machine a 2-thread search waits
@@ -203,12 +221,13 @@ def main(argv=None) -> dict:
         out["one_shard_results_identical"] = bool(np.array_equal(s1.search(queries, k=10).ids, res_one.ids))
         res_sh = sn.search(queries, k=10)
         lat = {name: [] for name in lat_names}
+        driver_cpu = {name: [] for name in lat_names}
         qps_rounds = {name: [] for name in searchers}
         torch.set_num_threads(1)  # the local Searcher: one thread, as each shard actor of the 2-shard searcher
         for r in range(args.rounds):
             for name, srch in searchers.items():
                 if name in lat:
-                    lat[name].append(latencies(lambda q: srch.search(q, k=10), queries))
+                    lat[name].append(latencies(lambda q: srch.search(q, k=10), queries, driver_cpu[name]))
                 qps_rounds[name].append(batch_qps(lambda q: srch.search(q, k=10), queries, 1))
             log.info("round %d: median ms %s; q/s %s", r,
                      {k: round(float(np.median(v[-1])) * 1e3, 2) for k, v in lat.items()},
@@ -219,6 +238,7 @@ def main(argv=None) -> dict:
     out["latency_ms"] = {k: {"median": float(np.median(v) * 1e3), "p95": float(np.percentile(v, 95) * 1e3)}
                          for k, v in best.items()}
     out["latency_ms_rounds"] = {k: [float(np.median(x) * 1e3) for x in v] for k, v in lat.items()}
+    out["driver_cpu_ms"] = {k: float(min(v) * 1e3) for k, v in driver_cpu.items()}
     out["batch_qps"] = qps
     out["batch_qps_rounds"] = qps_rounds
     out["fanout_overhead_ms"] = out["latency_ms"]["1 shard actor"]["median"] - out["latency_ms"]["local Searcher"]["median"]
@@ -246,14 +266,16 @@ def main(argv=None) -> dict:
     machines = [int(x) for x in args.machines.split(",")]
     out["per_shard_work"] = {"points": points, "fit": {"c": c, "beta": beta}}
     call_s = max(0.0, out["fanout_overhead_ms"] / 1e3)
-    # each further shard: the 2-shard call minus its slowest shard's search and the 1-shard overhead
-    shard_s = max(0.0, out["latency_ms"][many]["median"] / 1e3 - points[1]["query_s"] - call_s) / max(1, args.shards - 1)
+    # each further shard costs the driver its CPU: an actor call, its answer, its part of the merge (measured
+    # as the driver's CPU time per call, which the other processes on a shared machine do not inflate)
+    shard_s = max(0.0, out["driver_cpu_ms"][many] - out["driver_cpu_ms"]["1 shard actor"]) / 1e3 / max(1, args.shards - 1)
     out["projection"] = {
         "assumptions": {"documents": 100e6, "tokens_per_doc": tokens_per_doc, "bytes_per_token": info["bytes_per_token"],
                         "cores_per_machine": args.cores, "ram_gb_per_machine": args.ram_gb,
-                        "call_overhead_s": call_s, "per_shard_overhead_s": shard_s},
-        "rows": projection(c, beta, call_s, shard_s, info["bytes_per_token"], tokens_per_doc, machines, args.cores,
-                           args.ram_gb)}
+                        "call_overhead_s": call_s, "per_shard_overhead_s": shard_s,
+                        "driver_cpu_s": out["driver_cpu_ms"]["1 shard actor"] / 1e3},
+        "rows": projection(c, beta, call_s, shard_s, out["driver_cpu_ms"]["1 shard actor"] / 1e3,
+                           info["bytes_per_token"], tokens_per_doc, machines, args.cores, args.ram_gb)}
     os.makedirs(args.results, exist_ok=True)
     with open(os.path.join(args.results, "distributed.json"), "w") as f:
         json.dump(out, f, indent=1)
@@ -285,7 +307,9 @@ def markdown(r: dict) -> str:
         f"| sharded: {n} Ray tasks of 1 thread | {bs['total_s']:.1f} | {bs['train_s']:.1f} | {bs['encode_s']:.1f} "
         f"(tasks {', '.join(f'{x:.1f}' for x in bs['tasks_s'])}) | {bs['total_s'] / b1['total_s']:.2f} |",
         "",
-        f"Starting the local Ray took {r['ray_init_s']:.1f} s (not in the figures). The training phase (sample, "
+        ("(Build figures from an earlier run of the same settings: `--reuse-builds`.) "
+         if r.get("builds_reused_from_an_earlier_run") else "")
+        + f"Starting the local Ray took {r['ray_init_s']:.1f} s (not in the figures). The training phase (sample, "
         "k-means, codec) is the same code on the driver in both builds (same seed, same result), so its two "
         f"figures ({b1['sample_s'] + b1['kmeans_s'] + b1['codec_train_s']:.1f} s and {bs['train_s']:.1f} s) show "
         "how much this shared machine drifts; the encoding phase is what the tasks spread: "
@@ -297,7 +321,7 @@ def markdown(r: dict) -> str:
         "## Search (k=10)",
         "",
         "One thread per searcher process unless said (on this shared 2-core machine a 2-thread search waits for "
-        "whichever core another process holds: its figures jump by 5x between rounds, see below). Latency: one "
+        "whichever core another process holds: its figures jump by up to 6x between rounds and runs, see below). Latency: one "
         "query per call; throughput: every query in one call (one message per shard).",
         "",
         "| searcher | median ms/query | p95 ms | batch q/s | recall@10 |",
@@ -323,7 +347,9 @@ def markdown(r: dict) -> str:
         + "; ".join(f"{k} {', '.join(f'{x:.1f}' for x in v)}" for k, v in r["batch_qps_rounds"].items()) + ".",
         "",
         f"Fan-out overhead per query (1 shard actor against the local Searcher on the same index, one query per "
-        f"call): **{r['fanout_overhead_ms']:.2f} ms** (the queries sent inline, one actor call, the merge). A one-shard "
+        f"call): **{r['fanout_overhead_ms']:.2f} ms** (the queries sent inline, one actor call, the merge; the "
+        f"driver's own CPU per call: {r['driver_cpu_ms']['1 shard actor']:.2f} ms with 1 shard, "
+        f"{r['driver_cpu_ms'][many]:.2f} ms with {n}). A one-shard "
         f"sharded search returns the same ids as the local one: {r['one_shard_results_identical']}. Batch "
         f"throughput of {n} actors of 1 thread (each shard half the documents) against 1 actor of 1 thread over "
         f"the whole index: {r['batch_qps'][many] / r['batch_qps']['1 shard actor']:.2f}x, and against 1 actor of "
@@ -346,10 +372,11 @@ def markdown(r: dict) -> str:
         f"Assumptions: {a['documents'] / 1e6:.0f}M documents of {a['tokens_per_doc']:.1f} tokens at "
         f"{a['bytes_per_token']:.1f} B/token (this corpus' index); machines of {a['cores_per_machine']} cores and "
         f"{a['ram_gb_per_machine']:.0f} GB RAM; every query visits every shard, each searching it with one thread; "
-        f"the fan-out costs {a['call_overhead_s'] * 1e3:.2f} ms per call plus {a['per_shard_overhead_s'] * 1e3:.2f} ms "
-        "per further shard at the driver (both measured above); latency = t(n) + that; throughput = the smaller of "
-        "the shards' cores (cores × machines / (shards × t(n))) and one driver's sending rate (more drivers, or an "
-        "aggregating actor per machine, lift the latter). The fit is extrapolated far beyond the sizes measured "
+        f"the fan-out costs {a['call_overhead_s'] * 1e3:.2f} ms per call (wall, above) plus "
+        f"{a['per_shard_overhead_s'] * 1e3:.2f} ms of driver CPU per further shard (the driver's CPU per call: "
+        f"{a['driver_cpu_s'] * 1e3:.2f} ms with 1 shard, more with {r['shards']}); latency = t(n) + that; throughput "
+        "= the smaller of the shards' cores (cores × machines / (shards × t(n))) and one driver's CPU (more "
+        "drivers, or an aggregating actor per machine, lift the latter). The fit is extrapolated far beyond the sizes measured "
         "(a shard of millions of documents has more centroids, longer inverted lists, colder caches): an order "
         "of magnitude, not a promise. The index is memory-mapped and must stay in page cache: the RAM column.",
         "",

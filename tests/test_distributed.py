@@ -352,11 +352,10 @@ def test_a_hanging_shard_times_out(small_sharded, small_corpus):
         assert part.missing_shards == ["shard-0"] and time.monotonic() - t < 16
 
 
-def test_a_second_node_that_dies_takes_its_actors_elsewhere(small_sharded, small_corpus, ray_cluster):
-    """A second raylet joins the session's cluster (``ray start --address``); shard actors are
-    spread over both nodes; when the second node dies, Ray restarts its actors on the first and
-    the searches in flight are retried."""
-    _, queries = small_corpus
+@pytest.fixture
+def second_node(ray_cluster):
+    """A second raylet joined to the session's cluster (``ray start --address``, 1 CPU, on another
+    loopback address), in its own process group; yields that process, killed at the end."""
     node = subprocess.Popen(
         [sys.executable, "-m", "ray.scripts.scripts", "start", "--address", ray_cluster, "--node-ip-address",
          SECOND_NODE, "--num-cpus", "1", "--block", "--disable-usage-stats"],
@@ -367,19 +366,26 @@ def test_a_second_node_that_dies_takes_its_actors_elsewhere(small_sharded, small
             assert time.monotonic() < deadline, "the second node did not join within 60 s"
             assert node.poll() is None, "ray start exited"
             time.sleep(0.5)
-        with plaid.ShardedSearcher(small_sharded, num_cpus_per_shard=0.25, max_restarts=2, timeout=90) as ss:
-            nodes = {a["shard"]: a["node"] for a in ss.actor_info()}
-            assert set(nodes.values()) == {LOOPBACK, SECOND_NODE}, nodes  # SPREAD over both nodes
-            want = ss.search(queries, k=10)
-            os.killpg(node.pid, signal.SIGTERM)
-            node.wait(60)
-            res = ss.search(queries, k=10)
-            assert np.array_equal(res.ids, want.ids) and not res.missing_shards
-            assert {a["node"] for a in ss.actor_info()} == {LOOPBACK}
+        yield node
     finally:
         if node.poll() is None:
             os.killpg(node.pid, signal.SIGKILL)
             node.wait(30)
+
+
+def test_a_second_node_that_dies_takes_its_actors_elsewhere(small_sharded, small_corpus, second_node):
+    """Shard actors are spread over both nodes; when the second node dies, Ray restarts its
+    actors on the first and the searches in flight are retried."""
+    _, queries = small_corpus
+    with plaid.ShardedSearcher(small_sharded, num_cpus_per_shard=0.25, max_restarts=2, timeout=90) as ss:
+        nodes = {a["shard"]: a["node"] for a in ss.actor_info()}
+        assert set(nodes.values()) == {LOOPBACK, SECOND_NODE}, nodes  # SPREAD over both nodes
+        want = ss.search(queries, k=10)
+        os.killpg(second_node.pid, signal.SIGTERM)  # the node dies with the actors it holds
+        second_node.wait(60)
+        res = ss.search(queries, k=10)
+        assert np.array_equal(res.ids, want.ids) and not res.missing_shards
+        assert {a["node"] for a in ss.actor_info()} == {LOOPBACK}
 
 
 def test_join_an_existing_cluster_from_another_process(small_sharded, small_corpus, ray_cluster, tmp_path):

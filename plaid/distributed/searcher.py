@@ -255,6 +255,9 @@ class _ShardServer:
         return ids, scores, names, owned
 
 
+_REMOTE_SERVER = None  # ray.remote(_ShardServer), made on first use
+
+
 class ShardedSearcher:
     """Searches a sharded index with one Ray actor per shard (see the module docstring).
 
@@ -338,11 +341,14 @@ class ShardedSearcher:
 
     # -- actors --------------------------------------------------------------------------------
     def _new_actor(self, i: int):
+        global _REMOTE_SERVER
         ray = self._ray
+        if _REMOTE_SERVER is None:  # one actor class per process: Ray exports its definition once
+            _REMOTE_SERVER = ray.remote(_ShardServer)
         options = dict(max_restarts=self.max_restarts, max_task_retries=0, scheduling_strategy=self.scheduling_strategy)
         if self.num_cpus_per_shard is not None:
             options["num_cpus"] = self.num_cpus_per_shard
-        cls = ray.remote(_ShardServer).options(**options)
+        cls = _REMOTE_SERVER.options(**options)
         return cls.remote(self.path, self._m.shards[i].name, self._m.codec_fingerprint, self.threads_per_shard,
                           self._options)
 
