@@ -54,7 +54,7 @@ import numpy as np
 from ..codecs import check_codec_params
 from ..errors import (FormatVersionError, IndexCorruptError, IndexExistsError, IndexNotFoundError, InvalidInputError,
                       PlaidError)
-from ..store import check_doc_ids, read_manifest, writer_lock
+from ..store import check_doc_ids, fsync_dir, is_own_name, read_manifest, writer_lock
 
 __all__ = ["SHARDED_MANIFEST", "SHARDED_FORMAT", "SHARDED_FORMAT_VERSION", "ShardEntry", "ShardedManifest",
            "Routing", "ShardedIndex", "is_sharded", "read_sharded_manifest", "commit_sharded_manifest",
@@ -308,21 +308,8 @@ def commit_sharded_manifest(path: str, m: ShardedManifest, *, new: bool) -> Shar
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(full_tmp)
-    _fsync_dir(path)
+    fsync_dir(path)
     return m
-
-
-def _fsync_dir(path: str) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 # -- routing -------------------------------------------------------------------------------------
@@ -423,7 +410,6 @@ def remove_index_folder(path: str) -> bool:
     under its writer lock, every regular file of a name plaid writes, then the folder if that
     left it empty. Files of other names are kept (and the folder with them). Returns whether the
     folder is gone."""
-    from ..store.writer import is_own_name
 
     if not os.path.isdir(path) or os.path.islink(path):
         return False
