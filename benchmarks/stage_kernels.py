@@ -19,7 +19,7 @@ the GIL).
 
 Usage::
 
-    python benchmarks/kernels.py [--index NAME=PATH ...] [--reps 3] [--threads-reps 3]
+    python benchmarks/stage_kernels.py [--index NAME=PATH ...] [--reps 3] [--threads-reps 3]
 
 Without ``--index``: msmarco-5k (built under benchmarks/_work/kernels/ if absent, ~45 s) and the
 50k-document index of benchmarks/_work/store_open/index-50k when it exists
@@ -351,7 +351,7 @@ import numpy as np, torch
 sys.path.insert(0, {here!r})
 import plaid
 from plaid.search import kernels_cpu as K
-from kernels import Pipeline
+from stage_kernels import Pipeline
 torch.set_num_threads(1)
 mode, path = sys.argv[1], sys.argv[2]
 qs = json.loads(sys.argv[3])
