@@ -39,6 +39,7 @@ _LAZY = {
     "ShardedSearcher": "plaid.distributed.searcher",
     "ShardedIndex": "plaid.distributed.sharded",
     "build_sharded": "plaid.distributed.build",
+    "upgrade": "plaid.store.upgrade",
 }
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -47,6 +48,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .search.params import SearchParams
     from .search.searcher import Results, Searcher, default_search_params
     from .distributed import ShardedIndex, ShardedSearcher, build_sharded
+    from .store.upgrade import upgrade
 
 __all__ = [
     "Indexer",
@@ -60,6 +62,7 @@ __all__ = [
     "ShardedSearcher",
     "ShardedIndex",
     "build_sharded",
+    "upgrade",
     "PlaidError",
     "InvalidInputError",
     "IndexExistsError",

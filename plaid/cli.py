@@ -1,4 +1,4 @@
-"""The ``plaid`` command (also ``python -m plaid``): index, search, evaluate, info, verify.
+"""The ``plaid`` command (also ``python -m plaid``): index, search, evaluate, info, verify, upgrade.
 
 Argument parsing, and calls into ``plaid.pipeline``, ``plaid.evaluation`` and ``plaid.Index``;
 nothing else. Progress bars and notes go to stderr; data (a run without ``--output``, ``--json``)
@@ -44,6 +44,7 @@ examples:
   plaid evaluate --run run.trec --qrels qrels/test.tsv --metrics nDCG@10 RR@10 R@100
   plaid info idx/
   plaid verify idx/
+  plaid upgrade old-idx/
   plaid index sharded/ --embeddings msmarco-5k/ --shards 4 [--ray-address auto]
 """
 
@@ -136,10 +137,17 @@ def build_parser() -> argparse.ArgumentParser:
                      help="document length in tokens (default: the checkpoint's)")
     enc.add_argument("--device", default="cpu", help="torch device of the encoder (cpu, cuda)")
     ix = p.add_argument_group("index parameters (see plaid.Indexer)")
-    ix.add_argument("--codec", choices=["pq", "scalar"], default="pq",
-                    help="residual codec: product quantisation or ColBERTv2 scalar buckets")
-    ix.add_argument("--pq-m", type=_positive_int, default=32, help="PQ sub-quantisers = residual bytes per token")
-    ix.add_argument("--nbits", type=int, choices=[1, 2, 4], default=2, help="bits per dimension of the scalar codec")
+    ix.add_argument("--preset", choices=["compact", "balanced", "accurate"], default="balanced",
+                    help="measured codec setting (the options below override it): compact PQ 16 bytes, "
+                         "balanced PQ 34 bytes, accurate PQ 64 bytes per token, all with a learned rotation")
+    ix.add_argument("--codec", choices=["pq", "scalar"], default=None,
+                    help="residual codec: product quantisation or ColBERTv2 scalar buckets (default: the preset's, pq)")
+    ix.add_argument("--pq-m", type=_positive_int, default=None,
+                    help="PQ sub-quantisers = residual bytes per token, at most the dimension (default: the preset's)")
+    ix.add_argument("--pq-rotation", action=argparse.BooleanOptionalAction, default=None,
+                    help="rotate residuals onto their principal axes before PQ (default: the preset's, on)")
+    ix.add_argument("--nbits", type=int, choices=[1, 2, 4], default=None,
+                    help="bits per dimension of the scalar codec (default 2)")
     ix.add_argument("--num-centroids", type=_positive_int, default=None,
                     help="k-means centroids (default: PLAID's 2**floor(log2(16*sqrt(tokens))))")
     ix.add_argument("--kmeans-niter", type=_positive_int, default=4, help="k-means iterations")
@@ -220,6 +228,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "truncated or altered file and exits 2 otherwise.")
     p.add_argument("index_dir", metavar="INDEX_DIR", help="the index")
     _add_common(p)
+
+    # -- upgrade --------------------------------------------------------------------------------
+    p = sub.add_parser("upgrade", formatter_class=fmt, help="convert an index of an older format version in place",
+                       description="Convert an index written by an older plaid (format version 2) to the current "
+                                   "format, in place and atomically: searches keep answering from the old "
+                                   "generation until the switch; a killed upgrade leaves the old index. Only the "
+                                   "token norms are rewritten (float16 -> one byte).")
+    p.add_argument("index_dir", metavar="INDEX_DIR", help="the index")
+    _add_common(p)
     return parser
 
 
@@ -228,8 +245,9 @@ def _cmd_index(args) -> int:
     from .pipeline import build_index
 
     t = time.perf_counter()
-    options = {"codec": args.codec, "pq_m": args.pq_m, "nbits": args.nbits, "num_centroids": args.num_centroids,
-               "kmeans_niter": args.kmeans_niter, "seed": args.seed}
+    options = {"preset": args.preset, "codec": args.codec, "pq_m": args.pq_m, "pq_rotation": args.pq_rotation,
+               "nbits": args.nbits, "num_centroids": args.num_centroids, "kmeans_niter": args.kmeans_niter,
+               "seed": args.seed}
     index, timings = build_index(
         args.index_dir, embeddings=args.embeddings, corpus=args.corpus, checkpoint=args.checkpoint,
         save_embeddings=args.save_embeddings, overwrite=args.overwrite, device=args.device,
@@ -406,8 +424,19 @@ def _cmd_verify(args) -> int:
     return 2
 
 
+def _cmd_upgrade(args) -> int:
+    from .store import FORMAT_VERSION, read_manifest, upgrade
+
+    before = read_manifest(args.index_dir).format_version
+    if upgrade(args.index_dir):
+        print(f"upgraded: {args.index_dir}: format version {before} -> {FORMAT_VERSION}")
+    else:
+        print(f"ok: {args.index_dir}: already format version {FORMAT_VERSION}")
+    return 0
+
+
 _COMMANDS = {"index": _cmd_index, "search": _cmd_search, "evaluate": _cmd_evaluate, "info": _cmd_info,
-             "verify": _cmd_verify}
+             "verify": _cmd_verify, "upgrade": _cmd_upgrade}
 
 
 def _one_line(text: str) -> str:

@@ -238,15 +238,15 @@ def _build_msmarco(tmp_path_factory, data: MsMarco, name: str, **kwargs) -> str:
 
 
 @pytest.fixture(scope="session")
-def msmarco_pq32(tmp_path_factory, msmarco) -> str:
-    """msmarco-5k, default Indexer (PQ, pq_m=32: 36 B/token payload)."""
-    return _build_msmarco(tmp_path_factory, msmarco, "pq32")
+def msmarco_default(tmp_path_factory, msmarco) -> str:
+    """msmarco-5k, default Indexer (preset "balanced": rotated PQ, 34 bytes; 37 B/token payload)."""
+    return _build_msmarco(tmp_path_factory, msmarco, "default")
 
 
 @pytest.fixture(scope="session")
-def msmarco_pq64(tmp_path_factory, msmarco) -> str:
-    """msmarco-5k, PQ with pq_m=64 (68 B/token payload)."""
-    return _build_msmarco(tmp_path_factory, msmarco, "pq64", pq_m=64)
+def msmarco_accurate(tmp_path_factory, msmarco) -> str:
+    """msmarco-5k, preset "accurate" (rotated PQ, 64 bytes; 67 B/token payload)."""
+    return _build_msmarco(tmp_path_factory, msmarco, "accurate", preset="accurate")
 
 
 @pytest.fixture(scope="session")

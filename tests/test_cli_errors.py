@@ -97,7 +97,8 @@ CASES = [
     ("index {root}/new --embeddings {bundle} --seed -1", "argument --seed: expected an integer from 0 to"),
     ("index {root}/new --embeddings {bundle} --seed 100000000000000000000", "argument --seed"),
     ("index {root}/new --embeddings {bundle} --device bogus", "unknown device 'bogus'"),
-    ("index {root}/new --embeddings {bundle} --pq-m 7", "must be divisible"),
+    ("index {root}/new --embeddings {bundle} --pq-m 700", "must be between 1 and the dimension"),
+    ("index {root}/new --embeddings {bundle} --preset tiny", "invalid choice: 'tiny'"),
     ("index {root}/new --corpus {adir} --checkpoint {adir}", "corpus path is a directory"),
     ("index {root}/new --corpus {empty} --checkpoint {adir}", "the corpus holds no documents"),
     ("index {root}/new --corpus {binary} --checkpoint {adir}", "binary.bin:1: not UTF-8 text"),
@@ -280,4 +281,4 @@ def test_query_maxlen_beyond_the_model(capsys, env, checkpoints, tmp_path):
 def test_no_command_is_one_line(capsys):
     code, out, err = run_cli(capsys)
     assert code == 2 and out == ""
-    assert err == "plaid: error: a command is required: index, search, evaluate, info, verify (see plaid --help)\n"
+    assert err == "plaid: error: a command is required: index, search, evaluate, info, verify, upgrade (see plaid --help)\n"

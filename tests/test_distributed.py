@@ -118,12 +118,12 @@ def msmarco_sharded(tmp_path_factory, ray_cluster, msmarco):
 
 
 @requires_msmarco
-def test_msmarco_shards_are_byte_identical_to_a_one_process_build(msmarco_sharded, msmarco, msmarco_pq32,
+def test_msmarco_shards_are_byte_identical_to_a_one_process_build(msmarco_sharded, msmarco, msmarco_default,
                                                                  tmp_path):
     path, si = msmarco_sharded
     assert si.num_shards == 4 and si.num_documents == len(msmarco.doc_ids)
     # the driver trained exactly what a one-process Indexer.build of the whole corpus trains
-    trained = TrainedParams.from_index(msmarco_pq32)
+    trained = TrainedParams.from_index(msmarco_default)
     assert si.manifest["codec_fingerprint"] == trained.fingerprint()
     # each shard: its documents encoded in this process with that training, byte for byte
     emb = msmarco.embeddings
@@ -159,9 +159,9 @@ def test_msmarco_merged_results_equal_searching_the_shards_in_turn(msmarco_shard
 
 
 @requires_msmarco
-def test_msmarco_sharded_recall_matches_one_index(msmarco_searcher, msmarco, msmarco_pq32):
+def test_msmarco_sharded_recall_matches_one_index(msmarco_searcher, msmarco, msmarco_default):
     sharded = recall_at(msmarco_searcher.search(msmarco.queries, k=10).ids, msmarco.exact, 10)
-    whole = recall_at(plaid.Searcher(msmarco_pq32).search(msmarco.queries, k=10).ids, msmarco.exact, 10)
+    whole = recall_at(plaid.Searcher(msmarco_default).search(msmarco.queries, k=10).ids, msmarco.exact, 10)
     assert abs(sharded - whole) <= 0.01, (sharded, whole)
     assert sharded > 0.9
 

@@ -618,7 +618,10 @@ for _cid, _name, _dtype, _ok in [
         ("dtype_residuals_float32", "seg1_residuals", np.float32, False),
         ("dtype_norms_float64", "seg0_norms", np.float64, True),
         ("dtype_norms_int16", "seg0_norms", np.int16, False),
-        ("dtype_centroids_int8", "centroids", np.int8, False),
+        ("dtype_centroids_float16_beside_scales", "centroids", np.float16, False),
+        ("dtype_centroids_int16", "centroids", np.int16, False),
+        ("dtype_centroid_scales_float16", "centroid_scales", np.float16, False),
+        ("dtype_norm_values_float64", "norm_values", np.float64, False),
         ("dtype_centroids_complex", "centroids", np.complex64, False),
         ("dtype_ivf_float64", "ivf", np.float64, False),
         ("dtype_ivf_uint8", "ivf", np.uint8, True),
@@ -704,11 +707,7 @@ for _cid, _fn in [
         ("codes_seg1_beyond_centroids", _token_edit(_TOP1("codes"), lambda ctx: ctx.env.C + 3)),
         ("codes_negative_int32", _token_edit(_TOP("codes"), -1, cast=np.int32)),
         ("codes_negative_int32_seg1", _token_edit(_TOP1("codes"), -3, cast=np.int32)),
-        ("norms_nan", _token_edit(_TOP("norms"), np.nan)),
-        ("norms_zero", _token_edit(_TOP("norms"), 0.0)),
-        ("norms_inf", _token_edit(_TOP("norms"), np.inf)),
-        ("norms_negative", _token_edit(_TOP("norms"), -1.0)),
-        ("norms_nan_seg1", _token_edit(_TOP1("norms"), np.nan))]:
+        ]:
     add_case(_cid, _fn)
 
 
@@ -752,6 +751,18 @@ def _centroid_of_top(ctx, a, v):
     return a
 
 
+def _scale_of_top(ctx, a, v):
+    seg, pos = ctx.env.seg_pos(ctx.env.top)
+    a[int(load_array(ctx.env.pristine, f"{seg}_codes", ctx.env.m)[pos[0]])] = v
+    return a
+
+
+def _norm_value_of_top(ctx, a, v):
+    seg, pos = ctx.env.seg_pos(ctx.env.top)
+    a[int(load_array(ctx.env.pristine, f"{seg}_norms", ctx.env.m)[pos[0]])] = v
+    return a
+
+
 def _codebook_of_top(ctx, a, v):
     seg, pos = ctx.env.seg_pos(ctx.env.top)
     r = load_array(ctx.env.pristine, f"{seg}_residuals", ctx.env.m)[pos[0]]
@@ -781,8 +792,15 @@ for _cid, _name, _edit in [
         ("tombstone_id_equal_num_documents", "tombstones_g2", lambda ctx, a: _set(a, 0, ctx.env.N)),
         ("tombstone_id_negative", "tombstones_g2", lambda ctx, a: _set(a, 0, -1)),
         ("tombstone_id_huge", "tombstones_g2", lambda ctx, a: _set(a, 0, 2 ** 62)),
-        ("centroids_nan", "centroids", lambda ctx, a: _centroid_of_top(ctx, a, np.nan)),
-        ("centroids_inf", "centroids", lambda ctx, a: _centroid_of_top(ctx, a, np.inf)),
+        ("centroid_scales_nan", "centroid_scales", lambda ctx, a: _scale_of_top(ctx, a, np.nan)),
+        ("centroid_scales_inf", "centroid_scales", lambda ctx, a: _scale_of_top(ctx, a, np.inf)),
+        ("centroid_scales_negative", "centroid_scales", lambda ctx, a: _scale_of_top(ctx, a, -1.0)),
+        ("norms_nan", "norm_values", lambda ctx, a: _norm_value_of_top(ctx, a, np.nan)),
+        ("norms_zero", "norm_values", lambda ctx, a: _set(a, 0, 0.0)),
+        ("norms_inf", "norm_values", lambda ctx, a: _set(a, -1, np.inf)),
+        ("norms_negative", "norm_values", lambda ctx, a: -a),
+        ("norm_values_decreasing", "norm_values", lambda ctx, a: a[::-1].copy()),
+        ("norm_values_repeated", "norm_values", lambda ctx, a: _set(a, 7, a[6])),
         ("pq_codebooks_nan", "pq_codebooks", lambda ctx, a: _codebook_of_top(ctx, a, np.nan)),
         ("pq_codebooks_inf", "pq_codebooks", lambda ctx, a: _codebook_of_top(ctx, a, -np.inf)),
         ("doc_ids_offsets_beyond_blob", "doc_ids_offsets", lambda ctx, a: _set(a, -1, a[-1] + 5)),
@@ -812,7 +830,8 @@ _FIELDS = [
     ("format_other_name", ("format",), "plaid-index-v9", {}),
     ("format_null", ("format",), None, {}),
     ("format_version_1", ("format_version",), 1, dict(error="FormatVersionError")),
-    ("format_version_3", ("format_version",), 3, dict(error="FormatVersionError")),
+    ("format_version_4", ("format_version",), 4, dict(error="FormatVersionError")),
+    ("format_version_2_over_version_3_arrays", ("format_version",), 2, dict(error="IndexCorruptError")),
     ("format_version_string", ("format_version",), "2", dict(error="FormatVersionError")),
     ("format_version_float", ("format_version",), 2.0, dict(error="FormatVersionError", verify=None)),
     ("format_version_true", ("format_version",), True, dict(error="FormatVersionError")),
@@ -1110,7 +1129,7 @@ for _cid, _base, _cmd in [("cli_verify_codes_equal_num_centroids", "codes_equal_
                           ("cli_verify_fifo_manifest", "fifo_manifest", "verify"),
                           ("cli_verify_codec_m_zero", "manifest_codec_m_zero", "verify"),
                           ("cli_verify_norms_nan", "norms_nan", "verify"),
-                          ("cli_info_format_version_3", "manifest_format_version_3", "info"),
+                          ("cli_info_format_version_4", "manifest_format_version_4", "info"),
                           ("cli_info_segments_null", "manifest_segments_null", "info"),
                           ("cli_info_json_deeply_nested", "manifest_json_deeply_nested", "info"),
                           ("cli_search_codes_equal_num_centroids", "codes_equal_num_centroids", "search"),

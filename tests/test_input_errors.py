@@ -242,6 +242,11 @@ def test_embeddings_validation():
     (dict(num_centroids=0), "num_centroids must be a positive integer"),
     (dict(num_centroids=2.5), "num_centroids must be a positive integer"),
     (dict(normalize="yes"), "normalize must be"),
+    (dict(preset="fast"), "unknown preset 'fast'; choose one of 'compact', 'balanced', 'accurate'"),
+    (dict(preset=None), "unknown preset None"),
+    (dict(pq_rotation="yes"), "pq_rotation must be True or False"),
+    (dict(nbits=3), "nbits must be 1, 2 or 4"),
+    (dict(pq_m=0), "pq_m must be a positive integer"),
 ])
 def test_bad_indexer_parameters(kw, match):
     with pytest.raises(plaid.InvalidInputError, match=match):
@@ -249,7 +254,8 @@ def test_bad_indexer_parameters(kw, match):
 
 
 @pytest.mark.parametrize("kw,match", [
-    (dict(pq_m=7), r"dimension 32 must be divisible by the number of sub-quantisers m=7"),
+    (dict(pq_m=33), r"the number of sub-quantisers m=33 must be between 1 and the dimension 32"),
+    (dict(pq_m=33, pq_rotation=False), r"m=33 must be between 1 and the dimension 32"),
     (dict(codec="scalar", nbits=3), r"nbits must be 1, 2 or 4, got 3"),
 ])
 def test_codec_parameters_that_do_not_fit_the_data(tmp_path, mini_corpus, kw, match):

@@ -284,7 +284,8 @@ def check_index(path, queries, nq):
         starts = st.doc_offsets[d4]
         pos, offs = stages.expand_ranges(starts, st.doc_offsets[d4 + 1] - starts)
         want4 = stages.maxsim_scores(st.token_sims(q, pos), offs)
-        assert same(K.exact_scores(q, st.codec, st.centroids, codes, residuals, norms, st.doc_offsets, d4), want4)
+        assert same(K.exact_scores(q, st.codec, st.centroids, codes, residuals, norms, st.doc_offsets, d4,
+                                   st.norm_values), want4)
         cc = st.token_codes(pos)
         u, sl = K.used_centroids(cc, offs, np.arange(len(d4)), st.num_centroids)
         cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(st.centroids, u, axis=0)).T).numpy()
@@ -319,8 +320,8 @@ def test_unnormalised_index(tmp_path, mini_corpus):
 
 @requires_msmarco
 @pytest.mark.msmarco
-def test_msmarco(msmarco, msmarco_pq32):
-    assert check_index(msmarco_pq32, msmarco.queries, 10) == 10
+def test_msmarco(msmarco, msmarco_default):
+    assert check_index(msmarco_default, msmarco.queries, 10) == 10
 
 
 # -- threads ----------------------------------------------------------------------------------------

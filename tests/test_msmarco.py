@@ -54,8 +54,8 @@ def test_recall_is_not_vacuous(msmarco):
 CONFIGS = {
     # fixture: (expected payload bytes/token, min recall@10, max folder bytes/token or None)
     # payload = 2 B centroid id + residual code + 2 B norm (the norm: format version 2)
-    "msmarco_pq32": (36, 0.92, 45.0),
-    "msmarco_pq64": (68, 0.96, 78.0),
+    "msmarco_default": (36, 0.92, 45.0),
+    "msmarco_accurate": (68, 0.96, 78.0),
     "msmarco_scalar2": (36, 0.87, None),
 }
 
@@ -79,14 +79,14 @@ def test_recall_and_size(request, msmarco, config):
         assert bytes_per_token <= max_bytes, f"{config}: {bytes_per_token:.2f} bytes/token > {max_bytes}"
 
 
-def test_default_indexer_is_pq32(msmarco_pq32):
-    assert plaid.Index(msmarco_pq32).codec == {"name": "pq", "m": 32, "nbits": 8, "code_bytes": 32}
-    assert plaid.Index(msmarco_pq32).manifest["arrays"]["seg0_codes"]["dtype"] == "<u2"  # 2-byte centroid ids
+def test_default_indexer_is_pq32(msmarco_default):
+    assert plaid.Index(msmarco_default).codec == {"name": "pq", "m": 32, "nbits": 8, "code_bytes": 32}
+    assert plaid.Index(msmarco_default).manifest["arrays"]["seg0_codes"]["dtype"] == "<u2"  # 2-byte centroid ids
 
 
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
-def test_stage4_scores_are_exact_on_msmarco(msmarco, msmarco_pq32, engine):
-    s = plaid.Searcher(msmarco_pq32, engine=engine)
+def test_stage4_scores_are_exact_on_msmarco(msmarco, msmarco_default, engine):
+    s = plaid.Searcher(msmarco_default, engine=engine)
     queries = msmarco.queries[::6]
     res = s.search(queries, k=10)
     offsets = msmarco.offsets
@@ -99,14 +99,14 @@ def test_stage4_scores_are_exact_on_msmarco(msmarco, msmarco_pq32, engine):
         assert np.abs(res.scores[i] - msmarco.exact[i * 6, ids]).max() < 0.5
 
 
-def test_torch_engine_matches_numpy_engine_k10(msmarco, msmarco_pq32):
-    a = plaid.Searcher(msmarco_pq32).search(msmarco.queries, k=10)
-    b = plaid.Searcher(msmarco_pq32, engine="torch").search(msmarco.queries, k=10)
+def test_torch_engine_matches_numpy_engine_k10(msmarco, msmarco_default):
+    a = plaid.Searcher(msmarco_default).search(msmarco.queries, k=10)
+    b = plaid.Searcher(msmarco_default, engine="torch").search(msmarco.queries, k=10)
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-5)
 
 
-def test_torch_engine_matches_numpy_engine_k100(msmarco, msmarco_pq32):
-    a = plaid.Searcher(msmarco_pq32, centroid_precision="float32").search(msmarco.queries, k=100)
-    b = plaid.Searcher(msmarco_pq32, engine="torch", centroid_precision="float32").search(msmarco.queries, k=100)
+def test_torch_engine_matches_numpy_engine_k100(msmarco, msmarco_default):
+    a = plaid.Searcher(msmarco_default, centroid_precision="float32").search(msmarco.queries, k=100)
+    b = plaid.Searcher(msmarco_default, engine="torch", centroid_precision="float32").search(msmarco.queries, k=100)
     np.testing.assert_array_equal(a.ids, b.ids)

@@ -41,9 +41,9 @@ def _compare(path, queries, k, setting, engine, subsets=None):
 @pytest.mark.parametrize("engine", ["numpy", "torch"])
 @pytest.mark.parametrize("k,setting", [(10, s) for s in GRID] + [(100, s) for s in GRID if s[2] >= 100]
                          + [(10, None), (100, None)])
-def test_same_results_as_the_replaced_pipeline_on_msmarco(msmarco, msmarco_pq32, engine, k, setting):
+def test_same_results_as_the_replaced_pipeline_on_msmarco(msmarco, msmarco_default, engine, k, setting):
     queries = [np.asarray(q, np.float32) for q in msmarco.queries]
-    _compare(msmarco_pq32, queries, k, setting, engine)
+    _compare(msmarco_default, queries, k, setting, engine)
 
 
 @pytest.fixture(scope="module")

@@ -51,7 +51,8 @@ def assert_same_snapshot(a, b):
     np.testing.assert_array_equal(a[3], b[3])
 
 
-ARRAYS = ["seg0_codes", "seg0_residuals", "seg0_norms", "ivf", "ivf_offsets", "doclens", "centroids", "pq_codebooks",
+ARRAYS = ["seg0_codes", "seg0_residuals", "seg0_norms", "ivf", "ivf_offsets", "doclens", "centroids", "centroid_scales",
+          "norm_values", "pq_codebooks",
           "doc_ids_utf8", "doc_ids_offsets"]
 
 
@@ -149,7 +150,7 @@ def test_opening_never_unpickles(index_copy, mini_corpus):
     m = manifest_of(index_copy)
     m["arrays"]["ivf"]["bytes"] = os.path.getsize(full)
     write_manifest(index_copy, m)
-    with pytest.raises(plaid.IndexCorruptError, match=r"index file ivf.0.npy holds dtype object, expected int32"):
+    with pytest.raises(plaid.IndexCorruptError, match=r"index file ivf.0.npy holds dtype object, expected uint16"):
         open_and_search(index_copy, mini_corpus[1][0])
 
 
@@ -176,8 +177,8 @@ def test_newer_format_version(index_copy, version):
     m["format_version"] = version
     write_manifest(index_copy, m)
     with pytest.raises(plaid.FormatVersionError,
-                       match=rf"index format version {version} is not supported \(this plaid reads version "
-                             rf"{FORMAT_VERSION}\); "
+                       match=rf"index format version {version} is not supported \(this plaid reads versions "
+                             rf"2, {FORMAT_VERSION}\); "
                              r"it was written by a newer plaid"):
         plaid.Searcher(index_copy)
     with pytest.raises(plaid.IndexCorruptError):  # FormatVersionError is an IndexCorruptError

@@ -10,17 +10,13 @@ from typing import Optional, Tuple
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..codecs import ResidualCodec
+from ..codecs import NormQuantizer, ResidualCodec
 from ..embeddings import Corpus
 from ..store import IndexWriter
-from ..store.manifest import UINT16_CENTROIDS
+from ..store.manifest import UINT16_CENTROIDS, UINT16_DOCUMENTS
 from .kmeans import CentroidAssigner
 
-__all__ = ["warn_empty", "encode_segment", "merge_ivf", "NORM_MIN", "NORM_MAX"]
-
-#: Stored norms are kept within float16's normal range: never 0 (a division by zero at search
-#: time) and never inf.
-NORM_MIN, NORM_MAX = 2.0**-14, 65504.0
+__all__ = ["warn_empty", "encode_segment", "merge_ivf", "write_ivf"]
 
 
 def warn_empty(corpus: Corpus, doc_base: int = 0) -> int:
@@ -37,10 +33,11 @@ def warn_empty(corpus: Corpus, doc_base: int = 0) -> int:
 
 def encode_segment(writer: IndexWriter, segment: str, corpus: Corpus, centroids: np.ndarray,
                    assigner: CentroidAssigner, codec: ResidualCodec, doc_base: int, chunk_tokens: int,
-                   show_progress: bool, normalized: bool) -> Tuple[np.ndarray, np.ndarray]:
+                   show_progress: bool, norms: Optional[NormQuantizer]) -> Tuple[np.ndarray, np.ndarray]:
     """Encode every token of ``corpus`` into arrays ``<segment>_codes`` / ``<segment>_residuals``,
-    and, when ``normalized``, ``<segment>_norms`` (float16 norm of each decoded, not yet
-    renormalised vector: search divides by it instead of decoding to find it).
+    and, when ``norms`` is given (a renormalising index), ``<segment>_norms``: the norm of each
+    decoded, not yet renormalised vector as a one-byte code of ``norms`` (search divides by it
+    instead of decoding to find it).
 
     Returns the (centroid, document) pairs for the inverted file: int32 cells and int32 global
     document ids (``doc_base`` + position in ``corpus``), deduplicated, grouped by chunk.
@@ -49,7 +46,7 @@ def encode_segment(writer: IndexWriter, segment: str, corpus: Corpus, centroids:
     code_dtype = np.uint16 if len(centroids) <= UINT16_CENTROIDS else np.int32
     codes_out = writer.create(f"{segment}_codes", (T,), code_dtype)
     res_out = writer.create(f"{segment}_residuals", (T, codec.code_bytes), np.uint8)
-    norms_out = writer.create(f"{segment}_norms", (T,), np.float16) if normalized else None
+    norms_out = writer.create(f"{segment}_norms", (T,), np.uint8) if norms is not None else None
     cells, docs = [], []
     bar = tqdm(total=T, unit="tok", unit_scale=True, desc="plaid: encoding", disable=not show_progress)
     for start, end in corpus.chunks(chunk_tokens):
@@ -61,8 +58,8 @@ def encode_segment(writer: IndexWriter, segment: str, corpus: Corpus, centroids:
         codes_out[lo:hi] = a
         r = codec.encode(x - centroids[a])
         res_out[lo:hi] = r
-        if norms_out is not None:  # kept within float16's normal range: never 0 or inf
-            norms_out[lo:hi] = np.clip(codec.decoded_norms(centroids, a, r), NORM_MIN, NORM_MAX)
+        if norms_out is not None:
+            norms_out[lo:hi] = norms.encode(codec.decoded_norms(centroids, a, r))
         d = np.repeat(np.arange(start, end, dtype=np.int64), corpus.doclens[start:end])
         key = np.unique(a.astype(np.int64) * N + d)  # (cell, doc) pairs, deduplicated
         cells.append((key // N).astype(np.int32))
@@ -95,3 +92,10 @@ def merge_ivf(num_centroids: int, cells: np.ndarray, docs: np.ndarray,
     offsets = np.zeros(num_centroids + 1, np.int64)
     np.cumsum(np.bincount(cells, minlength=num_centroids), out=offsets[1:])
     return docs[order].astype(np.int32), offsets
+
+
+def write_ivf(writer: IndexWriter, ivf: np.ndarray, offsets: np.ndarray, num_documents: int) -> None:
+    """Write the inverted file: document ids as uint16 while ``num_documents`` fits (half the
+    bytes of int32; read back as int32), else int32; offsets int64."""
+    writer.write("ivf", ivf.astype(np.uint16 if num_documents <= UINT16_DOCUMENTS else np.int32))
+    writer.write("ivf_offsets", offsets)

@@ -20,7 +20,8 @@ from ..embeddings import as_corpus
 from ..errors import InvalidInputError
 from ..store import (IndexWriter, Manifest, Segment, Snapshot, check_doc_ids, checked_codes, encode_doc_ids,
                      open_snapshot, read_manifest, resolve_ids, verify, writing)
-from .encode import encode_segment, merge_ivf, warn_empty
+from ..codecs import dequantize_centroids, quantize_centroids
+from .encode import encode_segment, merge_ivf, warn_empty, write_ivf
 from .kmeans import CentroidAssigner, sample_token_ids, train_centroids
 
 __all__ = ["Index", "OUTLIER_FRACTION"]
@@ -221,13 +222,13 @@ class Index:
                 assigner = CentroidAssigner(centroids, seed=int(m.build.get("seed", 0)))
                 seg = f"seg{m.next_segment}"
                 cells, docs = encode_segment(w, seg, corpus, centroids, assigner, codec, n_old,
-                                             int(chunk_tokens), show_progress, m.normalized)
+                                             int(chunk_tokens), show_progress, snap.norm_quantizer)
                 ivf, ivf_offsets = merge_ivf(len(centroids), cells, docs, snap.ivf, snap.ivf_offsets)
-                w.write("ivf", ivf)
-                w.write("ivf_offsets", ivf_offsets)
+                write_ivf(w, ivf, ivf_offsets, n_old + corpus.num_docs)
                 w.write("doclens", np.concatenate([snap.doclens, corpus.doclens]).astype(np.int32))
-                if grown:
-                    w.write("centroids", centroids.astype(m.arrays["centroids"].dtype))
+                if grown is not None:
+                    for name, arr in grown.items():
+                        w.write(name, arr)
                 if names is not None:
                     blob, offsets = encode_doc_ids(snap.doc_ids.tolist() + names)
                     w.write("doc_ids_utf8", blob)
@@ -267,19 +268,20 @@ class Index:
     def _grow_centroids(snap: Snapshot, corpus, centroids: np.ndarray, show_progress: bool):
         """Append centroids for the new tokens that the existing ones do not cover.
 
-        Returns (centroids float32 [C', dim], whether any were added).
+        Returns (centroids float32 [C', dim] as stored, the centroid arrays to write or None when
+        none were added).
         """
         m = snap.manifest
         limit = m.outlier_residual_norm
         if limit is None:
-            return centroids, False
+            return centroids, None
         sample = corpus.take(sample_token_ids(corpus.num_tokens, OUTLIER_SAMPLE, seed=m.generation + 17))
         assigner = CentroidAssigner(centroids)
         norms = np.linalg.norm(sample - centroids[assigner.assign(sample)], axis=1)
         outliers = sample[norms > limit]
         frac = len(outliers) / max(1, len(sample))
         if frac <= OUTLIER_FRACTION:
-            return centroids, False
+            return centroids, None
         # as many new centroids as the outliers deserve at the index's own density
         tokens_per_centroid = max(1.0, m.num_tokens / max(1, m.num_centroids))
         k = int(round(frac * corpus.num_tokens / tokens_per_centroid))
@@ -287,17 +289,24 @@ class Index:
         if len(centroids) <= 1 << 16 < len(centroids) + k:
             k = (1 << 16) - len(centroids)  # keep uint16 codes valid for existing segments
             if k <= 0:
-                return centroids, False
+                return centroids, None
         new = train_centroids(outliers, k, niter=4, seed=m.generation + 23, show_progress=False)
         logger.info("%.0f%% of the added tokens are outliers: %d new centroids", 100 * frac, len(new))
-        if m.arrays["centroids"].dtype == np.float16:
+        stored = m.arrays["centroids"].dtype
+        if stored == np.int8:  # appended rows with their own scales; the old rows stay as they are
+            q = quantize_centroids(new)
+            arrays = {"centroids": np.concatenate([np.asarray(snap.mapped("centroids")), q["centroids"]]),
+                      "centroid_scales": np.concatenate([np.asarray(snap.mapped("centroid_scales"), np.float32),
+                                                         q["centroid_scales"]])}
+            new = dequantize_centroids(q["centroids"], q["centroid_scales"])
+        else:  # float16 / float32 centroids (an index upgraded from format 2)
             with np.errstate(over="ignore"):
-                rounded = new.astype(np.float16)
-            if np.isfinite(rounded).all():
-                new = rounded.astype(np.float32)
-            else:
-                return centroids, False  # cannot be stored in this index's float16 centroids
-        return np.concatenate([centroids, new]), True
+                rounded = new.astype(stored)
+            if not np.isfinite(rounded).all():
+                return centroids, None  # cannot be stored in this index's float16 centroids
+            new = rounded.astype(np.float32)
+            arrays = {"centroids": np.concatenate([centroids, new]).astype(stored)}
+        return np.concatenate([centroids, new]), arrays
 
     def delete(self, ids) -> int:
         """Delete documents by external id (str) or internal id (int); returns how many.
@@ -348,7 +357,7 @@ class Index:
         code_dtype = m.arrays[f"{m.segments[0].name}_codes"].dtype if m.segments else np.uint16
         codes_out = w.create(f"{seg}_codes", (T,), code_dtype)
         res_out = w.create(f"{seg}_residuals", (T, m.code_bytes), np.uint8)
-        norms_out = w.create(f"{seg}_norms", (T,), np.float16) if m.normalized else None
+        norms_out = w.create(f"{seg}_norms", (T,), np.uint8) if m.normalized else None
         N = len(doclens)
         C = m.num_centroids
         cells_all, docs_all = [], []
@@ -377,8 +386,7 @@ class Index:
         cells = np.concatenate(cells_all) if cells_all else np.zeros(0, np.int32)
         docs = np.concatenate(docs_all) if docs_all else np.zeros(0, np.int32)
         ivf, ivf_offsets = merge_ivf(C, cells, docs)
-        w.write("ivf", ivf)
-        w.write("ivf_offsets", ivf_offsets)
+        write_ivf(w, ivf, ivf_offsets, N)
         w.write("doclens", keep_len.astype(np.int32))
         fields = m.fields()
         # the old segments and tombstone arrays are replaced: stop referencing them, so the

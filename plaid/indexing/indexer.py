@@ -28,14 +28,15 @@ from typing import Dict, Optional
 import numpy as np
 
 from .._version import __version__
-from ..codecs import ResidualCodec, check_codec_params, codec_from_manifest, make_codec
+from ..codecs import (NormQuantizer, ResidualCodec, check_codec_params, codec_from_manifest, dequantize_centroids,
+                      make_codec, quantize_centroids)
 from ..embeddings import Corpus, as_corpus
-from ..errors import IndexCorruptError, InvalidInputError
+from ..errors import FormatVersionError, IndexCorruptError, InvalidInputError
 from ..store import IndexWriter, Manifest, Segment, check_doc_ids, encode_doc_ids, open_snapshot, writing
-from .encode import encode_segment, merge_ivf, warn_empty
+from .encode import encode_segment, merge_ivf, warn_empty, write_ivf
 from .kmeans import CentroidAssigner, default_num_centroids, sample_token_ids, train_centroids
 
-__all__ = ["Indexer", "TrainedParams", "params_fingerprint", "OUTLIER_QUANTILE"]
+__all__ = ["Indexer", "TrainedParams", "params_fingerprint", "OUTLIER_QUANTILE", "PRESETS"]
 
 logger = logging.getLogger(__name__)
 
@@ -43,18 +44,34 @@ logger = logging.getLogger(__name__)
 OUTLIER_QUANTILE = 0.99
 
 
+#: Named codec settings (``Indexer(preset=...)``). Figures: msmarco-5k, whole index folder, default
+#: search (k=10), recall@10 against exhaustive MaxSim on the original vectors; see docs/CODECS.md.
+PRESETS: Dict[str, Dict] = {
+    "compact": {"codec": "pq", "pq_m": 16, "pq_rotation": True},
+    "balanced": {"codec": "pq", "pq_m": 34, "pq_rotation": True},
+    "accurate": {"codec": "pq", "pq_m": 64, "pq_rotation": True},
+}
+
+
 class Indexer:
     """Builds a compressed PLAID index from token embeddings.
 
     Parameters
     ----------
-    codec : {"pq", "scalar"}, default "pq"
-        Residual codec. ``"pq"``: product quantisation, ``pq_m`` bytes per token (the default:
-        more recall per byte). ``"scalar"``: ColBERTv2 buckets, ``nbits`` bits per dimension.
-    pq_m : int, default 32
-        PQ sub-quantisers = residual bytes per token (the centroid id adds 2, and the norm 2 more
-        when the vectors are renormalised). 16 / 32 / 64.
-    nbits : {1, 2, 4}, default 2
+    preset : {"compact", "balanced", "accurate"}, default "balanced"
+        A measured codec setting to start from (see :data:`PRESETS` for bytes per token and
+        recall); ``codec``, ``pq_m``, ``pq_rotation`` and ``nbits`` given explicitly override it.
+    codec : {"pq", "scalar"} or None, default None (the preset's: "pq")
+        Residual codec. ``"pq"``: product quantisation, ``pq_m`` bytes per token (more recall
+        per byte). ``"scalar"``: ColBERTv2 buckets, ``nbits`` bits per dimension.
+    pq_m : int or None, default None (the preset's)
+        PQ sub-quantisers = residual bytes per token, 1 <= pq_m <= dim (it need not divide the
+        dimension). Each token also stores a 2-byte centroid id and, when the vectors are
+        renormalised, a 1-byte norm.
+    pq_rotation : bool or None, default None (the preset's: True)
+        Rotate residuals onto their principal axes and give high-variance axes narrower
+        sub-quantisers (:class:`plaid.codecs.PQCodec`): lower error at the same bytes.
+    nbits : {1, 2, 4} or None, default None (2)
         Bits per dimension of the scalar codec.
     num_centroids : int or None, default None
         Number of k-means centroids. None: PLAID's ``2**floor(log2(16*sqrt(num_tokens)))``,
@@ -79,13 +96,23 @@ class Indexer:
         tqdm progress bars for the long phases.
     """
 
-    def __init__(self, *, codec: str = "pq", pq_m: int = 32, nbits: int = 2,
+    def __init__(self, *, preset: str = "balanced", codec: Optional[str] = None, pq_m: Optional[int] = None,
+                 pq_rotation: Optional[bool] = None, nbits: Optional[int] = None,
                  num_centroids: Optional[int] = None, kmeans_niter: int = 4,
                  kmeans_points_per_centroid: int = 16, codec_sample: int = 65536,
                  normalize="auto", chunk_tokens: int = 1 << 16, seed: int = 0,
                  show_progress: bool = True):
+        if not isinstance(preset, str) or preset not in PRESETS:
+            raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(map(repr, PRESETS))}")
+        p = PRESETS[preset]
+        codec = p["codec"] if codec is None else codec
+        pq_m = p.get("pq_m", 32) if pq_m is None else pq_m
+        pq_rotation = p.get("pq_rotation", False) if pq_rotation is None else pq_rotation
+        nbits = p.get("nbits", 2) if nbits is None else nbits
         if codec not in ("pq", "scalar"):
             raise InvalidInputError(f"unknown codec {codec!r}; choose 'pq' or 'scalar'")
+        if not isinstance(pq_rotation, (bool, np.bool_)):
+            raise InvalidInputError(f"pq_rotation must be True or False, got {pq_rotation!r}")
         for name, v in [("kmeans_niter", kmeans_niter), ("kmeans_points_per_centroid", kmeans_points_per_centroid),
                         ("codec_sample", codec_sample), ("chunk_tokens", chunk_tokens), ("pq_m", pq_m)]:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:
@@ -97,9 +124,10 @@ class Indexer:
             raise InvalidInputError(f"seed must be an integer in [0, 2**32), got {seed!r}")
         if normalize not in ("auto", True, False):
             raise InvalidInputError(f"normalize must be 'auto', True or False, got {normalize!r}")
-        if codec == "scalar" and nbits not in (1, 2, 4):
-            raise InvalidInputError(f"scalar codec: nbits must be 1, 2 or 4, got {nbits!r}")
-        self.codec, self.pq_m, self.nbits = codec, int(pq_m), int(nbits)
+        if isinstance(nbits, bool) or nbits not in (1, 2, 4):
+            raise InvalidInputError(f"nbits must be 1, 2 or 4, got {nbits!r}")
+        self.preset = preset
+        self.codec, self.pq_m, self.nbits, self.pq_rotation = codec, int(pq_m), int(nbits), bool(pq_rotation)
         self.num_centroids = num_centroids
         self.kmeans_niter = int(kmeans_niter)
         self.kmeans_points_per_centroid = int(kmeans_points_per_centroid)
@@ -196,7 +224,7 @@ class Indexer:
         if C > T:
             warnings.warn(f"num_centroids={C} exceeds the {T} tokens of the corpus; using {T}", stacklevel=4)
             C = T
-        codec = make_codec(self.codec, dim, pq_m=self.pq_m, nbits=self.nbits)
+        codec = make_codec(self.codec, dim, pq_m=self.pq_m, nbits=self.nbits, rotation=self.pq_rotation)
 
         # 1. training sample
         t = time.perf_counter()
@@ -213,12 +241,10 @@ class Indexer:
             sample[np.random.default_rng(self.seed + 1).choice(len(sample), n_km, replace=False)]
         logger.info("k-means: %d centroids from %d of %d tokens, %d iterations", C, len(km_rows), T, self.kmeans_niter)
         centroids = train_centroids(km_rows, C, self.kmeans_niter, self.seed, show_progress=self.show_progress)
-        # stored as float16 (halves their share of the index); encode against the stored values.
-        # Vectors beyond float16's range (|x| > 65504) keep float32 centroids rather than inf ones.
-        with np.errstate(over="ignore"):
-            c16 = centroids.astype(np.float16)
-        centroid_dtype = np.float16 if np.isfinite(c16).all() else np.float32
-        centroids = c16.astype(np.float32) if centroid_dtype == np.float16 else centroids
+        # stored as int8 rows with a float32 scale each (a quarter of float32's bytes, any range);
+        # tokens are encoded against the stored (dequantized) values
+        stored = quantize_centroids(centroids)
+        centroids = dequantize_centroids(stored["centroids"], stored["centroid_scales"])
         C = len(centroids)
         assigner = CentroidAssigner(centroids, seed=self.seed)
         timings["kmeans_s"] = time.perf_counter() - t
@@ -227,15 +253,20 @@ class Indexer:
         t = time.perf_counter()
         rows = sample if len(sample) <= self.codec_sample else \
             sample[np.random.default_rng(self.seed + 2).choice(len(sample), self.codec_sample, replace=False)]
-        residuals = rows - centroids[assigner.assign(rows)]
+        assigned = assigner.assign(rows)
+        residuals = rows - centroids[assigned]
         codec.train(residuals, seed=self.seed)
         outlier_norm = float(np.quantile(np.linalg.norm(residuals, axis=1), OUTLIER_QUANTILE))
-        del sample, rows, residuals, km_rows
+        # the one-byte norms' table spans the decoded norms of the same sample
+        norm_values = NormQuantizer.fit(codec.decoded_norms(centroids, assigned, codec.encode(residuals))).values \
+            if normalized else None
+        del sample, rows, residuals, km_rows, assigned
         timings["codec_train_s"] = time.perf_counter() - t
         build = {"seed": self.seed, "kmeans_niter": self.kmeans_niter,
                  "kmeans_points_per_centroid": self.kmeans_points_per_centroid, "codec_sample": self.codec_sample}
-        return TrainedParams(centroids=centroids, centroid_dtype=np.dtype(centroid_dtype), codec=codec,
-                             normalized=normalized, outlier_norm=outlier_norm, build=build, _assigner=assigner)
+        return TrainedParams(centroids=centroids, centroid_dtype=np.dtype(np.int8), codec=codec,
+                             normalized=normalized, outlier_norm=outlier_norm, build=build, norm_values=norm_values,
+                             centroid_scales=stored["centroid_scales"], _assigner=assigner)
 
     def _encode(self, writer: IndexWriter, corpus: Corpus, names: Optional[list], trained: "TrainedParams",
                 num_empty: int, timings: Dict[str, float], t_start: float) -> Manifest:
@@ -249,17 +280,19 @@ class Indexer:
         # 4. streamed encoding into segment 0
         t = time.perf_counter()
         cells, docs = encode_segment(writer, "seg0", corpus, centroids, assigner, codec, 0,
-                                     self.chunk_tokens, self.show_progress, normalized)
+                                     self.chunk_tokens, self.show_progress, trained.norm_quantizer)
         timings["encode_s"] = time.perf_counter() - t
 
         # 5. inverted file and the small global arrays
         t = time.perf_counter()
         ivf, ivf_offsets = merge_ivf(C, cells, docs)
         del cells, docs
-        writer.write("ivf", ivf)
-        writer.write("ivf_offsets", ivf_offsets)
+        write_ivf(writer, ivf, ivf_offsets, N)
         writer.write("doclens", corpus.doclens.astype(np.int32))
-        writer.write("centroids", centroids.astype(trained.centroid_dtype))
+        for name, arr in trained.stored_centroids().items():
+            writer.write(name, arr)
+        if trained.norm_values is not None:
+            writer.write("norm_values", trained.norm_values)
         for name, arr in codec.arrays().items():
             writer.write(name, arr)
         if names is not None:
@@ -307,10 +340,11 @@ class TrainedParams:
     documents (steps 1-3 of :class:`Indexer`).
 
     centroids : float32 [C, dim]
-        The k-means centroids as stored (rounded to float16 unless ``centroid_dtype`` is float32);
-        tokens are encoded against exactly these values.
+        The k-means centroids as stored (dequantized from int8 rows and scales, or from float16
+        for an index of format 2 upgraded in place); tokens are encoded against exactly these values.
     centroid_dtype : numpy dtype
-        How ``centroids`` are stored (float16, or float32 for vectors beyond float16's range).
+        How ``centroids`` are stored: int8 (with a float32 scale per row; what builds write), or
+        float16 / float32 (indexes upgraded from format 2).
     codec : ResidualCodec
         The trained residual codec.
     normalized : bool
@@ -321,6 +355,11 @@ class TrainedParams:
     build : dict
         ``seed``, ``kmeans_niter``, ``kmeans_points_per_centroid``, ``codec_sample``: recorded in
         each manifest's ``build`` field; ``seed`` also seeds the centroid assigner.
+    norm_values : float32 [256] or None
+        The table of the one-byte token norms (:class:`plaid.codecs.NormQuantizer`), when
+        ``normalized``.
+    centroid_scales : float32 [C] or None
+        The scale of each int8 centroid row (``centroid_dtype`` int8).
 
     ``to_payload`` / ``from_payload`` turn it into plain numbers, strings and arrays (no faiss or
     torch object), to send it to another process; :meth:`fingerprint` names it.
@@ -332,7 +371,21 @@ class TrainedParams:
     normalized: bool
     outlier_norm: float
     build: Dict[str, int]
+    norm_values: Optional[np.ndarray] = None
+    centroid_scales: Optional[np.ndarray] = None
     _assigner: Optional[CentroidAssigner] = field(default=None, repr=False, compare=False)
+
+    @property
+    def norm_quantizer(self) -> Optional[NormQuantizer]:
+        return NormQuantizer(self.norm_values) if self.norm_values is not None else None
+
+    def stored_centroids(self) -> Dict[str, np.ndarray]:
+        """The centroid arrays as written into an index (name -> array)."""
+        if self.centroid_dtype == np.int8:
+            s = np.asarray(self.centroid_scales, np.float32)
+            q = np.rint(self.centroids / np.where(s > 0, s, 1)[:, None])  # exact: centroids = q * s
+            return {"centroids": q.astype(np.int8), "centroid_scales": s}
+        return {"centroids": self.centroids.astype(self.centroid_dtype)}
 
     @property
     def dim(self) -> int:
@@ -350,10 +403,12 @@ class TrainedParams:
         return self._assigner
 
     def fingerprint(self) -> str:
-        """SHA-256 (hex) of the centroids, codec parameters and arrays, dim and normalisation:
-        two indexes whose trained parameters have the same fingerprint score on the same scale."""
-        return params_fingerprint(self.dim, self.centroids, dict(self.codec.params()), self.codec.arrays(),
-                                  self.normalized)
+        """SHA-256 (hex) of the centroids, codec parameters and arrays, dim, normalisation and norm
+        table: two indexes whose trained parameters have the same fingerprint score on the same scale."""
+        arrays = dict(self.codec.arrays())
+        if self.norm_values is not None:
+            arrays["norm_values"] = self.norm_values
+        return params_fingerprint(self.dim, self.centroids, dict(self.codec.params()), arrays, self.normalized)
 
     def to_payload(self) -> dict:
         """Plain data (numbers, strings, numpy arrays): picklable, safe to send to another process."""
@@ -361,7 +416,10 @@ class TrainedParams:
                 "codec": dict(self.codec.params()),
                 "codec_arrays": {k: np.ascontiguousarray(v, np.float32) for k, v in self.codec.arrays().items()},
                 "normalized": bool(self.normalized), "outlier_norm": float(self.outlier_norm),
-                "build": {k: int(v) for k, v in self.build.items()}}
+                "build": {k: int(v) for k, v in self.build.items()},
+                "norm_values": None if self.norm_values is None else np.ascontiguousarray(self.norm_values, np.float32),
+                "centroid_scales": None if self.centroid_scales is None
+                else np.ascontiguousarray(self.centroid_scales, np.float32)}
 
     @classmethod
     def from_payload(cls, payload: dict) -> "TrainedParams":
@@ -371,7 +429,8 @@ class TrainedParams:
                                     payload["codec_arrays"])
         return cls(centroids=centroids, centroid_dtype=np.dtype(payload["centroid_dtype"]), codec=codec,
                    normalized=bool(payload["normalized"]), outlier_norm=float(payload["outlier_norm"]),
-                   build=dict(payload["build"]))
+                   build=dict(payload["build"]), norm_values=payload.get("norm_values"),
+                   centroid_scales=payload.get("centroid_scales"))
 
     @classmethod
     def from_index(cls, path) -> "TrainedParams":
@@ -393,9 +452,15 @@ class TrainedParams:
                                     f"[1, num_centroids={m.num_centroids}]")
         if m.outlier_residual_norm is None:
             raise IndexCorruptError(f"{snap.path}: manifest field outlier_residual_norm is missing")
+        nq = snap.norm_quantizer
+        if m.normalized and nq is None:
+            raise FormatVersionError(f"{snap.path}: an index of format version {m.format_version} has no norm "
+                                     f"table; convert it first with `plaid upgrade {snap.path}`")
+        scales = np.array(snap.mapped("centroid_scales")[:c0], np.float32) \
+            if m.arrays["centroids"].dtype == np.int8 else None
         return cls(centroids=np.ascontiguousarray(snap.centroids[:c0]), centroid_dtype=m.arrays["centroids"].dtype,
                    codec=snap.codec, normalized=m.normalized, outlier_norm=float(m.outlier_residual_norm),
-                   build=build)
+                   build=build, norm_values=None if nq is None else nq.values, centroid_scales=scales)
 
 
 def params_fingerprint(dim: int, centroids: np.ndarray, codec_params: dict, codec_arrays: Dict[str, np.ndarray],

@@ -543,7 +543,8 @@ def exact(table, cs, slot, codes, residuals, norm_mode, norms16, norms32, lut, d
     """Stage 4 of ``docs`` (tokens ``doc_offsets[d]:doc_offsets[d + 1]`` of the token arrays).
 
     table float32 [B * 256, m]; cs float32 [m, U]; slot int32 [C]; norm_mode 0 (no norms),
-    1 (``norms16``: float16 bit patterns, ``lut`` their values) or 2 (``norms32``). Returns -1,
+    1 (``norms16``: float16 bit patterns, ``lut`` their values), 2 (``norms32``) or 3
+    (``norms16``: one-byte codes, ``lut`` their values, all valid). Returns -1,
     or the position of the first token with an invalid centroid id, slot or norm (then ``out``
     is not written).
     """
@@ -607,7 +608,7 @@ def _exact_narrow(table, csT, slot, codes, residuals, norm_mode, norms16, norms3
                 a2 = vadd(a2, vload(table, j * 256 + np.int64(residuals[t2, j]), 0, m))
             a1 = vadd(a1, vload(csT, slot[np.int64(codes[t])], 0, 8))
             a2 = vadd(a2, vload(csT, slot[np.int64(codes[t2])], 0, 8))
-            if norm_mode == 1:
+            if norm_mode == 1 or norm_mode == 3:
                 a1 = vdivs(a1, lut[norms16[t]])
                 a2 = vdivs(a2, lut[norms16[t2]])
             elif norm_mode == 2:
@@ -675,12 +676,12 @@ def _exact_wide(table, csT, slot, codes, residuals, norm_mode, norms16, norms32,
                 c2 = vadd(c2, vload(csT, u, g + 16, w2))
                 c3 = vadd(c3, vload(csT, u, g + 24, w3))
                 if norm_mode != 0:
-                    nv = lut[norms16[t]] if norm_mode == 1 else norms32[t]
+                    nv = norms32[t] if norm_mode == 2 else lut[norms16[t]]
                     a0 = vdivs(a0, nv)
                     a1 = vdivs(a1, nv)
                     a2 = vdivs(a2, nv)
                     a3 = vdivs(a3, nv)
-                    nv = lut[norms16[t2]] if norm_mode == 1 else norms32[t2]
+                    nv = norms32[t2] if norm_mode == 2 else lut[norms16[t2]]
                     c0 = vdivs(c0, nv)
                     c1 = vdivs(c1, nv)
                     c2 = vdivs(c2, nv)

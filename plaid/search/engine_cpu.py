@@ -64,11 +64,15 @@ class CPUEngine:
         self.codes_file = snap.token_files("codes")
         self.norms_file = snap.token_files("norms") if self.normalized else ""
         self.codes, self.residuals, self.norms = snap.codes(load_all), snap.residuals(load_all), snap.norms(load_all)
-        if load_all:  # in memory anyway: check every token's centroid id and norm once, here
+        # one-byte norms (format 3) are codes into this table; float16 norms (format 2) are values
+        nq = snap.norm_quantizer
+        self.norm_values: Optional[np.ndarray] = nq.values if nq is not None else None
+        if load_all:  # in memory anyway: check every token's centroid id and float16 norm once, here
             for a in self.codes.parts:
                 checked_codes(a, self.num_centroids, f"{snap.path}: index files {self.codes_file}")
-            for a in (self.norms.parts if self.norms is not None else []):
-                checked_norms(a, f"{snap.path}: index files {self.norms_file}")
+            if self.norm_values is None:
+                for a in (self.norms.parts if self.norms is not None else []):
+                    checked_norms(a, f"{snap.path}: index files {self.norms_file}")
         else:  # searches touch scattered rows: no readahead (measured: cold-cache resident residual
             for rows in (self.codes, self.residuals, self.norms):  # pages after 50 queries on 50k
                 for a in (rows.parts if rows is not None else []):  # documents 119 MB -> 25 MB)
@@ -140,7 +144,10 @@ class CPUEngine:
                              f"{self.snapshot.path}: index files {self.codes_file}")
 
     def token_norms(self, pos: np.ndarray) -> np.ndarray:
-        """Stored norms (float16 [t]) of the tokens at ``pos``, checked finite and positive."""
+        """Stored norms of the tokens at ``pos``: float32 [t] from one-byte codes, or float16 [t]
+        (format 2) checked finite and positive."""
+        if self.norm_values is not None:
+            return self.norm_values[self.norms.take(pos)]
         return checked_norms(self.norms.take(pos), f"{self.snapshot.path}: index files {self.norms_file}")
 
     def token_sims(self, q: np.ndarray, pos: np.ndarray) -> np.ndarray:
@@ -174,11 +181,11 @@ class CPUEngine:
             if len(self.codes.parts) == 1:
                 norms = self.norms.parts[0] if self.norms is not None else None
                 return K.exact_scores(q, self.codec, self.centroids, self.codes.parts[0], self.residuals.parts[0],
-                                      norms, self.doc_offsets, docs)
+                                      norms, self.doc_offsets, docs, self.norm_values)
             starts = self.doc_offsets[docs]
             pos, offs = stages.expand_ranges(starts, self.doc_offsets[docs + 1] - starts)
             cc = self.token_codes(pos)
-            norms = self.token_norms(pos) if self.normalized else None
+            norms = self.token_norms(pos) if self.normalized else None  # values, float16 or float32
             u, slot = K.used_centroids(cc, offs, np.arange(len(docs), dtype=np.int64), self.num_centroids)
             table = self.codec.score_table(q).numpy()
             cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(self.centroids, u, axis=0)).T).numpy()

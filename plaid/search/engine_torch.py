@@ -71,16 +71,26 @@ class TorchEngine:
         self.doc_offsets_t = torch.from_numpy(snap.doc_offsets).to(dev)
         self.codes_t = torch.from_numpy(codes.astype(np.int32)).to(dev)
         self.residuals_t = torch.from_numpy(np.ascontiguousarray(snap.residuals(load=True).concatenated())).to(dev)
-        self.norms_t = None
+        self.norms_t = None  # uint8 codes into norm_values_t (format 3), or float16 values (format 2)
+        self.norm_values_t = None
         if norms is not None:
             n = norms.concatenated()
-            checked_norms(n, f"{snap.path}: index files {snap.token_files('norms')}")
+            nq = snap.norm_quantizer
+            if nq is not None:
+                self.norm_values_t = torch.from_numpy(nq.values).to(dev)
+            else:
+                checked_norms(n, f"{snap.path}: index files {snap.token_files('norms')}")
             self.norms_t = torch.from_numpy(n).to(dev)
         self.shift_t = torch.arange(0, 256 * m.code_bytes, 256, dtype=torch.int32, device=dev)
         self.alive = alive_mask(snap.deleted, self.num_documents)
         self.num_live = snap.num_live
         self.scoring_t = torch.from_numpy(scoring_centroids(centroids, self.normalized)).to(dev).to(
             torch.bfloat16 if precision == "bfloat16" else torch.float32)
+
+    def _norms(self, pos: torch.Tensor) -> torch.Tensor:
+        """float32 [t]: the stored norms of the tokens at ``pos`` (on the device)."""
+        n = self.norms_t[pos]
+        return self.norm_values_t[n.long()] if self.norm_values_t is not None else n.float()
 
     # -- stage 1 ---------------------------------------------------------------------------------
     def centroid_scores(self, Qcat: np.ndarray) -> np.ndarray:
@@ -136,7 +146,7 @@ class TorchEngine:
         cs = qt @ self.centroids_t[u].T  # [m, u]
         sims += cs.T[slot]
         if self.normalized:
-            sims /= self.norms_t[pos].float().unsqueeze(1)
+            sims /= self._norms(pos).unsqueeze(1)
         return sims
 
     def exact_scores(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
@@ -150,5 +160,5 @@ class TorchEngine:
         p = torch.from_numpy(np.asarray(pos, np.int64)).to(self.device)
         D = self.centroids_t[self.codes_t[p].long()] + self.codec.decode(self.residuals_t[p])
         if self.normalized:
-            D = D / self.norms_t[p].float().unsqueeze(1)
+            D = D / self._norms(p).unsqueeze(1)
         return D.cpu().numpy()

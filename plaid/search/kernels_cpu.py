@@ -361,11 +361,18 @@ def _half_lut() -> np.ndarray:
     return _HALF_LUT
 
 
-def _norm_args(norms):
-    """(mode, uint16 bits, float32 values, lut): mode 0 no norms, 1 float16, 2 float32."""
+def _norm_args(norms, values=None):
+    """(mode, uint16 bits or uint8 codes, float32 values, lut): mode 0 no norms, 1 float16,
+    2 float32, 3 one-byte codes into ``values`` (float32 [256], checked when the index opened)."""
     if norms is None:
         return 0, _NO16, _NO32, _NO32
     norms = np.asarray(norms)
+    if values is not None:
+        if norms.dtype != np.uint8:
+            raise ValueError("stage 4: norm codes must be uint8 when norm values are given")
+        return 3, np.ascontiguousarray(norms), _NO32, np.ascontiguousarray(values, np.float32)
+    if norms.dtype == np.uint8:
+        raise ValueError("stage 4: one-byte norm codes need their norm values")
     if norms.dtype == np.float16:
         return 1, np.ascontiguousarray(norms).view(np.uint16), _NO32, _half_lut()
     return 2, _NO16, np.ascontiguousarray(norms, np.float32), _NO32
@@ -389,14 +396,16 @@ def _check_stage4(table, cs, slot, residuals, t, norms):
 
 
 def exact_maxsim(table: np.ndarray, cs: np.ndarray, slot: np.ndarray, codes: np.ndarray, residuals: np.ndarray,
-                 norms: Optional[np.ndarray], offsets: np.ndarray) -> np.ndarray:
+                 norms: Optional[np.ndarray], offsets: np.ndarray,
+                 norm_values: Optional[np.ndarray] = None) -> np.ndarray:
     """Stage 4: exact MaxSim of candidates from their gathered tokens' codes, without decoding.
 
     table: float32 [code_bytes * 256, m] (``codec.score_table(q)`` as numpy); cs: float32 [m, U],
     the query's scores of the U centroids the tokens use (``q @ centroids[u].T``: one BLAS product,
     outside); slot: int32 [C], centroid id -> column of ``cs`` (:func:`used_centroids`); codes:
-    uint16/int32 [t], residuals: uint8 [t, code_bytes], norms: float16/float32 [t] or None: the
-    candidates' tokens; offsets: int64 [n + 1] delimiting each candidate's tokens. Returns
+    uint16/int32 [t], residuals: uint8 [t, code_bytes], norms: float16/float32 [t], or uint8
+    codes [t] into ``norm_values`` (float32 [256]), or None: the candidates' tokens; offsets:
+    int64 [n + 1] delimiting each candidate's tokens. Returns
     float32 [n]: ``sum_i max_t (sum_j table[j*256 + r_tj, i] + cs[i, slot[c_t]]) / norm_t``.
 
     Bit-identical to ``stages.maxsim_scores(Searcher._stage4_sims(...), offsets)``. Raises
@@ -405,12 +414,12 @@ def exact_maxsim(table: np.ndarray, cs: np.ndarray, slot: np.ndarray, codes: np.
     """
     offsets = np.ascontiguousarray(offsets, np.int64)
     n = len(offsets) - 1
-    return exact_maxsim_ranges(table, cs, slot, codes, residuals, norms, offsets, np.arange(max(n, 0)))
+    return exact_maxsim_ranges(table, cs, slot, codes, residuals, norms, offsets, np.arange(max(n, 0)), norm_values)
 
 
 def exact_maxsim_ranges(table: np.ndarray, cs: np.ndarray, slot: np.ndarray, codes: np.ndarray,
                         residuals: np.ndarray, norms: Optional[np.ndarray], doc_offsets: np.ndarray,
-                        docs: np.ndarray) -> np.ndarray:
+                        docs: np.ndarray, norm_values: Optional[np.ndarray] = None) -> np.ndarray:
     """Stage 4 reading the per-token arrays in place: :func:`exact_maxsim` of ``docs``.
 
     codes [T], residuals [T, code_bytes], norms [T] or None: every token of one segment
@@ -436,21 +445,22 @@ def exact_maxsim_ranges(table: np.ndarray, cs: np.ndarray, slot: np.ndarray, cod
         lo, hi = doc_offsets[docs], doc_offsets[docs + 1]
         if int(lo.min()) < 0 or int(hi.max()) > len(codes):
             raise ValueError("stage 4: the documents' token ranges run past the token arrays")
-    mode, n16, n32, lut = _norm_args(norms)
+    mode, n16, n32, lut = _norm_args(norms, norm_values)
     out = np.empty(len(docs), np.float32)
     r = _run("exact", table, cs, slot, codes, residuals, mode, n16, n32, lut, doc_offsets, docs, out) \
         if len(docs) else (-1,)
     if r is None:
         starts = doc_offsets[docs]
         pos, offs = stages.expand_ranges(starts, doc_offsets[docs + 1] - starts)
-        return _np_exact(table, cs, slot, codes, residuals, norms, pos, offs)
+        return _np_exact(table, cs, slot, codes, residuals, norms, pos, offs, norm_values)
     if r[0] >= 0:
         raise IndexCorruptError(f"stage 4: token {r[0]}: centroid id or norm invalid (id {int(codes[r[0]])})")
     return out
 
 
 def exact_scores(q: np.ndarray, codec, centroids: np.ndarray, codes: np.ndarray, residuals: np.ndarray,
-                 norms: Optional[np.ndarray], doc_offsets: np.ndarray, docs: np.ndarray) -> np.ndarray:
+                 norms: Optional[np.ndarray], doc_offsets: np.ndarray, docs: np.ndarray,
+                 norm_values: Optional[np.ndarray] = None) -> np.ndarray:
     """All of stage 4 for one query, reading the token arrays in place.
 
     q: float32 [m, dim]; codec: the index's :class:`~plaid.codecs.ResidualCodec`; centroids:
@@ -464,7 +474,7 @@ def exact_scores(q: np.ndarray, codec, centroids: np.ndarray, codes: np.ndarray,
     table = codec.score_table(q).numpy()
     u, slot = used_centroids(codes, doc_offsets, docs, len(centroids))
     cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(centroids, u, axis=0)).T).numpy()
-    return exact_maxsim_ranges(table, cs, slot, codes, residuals, norms, doc_offsets, docs)
+    return exact_maxsim_ranges(table, cs, slot, codes, residuals, norms, doc_offsets, docs, norm_values)
 
 
 # -- numpy fallbacks (the reference semantics, vectorised; used when numba is unavailable) ---------
@@ -486,7 +496,7 @@ def _np_approx_docs(Re, keep, docs, dcells, dcell_offsets):
     return out, covered
 
 
-def _np_exact(table, cs, slot, codes, residuals, norms, pos, offsets):
+def _np_exact(table, cs, slot, codes, residuals, norms, pos, offsets, norm_values=None):
     """``Searcher._stage4_sims`` + ``stages.maxsim_scores`` over the tokens at ``pos``."""
     n = len(offsets) - 1
     out = np.full(n, _NEG_INF, np.float32)
@@ -500,6 +510,8 @@ def _np_exact(table, cs, slot, codes, residuals, norms, pos, offsets):
         raise IndexCorruptError("stage 4: a token's centroid is not among the scored ones")
     if norms is not None:
         nv = np.asarray(norms)[pos]
+        if norm_values is not None:
+            nv = np.asarray(norm_values, np.float32)[nv]
         if not (np.isfinite(nv).all() and (nv > 0).all()):
             raise IndexCorruptError("stage 4: token norms that are NaN, infinite, zero or negative")
     sims = stages.adc_scores(torch.from_numpy(table), np.ascontiguousarray(residuals[pos]))

@@ -5,7 +5,8 @@
 * :mod:`~plaid.store.manifest` — format name and version, file naming, the typed manifest;
 * :mod:`~plaid.store.snapshot` — one committed generation, read-only and checked; ``verify``;
 * :mod:`~plaid.store.writer` — the writer lock, the journal, atomic commit and cleanup;
-* :mod:`~plaid.store.doc_ids` — external ids stored as data, and the one id resolver.
+* :mod:`~plaid.store.doc_ids` — external ids stored as data, and the one id resolver;
+* :mod:`~plaid.store.upgrade` — an older format version converted in place.
 
 Indexing and search both stand on this layer; neither builds a path inside an index folder.
 """
@@ -15,8 +16,9 @@ from .snapshot import (SegmentedRows, Snapshot, checked_codes, checked_norms, op
                        verify)
 from .files import fsync_dir
 from .writer import JOURNAL, LOCK_FILE, IndexWriter, is_own_name, writer_lock, writing
+from .upgrade import upgrade
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "LOCK_FILE", "JOURNAL", "ArrayEntry", "Manifest", "Segment",
            "Snapshot", "SegmentedRows", "IndexWriter", "DocIdTable", "open_snapshot", "read_manifest", "verify",
            "writing", "writer_lock", "checked_codes", "checked_norms", "check_doc_ids", "encode_doc_ids",
-           "resolve_ids", "fsync_dir", "is_own_name"]
+           "resolve_ids", "fsync_dir", "is_own_name", "upgrade"]

@@ -16,15 +16,18 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 
 import numpy as np
 
-from ..codecs import check_codec_params, codec_array_specs
+from ..codecs import NORM_LEVELS, check_codec_params, codec_array_specs
 from ..errors import FormatVersionError, IndexCorruptError
 
-__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "MANIFEST", "ArrayEntry", "Segment", "Manifest", "parse_manifest",
+__all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST", "ArrayEntry", "Segment", "Manifest", "parse_manifest",
            "array_file", "ARRAY_FILE_RE", "ARRAY_NAME_RE", "SEGMENT_RE", "TOMBSTONE_RE", "MAX_COUNT",
            "array_specs"]
 
 FORMAT_NAME = "plaid-index"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
+#: Versions this plaid reads. Version 2 (float16 norms, float16 centroids, int32 inverted file)
+#: is read as it is; writing to it is refused until ``plaid upgrade`` converts it to version 3.
+READABLE_VERSIONS = (2, 3)
 MANIFEST = "manifest.json"
 ARRAY_NAME_RE = re.compile(r"^[a-z][a-z0-9_]*$")
 ARRAY_FILE_RE = re.compile(r"^([a-z][a-z0-9_]*)\.(\d+)\.npy$")
@@ -34,6 +37,8 @@ TOMBSTONE_RE = re.compile(r"^tombstones_g(\d+)$")
 MAX_COUNT = 1 << 53
 #: Centroid ids fit uint16 up to this many centroids; larger indexes store int32 ids.
 UINT16_CENTROIDS = 1 << 16
+#: The inverted file stores uint16 document ids up to this many documents (format 3), else int32.
+UINT16_DOCUMENTS = 1 << 16
 
 
 def array_file(name: str, generation: int) -> str:
@@ -202,21 +207,29 @@ def _entry(name: str, raw: Any, generation: int, where: str) -> ArrayEntry:
 
 def array_specs(m: Manifest) -> Dict[str, Tuple[Tuple[np.dtype, ...], Tuple[int, ...]]]:
     """Every array a manifest must list: name -> (allowed dtypes, shape), derived from its counts."""
-    i32, i64 = np.dtype(np.int32), np.dtype(np.int64)
+    i32, i64, u8, u16 = np.dtype(np.int32), np.dtype(np.int64), np.dtype(np.uint8), np.dtype(np.uint16)
     C, N, dim = m.num_centroids, m.num_documents, m.dim
-    code_dtypes = (np.dtype(np.uint16), i32) if C <= UINT16_CENTROIDS else (i32,)
+    code_dtypes = (u16, i32) if C <= UINT16_CENTROIDS else (i32,)
+    v3 = m.format_version >= 3
+    centroids = m.arrays.get("centroids")
+    int8_centroids = v3 and centroids is not None and centroids.dtype == np.dtype(np.int8)
     specs: Dict[str, tuple] = {
-        "centroids": ((np.dtype(np.float16), np.dtype(np.float32)), (C, dim)),
+        "centroids": ((np.dtype(np.float16), np.dtype(np.float32)) + ((np.dtype(np.int8),) if v3 else ()), (C, dim)),
         "doclens": ((i32,), (N,)),
         "ivf_offsets": ((i64,), (C + 1,)),
     }
+    if int8_centroids:
+        specs["centroid_scales"] = ((np.dtype(np.float32),), (C,))
     ivf = m.arrays.get("ivf")
-    specs["ivf"] = ((i32,), ivf.shape if ivf is not None and len(ivf.shape) == 1 else (-1,))
+    ivf_dtypes = (u16, i32) if v3 and N <= UINT16_DOCUMENTS else (i32,)
+    specs["ivf"] = (ivf_dtypes, ivf.shape if ivf is not None and len(ivf.shape) == 1 else (-1,))
     for s in m.segments:
         specs[f"{s.name}_codes"] = (code_dtypes, (s.num_tokens,))
-        specs[f"{s.name}_residuals"] = ((np.dtype(np.uint8),), (s.num_tokens, m.code_bytes))
+        specs[f"{s.name}_residuals"] = ((u8,), (s.num_tokens, m.code_bytes))
         if m.normalized:
-            specs[f"{s.name}_norms"] = ((np.dtype(np.float16),), (s.num_tokens,))
+            specs[f"{s.name}_norms"] = ((u8 if v3 else np.dtype(np.float16),), (s.num_tokens,))
+    if m.normalized and v3:
+        specs["norm_values"] = ((np.dtype(np.float32),), (NORM_LEVELS,))
     for name in m.tombstones:
         e = m.arrays.get(name)
         specs[name] = ((i64,), e.shape if e is not None and len(e.shape) == 1 else (-1,))
@@ -239,13 +252,13 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_NAME:
         raise IndexCorruptError(f"{where} is not a plaid index manifest")
     version = raw.get("format_version")
-    if type(version) is not int or version != FORMAT_VERSION:
+    if type(version) is not int or version not in READABLE_VERSIONS:
         if type(version) is int and version > FORMAT_VERSION:
             hint = "it was written by a newer plaid; upgrade plaid-engine to read it"
         else:
             hint = "rebuild the index with this version of plaid"
         raise FormatVersionError(f"{where}: index format version {version!r} is not supported (this plaid reads "
-                                 f"version {FORMAT_VERSION}); {hint}")
+                                 f"versions {', '.join(map(str, READABLE_VERSIONS))}); {hint}")
     f = _Fields(raw, where)
     generation = f.int("generation")
     dim = f.int("dim", 1, 1 << 20)
@@ -320,7 +333,7 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
                    normalized=normalized, outlier_residual_norm=outlier, codec=MappingProxyType(codec),
                    segments=tuple(segments), next_segment=next_segment, tombstones=tuple(tombstones),
                    arrays=MappingProxyType(arrays), created_by=f.str("created_by", ""),
-                   build=MappingProxyType(build))
+                   build=MappingProxyType(build), format_version=version)
     specs = array_specs(man)
     for name, (dtypes, shape) in specs.items():
         e = arrays.get(name)

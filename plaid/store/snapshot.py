@@ -20,7 +20,7 @@ from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 
-from ..codecs import ResidualCodec, codec_from_manifest, codec_array_specs
+from ..codecs import NormQuantizer, ResidualCodec, codec_from_manifest, codec_array_specs, dequantize_centroids
 from ..errors import IndexCorruptError, IndexNotFoundError
 from . import files
 from .doc_ids import DocIdTable
@@ -126,7 +126,8 @@ class Snapshot:
     """One committed generation of the index at ``path``: typed manifest and mapped arrays.
 
     Use :func:`open_snapshot`. Properties load (once) and check the arrays held in memory:
-    ``centroids`` float32 [C, dim], ``ivf`` int32 [P], ``ivf_offsets`` int64 [C + 1],
+    ``centroids`` float32 [C, dim], ``ivf`` int32 [P] (whatever its stored width),
+    ``norm_quantizer`` (the values of one-byte norms), ``ivf_offsets`` int64 [C + 1],
     ``doclens`` int64 [N], ``doc_offsets`` int64 [N + 1], ``deleted`` int64 sorted ids,
     ``codec``, ``doc_ids`` (:class:`DocIdTable` or None). Per-token arrays: :meth:`codes`,
     :meth:`residuals`, :meth:`norms` (memory-mapped unless ``load=True``).
@@ -185,12 +186,38 @@ class Snapshot:
     # -- arrays held in memory, checked once -------------------------------------------------------
     @property
     def centroids(self) -> np.ndarray:
+        """float32 [C, dim], dequantized when stored as int8 with ``centroid_scales``."""
         def make():
-            c = np.array(self.mapped("centroids"), dtype=np.float32)
+            raw = self.mapped("centroids")
+            if raw.dtype == np.int8:
+                scales = self.loaded("centroid_scales")
+                if not (np.isfinite(scales).all() and (scales >= 0).all()):
+                    raise self._bad("centroid_scales", "scales that are NaN, infinite or negative")
+                c = dequantize_centroids(raw, scales)
+            else:
+                c = np.array(raw, dtype=np.float32)
             if not np.isfinite(c).all():
                 raise self._bad("centroids", "centroids that are NaN or infinite")
             return c
         return self._cached("centroids", make)
+
+    @property
+    def centroid_storage(self) -> str:
+        """How the centroids are stored: ``"int8"`` (with scales), ``"float16"`` or ``"float32"``."""
+        return str(self.manifest.arrays["centroids"].dtype)
+
+    @property
+    def norm_quantizer(self) -> Optional[NormQuantizer]:
+        """The table of the one-byte token norms (format 3, renormalising indexes), else None."""
+        if not self.manifest.normalized or self.manifest.format_version < 3:
+            return None
+
+        def make():
+            try:
+                return NormQuantizer(self.loaded("norm_values"))
+            except ValueError as e:
+                raise self._bad("norm_values", str(e)) from None
+        return self._cached("norm_quantizer", make)
 
     @property
     def ivf_offsets(self) -> np.ndarray:
@@ -205,7 +232,7 @@ class Snapshot:
     @property
     def ivf(self) -> np.ndarray:
         def make():
-            v = self.loaded("ivf")
+            v = self.loaded("ivf").astype(np.int32, copy=False)  # uint16 on disk for small indexes
             if len(v) and (int(v.min()) < 0 or int(v.max()) >= self.manifest.num_documents):
                 raise self._bad("ivf", f"document ids outside [0, {self.manifest.num_documents})")
             if len(v) and not (self.doclens[v] > 0).all():
@@ -303,7 +330,8 @@ class Snapshot:
         return self._rows("residuals", load)
 
     def norms(self, load: bool = False) -> Optional[SegmentedRows]:
-        """Norm of every decoded token (float16), when the index renormalises; else None."""
+        """Norm of every decoded token, when the index renormalises (else None): uint8 codes into
+        :attr:`norm_quantizer`'s values (format 3) or float16 values (format 2)."""
         return self._rows("norms", load) if self.manifest.normalized else None
 
     def token_files(self, suffix: str) -> str:
@@ -313,14 +341,17 @@ class Snapshot:
     def check_structure(self) -> None:
         """Load and check every in-memory array (raises :class:`IndexCorruptError`)."""
         self.centroids, self.ivf_offsets, self.ivf, self.doclens, self.deleted, self.codec, self.doc_ids
+        self.norm_quantizer
         if self.doc_ids is not None:
             self.doc_ids.validate()
 
     def check_tokens(self) -> None:
-        """Check every per-token value on disk: centroid ids below C, norms finite and positive."""
+        """Check every per-token value on disk: centroid ids below C, float16 norms (format 2) finite
+        and positive (a one-byte norm is valid whatever its value)."""
         m = self.manifest
+        float_norms = m.normalized and m.format_version < 3
         for s in m.segments:
-            for suffix in ("codes", "norms") if m.normalized else ("codes",):
+            for suffix in ("codes", "norms") if float_norms else ("codes",):
                 name = f"{s.name}_{suffix}"
                 a = self.mapped(name)
                 for lo in range(0, len(a), VERIFY_BLOCK_ROWS):

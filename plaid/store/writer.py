@@ -30,7 +30,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import IndexCorruptError, IndexExistsError, IndexLockedError, IndexWriteError, PlaidError
+from ..errors import FormatVersionError, IndexCorruptError, IndexExistsError, IndexLockedError, IndexWriteError, PlaidError
 from . import files
 from .manifest import (ARRAY_FILE_RE, FORMAT_VERSION, MANIFEST, ArrayEntry, Manifest, Segment, array_file, dumps,
                        parse_manifest)
@@ -315,6 +315,13 @@ def _clean_journal(path: str, fd: int, keep: set) -> None:
     _reset_journal(fd)
 
 
+def _check_writable_version(m: Manifest, path: str, upgrade: bool) -> None:
+    if m.format_version != FORMAT_VERSION and not upgrade:
+        raise FormatVersionError(
+            f"{path}: the index is in format version {m.format_version}, which this plaid reads but does not "
+            f"change; convert it first with `plaid upgrade {path}` (in place, atomic; searches keep working)")
+
+
 def _next_generation(path: str, base: Optional[Manifest]) -> int:
     top = base.generation if base is not None else -1
     for name in os.listdir(path):
@@ -348,7 +355,7 @@ def _prepare_new(path: str, overwrite: bool) -> bool:
 
 
 @contextlib.contextmanager
-def writing(path: str, *, new: bool = False, overwrite: bool = False) -> Iterator[IndexWriter]:
+def writing(path: str, *, new: bool = False, overwrite: bool = False, upgrade: bool = False) -> Iterator[IndexWriter]:
     """Take the writer lock and open an :class:`IndexWriter` for the next generation at ``path``.
 
     ``new=True`` (a build): ``path`` may be absent or empty, or (with ``overwrite``) hold a
@@ -372,6 +379,7 @@ def writing(path: str, *, new: bool = False, overwrite: bool = False) -> Iterato
                         base = read_manifest(path)
                 else:
                     base = read_manifest(path)
+                    _check_writable_version(base, path, upgrade)
                     snap = Snapshot(path, base)
                 keep = {e.file for e in base.arrays.values()} if base is not None else set()
                 _clean_journal(path, jfd, keep)

@@ -1,0 +1,145 @@
+"""Residual codecs, the one-byte norms and int8 centroids (plaid.codecs): what is stored decodes to
+what search scores, within the stated error bounds."""
+import numpy as np
+import pytest
+import torch
+
+import plaid
+from plaid.codecs import (NORM_LEVELS, NormQuantizer, PQCodec, ScalarCodec, allocate_widths, check_codec_params,
+                          codec_array_specs, codec_from_manifest, dequantize_centroids, quantize_centroids)
+from plaid.search.stages import adc_scores
+
+
+def _residual_like(n: int, dim: int = 64, seed: int = 0) -> np.ndarray:
+    """Correlated anisotropic vectors (variances spanning 10x), like token residuals."""
+    rng = np.random.default_rng(seed)
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+    scales = np.geomspace(1.0, 0.1, dim)
+    return (rng.normal(size=(n, dim)) * scales @ basis.T).astype(np.float32)
+
+
+CODECS = [
+    dict(m=16), dict(m=16, rotation=True), dict(m=21, rotation=True),
+    dict(m=64, rotation=True), dict(m=8, widths=[1, 3, 12, 8, 8, 8, 16, 8]),
+]
+
+
+@pytest.mark.parametrize("kw", CODECS, ids=lambda kw: "-".join(f"{k}{v if not isinstance(v, list) else 'w'}" for k, v in kw.items()))
+def test_pq_table_scores_equal_dot_products_with_decoded_vectors(kw):
+    """Stage 4 never decodes: the sum of code_bytes table entries must be <q, decode(code)>."""
+    x = _residual_like(1500)
+    codec = PQCodec(64, train_iters=3, **kw)
+    codec.train(x[:1000], seed=1)
+    codes = codec.encode(x[1000:])
+    assert codes.shape == (500, codec.code_bytes) and codes.dtype == np.uint8
+    decoded = codec.decode_numpy(codes)
+    q = _residual_like(9, seed=5)
+    np.testing.assert_allclose(adc_scores(codec.score_table(q), codes), decoded @ q.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(codec.decode(torch.from_numpy(codes)).numpy(), decoded, rtol=0, atol=1e-5)
+    # the manifest round trip gives the same codec
+    params = check_codec_params(64, codec.params())
+    again = codec_from_manifest(64, params, codec.arrays())
+    np.testing.assert_array_equal(again.decode_numpy(codes), decoded)
+    assert set(codec.arrays()) == set(codec_array_specs(64, params))
+    for name, (dtype, shape) in codec_array_specs(64, params).items():
+        assert codec.arrays()[name].dtype == dtype and codec.arrays()[name].shape == shape
+
+
+def test_rotation_with_allocated_widths_beats_equal_widths_at_the_same_bytes():
+    x = _residual_like(6000)
+    errs = {}
+    for name, kw in {"plain": dict(m=16), "rotated": dict(m=16, rotation=True)}.items():
+        c = PQCodec(64, train_iters=5, **kw)
+        c.train(x[:4000], seed=0)
+        errs[name] = float(np.mean(np.sum((c.decode_numpy(c.encode(x[4000:])) - x[4000:]) ** 2, axis=1)))
+    assert errs["rotated"] < 0.8 * errs["plain"], errs
+
+
+def test_allocate_widths_gives_high_variance_axes_narrower_sub_vectors():
+    w = allocate_widths(np.geomspace(10.0, 0.01, 128), 34, 128)
+    assert len(w) == 34 and sum(w) == 128 and min(w) >= 1
+    assert w[0] < w[-1]
+    assert allocate_widths(np.ones(128), 32, 128) == (4,) * 32
+    w = allocate_widths(np.ones(10), 10, 10)
+    assert w == (1,) * 10
+
+
+@pytest.mark.parametrize("kw, match", [
+    (dict(m=0), "between 1 and the dimension"), (dict(m=65), "between 1 and the dimension"),
+    (dict(m=4, widths=[16, 16, 16]), "widths must be 4 positive integers"),
+    (dict(m=2, widths=[64, 0]), "widths must be 2 positive integers"),
+])
+def test_pq_parameters_that_do_not_fit_the_dimension(kw, match):
+    with pytest.raises(plaid.InvalidInputError, match=match):
+        PQCodec(64, **kw)
+
+
+@pytest.mark.parametrize("params, match", [
+    ({"name": "pq", "m": 3, "nbits": 8, "code_bytes": 3}, "does not divide the dimension 64 and codec.widths is missing"),
+    ({"name": "pq", "m": 3, "nbits": 8, "code_bytes": 3, "widths": [30, 30, 4]}, "rotation must be true or false"),
+    ({"name": "pq", "m": 3, "nbits": 8, "code_bytes": 3, "widths": [30, 30], "rotation": False}, "widths must be a list of 3"),
+    ({"name": "pq", "m": 3, "nbits": 8, "code_bytes": 3, "widths": [30, 30, 5], "rotation": False}, "summing to 64"),
+    ({"name": "pq", "m": 3, "nbits": 8, "code_bytes": 3, "widths": [30, 30.0, 4], "rotation": False}, "positive integers"),
+    ({"name": "pq", "m": 3, "nbits": 8, "code_bytes": 3, "widths": "30,30,4", "rotation": False}, "widths must be a list"),
+    ({"name": "pq", "m": 2, "nbits": 8, "code_bytes": 2, "widths": [32, 32], "rotation": "true"}, "rotation must be"),
+    ({"name": "pq", "m": 100, "nbits": 8, "code_bytes": 100}, "between 1 and the dimension"),
+])
+def test_hostile_codec_parameters_are_refused(params, match):
+    with pytest.raises(ValueError, match=match):
+        check_codec_params(64, params)
+
+
+def test_scalar_codec_table_scores_still_exact():
+    x = _residual_like(3000)
+    codec = ScalarCodec(64, nbits=2)
+    codec.train(x[:2000])
+    codes = codec.encode(x[2000:])
+    q = _residual_like(5, seed=3)
+    np.testing.assert_allclose(adc_scores(codec.score_table(q), codes), codec.decode_numpy(codes) @ q.T,
+                               rtol=1e-5, atol=1e-5)
+
+
+# -- one-byte norms ---------------------------------------------------------------------------------
+def test_norm_quantizer_rounds_within_half_a_log_step():
+    rng = np.random.default_rng(0)
+    norms = rng.uniform(0.7, 1.1, 100_000)
+    nq = NormQuantizer.fit(norms)
+    assert nq.values.shape == (NORM_LEVELS,) and nq.values.dtype == np.float32
+    assert (np.diff(nq.values) > 0).all()
+    # the table spans the sample widened on both sides
+    assert nq.values[0] < 0.7 and nq.values[-1] > 1.1
+    step = np.log(nq.values[1] / nq.values[0])
+    codes = nq.encode(norms)
+    assert codes.dtype == np.uint8
+    rel = np.abs(np.log(nq.decode(codes) / norms))
+    assert rel.max() <= step / 2 + 1e-6
+    assert rel.max() < 2e-3  # a 0.7-1.1 band: under 0.2% error
+    # beyond the table: clipped to its ends, never wrapped
+    assert nq.encode(np.array([1e-9, 0.0, 1e9, np.inf])).tolist() == [0, 0, 255, 255]
+
+
+@pytest.mark.parametrize("sample", [np.array([1.0]), np.array([0.5, 0.5]), np.array([]), np.array([np.nan, 2.0])])
+def test_norm_quantizer_degenerate_samples(sample):
+    nq = NormQuantizer.fit(sample)
+    assert np.isfinite(nq.values).all() and (np.diff(nq.values) > 0).all()
+
+
+@pytest.mark.parametrize("values", [np.ones(256), np.linspace(1, 2, 255), np.r_[np.nan, np.linspace(1, 2, 255)],
+                                    np.linspace(-1, 2, 256), np.linspace(2, 1, 256)])
+def test_norm_values_that_are_not_a_table_are_refused(values):
+    with pytest.raises(ValueError, match="norm_values must be 256 finite, positive, increasing"):
+        NormQuantizer(values)
+
+
+# -- int8 centroids ---------------------------------------------------------------------------------
+def test_int8_centroids_round_trip_within_half_a_step():
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=(500, 64)).astype(np.float32)
+    c[3] = 0.0  # an all-zero row
+    c[4] *= 1e6  # a large one: the scale is per row
+    q = quantize_centroids(c)
+    assert q["centroids"].dtype == np.int8 and q["centroid_scales"].dtype == np.float32
+    back = dequantize_centroids(q["centroids"], q["centroid_scales"])
+    step = np.abs(c).max(axis=1) / 127
+    assert (np.abs(back - c) <= step[:, None] / 2 * (1 + 1e-5) + 1e-30).all()
+    assert (back[3] == 0).all()
