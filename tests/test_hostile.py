@@ -727,7 +727,7 @@ def _set(a, idx, v):
 
 def _ivf_top(ctx, a, v):
     assert (a == ctx.env.top).any()
-    return _set(a, a == ctx.env.top, v)
+    return _set(a.astype(np.int32), a == ctx.env.top, v)  # int32: any id fits (the stored ivf may be uint16)
 
 
 def _swap_offsets(ctx, a):

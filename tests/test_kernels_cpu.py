@@ -339,7 +339,8 @@ def test_kernels_from_two_threads(small_index, small_corpus):
             Re = stages.centroid_table(R)
             counts = st.dcell_offsets[docs + 1] - st.dcell_offsets[docs]
             a, _ = K.approx_maxsim_ivf(Re, stages.surviving(R, 0.5), docs, st.ivf, st.ivf_offsets, counts, slot)
-            e = K.exact_scores(q, st.codec, st.centroids, codes, residuals, norms, st.doc_offsets, docs[:64])
+            e = K.exact_scores(q, st.codec, st.centroids, codes, residuals, norms, st.doc_offsets, docs[:64],
+                               st.norm_values)
             out.append((a, e))
 
     serial = []

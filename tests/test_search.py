@@ -63,7 +63,8 @@ def test_stored_norms_are_the_norms_of_the_decoded_vectors(small_index):
     raw += snap.centroids[snap.mapped(f"{seg}_codes")]
     # one byte per norm: the nearest of 256 log-spaced values, within half a step
     half_step = np.log(values[1] / values[0]) / 2
-    np.testing.assert_array_less(np.abs(np.log(values[codes] / np.linalg.norm(raw, axis=1))), half_step * (1 + 1e-4))
+    # (+1e-6: the encoder's float32 norms and these may differ in the last bit)
+    np.testing.assert_array_less(np.abs(np.log(values[codes] / np.linalg.norm(raw, axis=1))), half_step + 1e-6)
     assert half_step < 2e-3
 
 
