@@ -231,9 +231,9 @@ def msmarco() -> MsMarco:
     return MsMarco(vectors, doclens, doc_ids, queries, query_ids, exact, top100)
 
 
-def _build_msmarco(tmp_path_factory, data: MsMarco, name: str, **kwargs) -> str:
+def _build_msmarco(tmp_path_factory, data: MsMarco, name: str, doc_ids=None, **kwargs) -> str:
     path = str(tmp_path_factory.mktemp("msmarco") / name)
-    plaid.Indexer(show_progress=False, **kwargs).build(path, data.embeddings)
+    plaid.Indexer(show_progress=False, **kwargs).build(path, data.embeddings, doc_ids=doc_ids)
     return path
 
 
@@ -247,6 +247,12 @@ def msmarco_pq32(tmp_path_factory, msmarco) -> str:
 def msmarco_pq64(tmp_path_factory, msmarco) -> str:
     """msmarco-5k, PQ with pq_m=64 (68 B/token payload)."""
     return _build_msmarco(tmp_path_factory, msmarco, "pq64", pq_m=64)
+
+
+@pytest.fixture(scope="session")
+def msmarco_pool2(tmp_path_factory, msmarco) -> str:
+    """msmarco-5k, default Indexer with token pooling, pool_factor=2 (with the corpus' doc ids)."""
+    return _build_msmarco(tmp_path_factory, msmarco, "pool2", doc_ids=msmarco.doc_ids, pool_factor=2)
 
 
 @pytest.fixture(scope="session")

@@ -4,11 +4,13 @@ Recall@10 is measured against exhaustive MaxSim, tie-tolerant: a returned docume
 exact score is at least the 10th exact score (from exact_top100.tsv) minus 1e-4. Default search
 settings, k=10. Each index is built once per session (conftest.py).
 """
+import os
+
 import numpy as np
 import pytest
 
 import plaid
-from conftest import MSMARCO_REPORT, decompressed_docs, folder_bytes, requires_msmarco
+from conftest import MSMARCO, MSMARCO_REPORT, decompressed_docs, folder_bytes, requires_msmarco
 
 pytestmark = [requires_msmarco, pytest.mark.msmarco]
 
@@ -110,3 +112,39 @@ def test_torch_engine_matches_numpy_engine_k100(msmarco, msmarco_pq32):
     a = plaid.Searcher(msmarco_pq32, centroid_precision="float32").search(msmarco.queries, k=100)
     b = plaid.Searcher(msmarco_pq32, engine="torch", centroid_precision="float32").search(msmarco.queries, k=100)
     np.testing.assert_array_equal(a.ids, b.ids)
+
+
+def _ndcg10(data, ids: np.ndarray, scores: np.ndarray) -> float:
+    """nDCG@10 of a ranking (document positions, best first) against msmarco-5k's qrels, computed
+    as ``plaid evaluate`` does (plaid.evaluation, ir-measures)."""
+    from plaid.evaluation import evaluate, load_qrels
+
+    qrels = load_qrels(os.path.join(MSMARCO, "qrels", "test.tsv"))
+    run = {q: {data.doc_ids[d]: float(s) for d, s in zip(row, sc) if d >= 0}
+           for q, row, sc in zip(data.query_ids, ids.tolist(), scores.tolist())}
+    return evaluate(run, qrels, ["nDCG@10"])["metrics"]["nDCG@10"]
+
+
+def test_pool_factor_2_halves_the_index_at_the_quality_of_exhaustive_search(msmarco, msmarco_pq32, msmarco_pool2):
+    """Token pooling, factor 2: the folder is at most 0.55x the unpooled one's, and nDCG@10 of a
+    run searched as the README's evaluation does (``plaid search --k 100``, default settings) is
+    within 0.01 of exhaustive MaxSim on the unpooled vectors."""
+    pytest.importorskip("ir_measures", reason="nDCG needs ir-measures (the [test] extra)")
+    index = plaid.Index(msmarco_pool2)
+    assert index.pooling == {"method": "ward", "factor": 2}
+    lens = msmarco.doclens.astype(np.int64)
+    assert index.num_tokens == int(np.sum((lens + 1) // 2))  # ceil(n / 2) per document
+    ratio = folder_bytes(msmarco_pool2) / folder_bytes(msmarco_pq32)
+    top = np.argsort(-msmarco.exact, axis=1, kind="stable")[:, :10]
+    exhaustive = _ndcg10(msmarco, top, np.take_along_axis(msmarco.exact, top, axis=1))
+    assert abs(exhaustive - 0.8024) < 5e-4  # the dataset README's figure
+    searcher = plaid.Searcher(msmarco_pool2)
+    res = searcher.search(msmarco.queries, k=100)
+    pooled = _ndcg10(msmarco, res.ids[:, :10], res.scores[:, :10])
+    res10 = searcher.search(msmarco.queries, k=10)
+    MSMARCO_REPORT["msmarco_pool2"] = {"recall@10": recall_at_10(msmarco, res10.ids),
+                                       "folder_bytes_per_token": folder_bytes(msmarco_pool2) / index.num_tokens,
+                                       "payload_bytes_per_token": index.payload_bytes_per_token(),
+                                       "codec": index.codec}
+    assert ratio <= 0.55, f"pooled folder {ratio:.3f}x the unpooled one"
+    assert pooled >= exhaustive - 0.01, f"nDCG@10 {pooled:.4f} vs exhaustive {exhaustive:.4f}"

@@ -249,6 +249,14 @@ def ward_pool_units(x: np.ndarray, in_start: np.ndarray, in_len: np.ndarray, out
 
 
 # -- choosing the implementation ------------------------------------------------------------------------
+def _read_only(a: np.ndarray) -> np.ndarray:
+    """A read-only view: the kernel always gets its input as one (numba compiles one version for
+    writable arrays and another for read-only ones; this way one serves every input)."""
+    v = a.view()
+    v.flags.writeable = False
+    return v
+
+
 def _compiled() -> Tuple[Optional[Kernel], str]:
     """(the numba kernel, "") when it can run here, else (None, why not). Compiles it on first use."""
     flag = os.environ.get("PLAID_NO_NUMBA", "")
@@ -261,7 +269,8 @@ def _compiled() -> Tuple[Optional[Kernel], str]:
     kernel = _pooling_numba.ward_pool_units
     try:  # compile (or load from the cache) for the argument types every call passes
         empty = np.zeros(0, np.int64)
-        kernel(np.zeros((1, 1), np.float32), empty, empty, empty, empty, False, np.zeros((1, 1), np.float32))
+        kernel(_read_only(np.zeros((1, 1), np.float32)), empty, empty, empty, empty, False,
+               np.zeros((1, 1), np.float32))
     except Exception as e:  # noqa: BLE001 - a numba typing or lowering failure
         return None, f"the pooling kernel did not compile: {type(e).__name__}: {str(e)[:200]}"
     return kernel, ""
@@ -312,7 +321,7 @@ def pool_documents(vectors: np.ndarray, doclens: np.ndarray, factor: float, *, r
     Returns ``(pooled float32 [T', d], pooled_doclens int64 [N])``, ``T' = pooled_doclens.sum()``.
     """
     factor = check_pool_factor(factor)
-    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    x = _read_only(np.ascontiguousarray(vectors, dtype=np.float32))
     if x.ndim != 2:
         raise InvalidInputError(f"vectors must be 2-D [tokens, dim], got shape {tuple(x.shape)}")
     in_start, in_len, out_start, out_len, unit_doc = pool_units(doclens, factor)
