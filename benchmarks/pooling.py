@@ -109,6 +109,58 @@ def _latencies(searcher, queries, n: int) -> List[float]:
     return out
 
 
+def _implementations(X, doclens, factor: float, docs: int, rounds: int) -> dict:
+    """Per-document pooling cost (ms, best of ``rounds`` interleaved rounds, one thread) of the
+    first ``docs`` documents: plaid's compiled kernel and its numpy fallback, and scipy's and
+    scikit-learn's Ward clustering plus the means (where installed), which were the candidates."""
+    from plaid.indexing import pooling
+
+    lens = doclens[:docs]
+    x = np.asarray(X[: int(lens.sum())], np.float32)
+    offs = np.concatenate([[0], np.cumsum(lens)])
+    ks = pooling.pooled_doclens(lens, factor)
+
+    def scipy_ward():
+        from scipy.cluster.hierarchy import fcluster, linkage
+
+        for i, k in enumerate(ks.tolist()):
+            d = x[offs[i] : offs[i + 1]].astype(np.float64)
+            if k < len(d):
+                lab = fcluster(linkage(d, method="ward"), t=k, criterion="maxclust")
+                np.stack([d[lab == c].mean(0) for c in np.unique(lab)])
+
+    def sklearn_ward():
+        from sklearn.cluster import AgglomerativeClustering
+
+        for i, k in enumerate(ks.tolist()):
+            d = x[offs[i] : offs[i + 1]]
+            if k < len(d):
+                lab = AgglomerativeClustering(n_clusters=k, linkage="ward").fit_predict(d)
+                np.stack([d[lab == c].mean(0) for c in range(k)])
+
+    impls = {"plaid numba kernel": lambda: pool_documents(x, lens, factor, renormalize=True, threads=1),
+             "plaid numpy fallback": lambda: pool_documents(
+                 x[: int(lens[:docs // 10].sum())], lens[:docs // 10], factor, renormalize=True,
+                 kernel=pooling._ward_pool_units_numpy)}
+    share = {"plaid numpy fallback": docs // 10}
+    for name, fn, module in (("scipy linkage(ward) + fcluster", scipy_ward, "scipy"),
+                             ("sklearn AgglomerativeClustering(ward)", sklearn_ward, "sklearn")):
+        try:
+            __import__(module)
+            impls[name] = fn
+        except ImportError:
+            pass
+    pooling._kernel()  # compiled outside the timing
+    best = {n: float("inf") for n in impls}
+    names = list(impls)
+    for r in range(rounds):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            t = time.perf_counter()
+            impls[n]()
+            best[n] = min(best[n], (time.perf_counter() - t) / share.get(n, docs))
+    return {n: 1000 * v for n, v in best.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="5k", help="5k (msmarco-5k) or a grown size such as 50k")
@@ -120,6 +172,8 @@ def main() -> None:
     ap.add_argument("--latency-queries", type=int, default=200, help="queries timed per round")
     ap.add_argument("--keep", default=None, help="keep the indexes in this folder (default: a temporary one)")
     ap.add_argument("--write", action="store_true", help="write benchmarks/results/pooling.{md,json}")
+    ap.add_argument("--implementations", type=int, default=500,
+                    help="documents timed per implementation of the clustering (0: skip)")
     args = ap.parse_args()
 
     import faiss
@@ -178,8 +232,9 @@ def main() -> None:
             best[f] = min(best[f], float(np.median(_latencies(searchers[f], queries, n))))
     for f in factors:
         rows[f]["latency_ms_median"] = 1000 * best[f]
+    impl = _implementations(X, doclens, 2.0, args.implementations, args.rounds) if args.implementations else {}
     base = rows.get(1.0)
-    result = {"size": args.size, "documents": int(len(doclens)), "tokens": T, "queries": len(queries),
+    result = {"implementations_ms_per_doc": impl, "implementation_docs": args.implementations,"size": args.size, "documents": int(len(doclens)), "tokens": T, "queries": len(queries),
               "threads": args.threads, "rounds": args.rounds, "latency_queries": n,
               "exhaustive_ndcg@10_unpooled": exhaustive_ndcg, "rows": [rows[f] for f in factors],
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}
@@ -221,6 +276,15 @@ def _markdown(res: dict, base) -> str:
             f"{_fmt(r['ndcg@10_k10'], '.4f')} | {_fmt(r['ndcg@10_k100'], '.4f')} | "
             f"{_fmt(r.get('ndcg@10_exhaustive_pooled'), '.4f')} | {r['latency_ms_median']:.2f} | "
             f"{_fmt(r['latency_ms_median'] / base['latency_ms_median'] if base else None, '.2f')} |")
+    impl = res.get("implementations_ms_per_doc") or {}
+    if impl:
+        mean_len = res["tokens"] / res["documents"]
+        lines += ["", f"Clustering cost per document, factor 2, one thread (the first {res['implementation_docs']} "
+                  f"documents, mean {mean_len:.0f} tokens; best of {res['rounds']} interleaved rounds), and what "
+                  "1M such documents would take:", "",
+                  "| implementation | ms per document | 1M documents, one thread |", "|---|---|---|"]
+        for name, ms in impl.items():
+            lines.append(f"| {name} | {ms:.3f} | {ms * 1e6 / 1000 / 60:.0f} min |")
     return "\n".join(lines) + "\n"
 
 
