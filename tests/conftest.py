@@ -231,9 +231,9 @@ def msmarco() -> MsMarco:
     return MsMarco(vectors, doclens, doc_ids, queries, query_ids, exact, top100)
 
 
-def _build_msmarco(tmp_path_factory, data: MsMarco, name: str, doc_ids=None, **kwargs) -> str:
+def _build_msmarco(tmp_path_factory, data: MsMarco, name: str, **kwargs) -> str:
     path = str(tmp_path_factory.mktemp("msmarco") / name)
-    plaid.Indexer(show_progress=False, **kwargs).build(path, data.embeddings, doc_ids=doc_ids)
+    plaid.Indexer(show_progress=False, **kwargs).build(path, data.embeddings)
     return path
 
 
@@ -251,8 +251,8 @@ def msmarco_pq64(tmp_path_factory, msmarco) -> str:
 
 @pytest.fixture(scope="session")
 def msmarco_pool2(tmp_path_factory, msmarco) -> str:
-    """msmarco-5k, default Indexer with token pooling, pool_factor=2 (with the corpus' doc ids)."""
-    return _build_msmarco(tmp_path_factory, msmarco, "pool2", doc_ids=msmarco.doc_ids, pool_factor=2)
+    """msmarco-5k, default Indexer with token pooling, pool_factor=2 (no doc ids, as msmarco_pq32)."""
+    return _build_msmarco(tmp_path_factory, msmarco, "pool2", pool_factor=2)
 
 
 @pytest.fixture(scope="session")

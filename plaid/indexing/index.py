@@ -93,6 +93,7 @@ class Index:
 
     @property
     def num_tokens(self) -> int:
+        """Stored vectors: the documents' tokens, or their pooled vectors in a pooled index (:attr:`pooling`)."""
         return self._manifest.num_tokens
 
     @property
