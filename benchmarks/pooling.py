@@ -161,7 +161,7 @@ def _implementations(X, doclens, factor: float, docs: int, rounds: int) -> dict:
     return {n: 1000 * v for n, v in best.items()}
 
 
-def main() -> None:
+def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size", default="5k", help="5k (msmarco-5k) or a grown size such as 50k")
     ap.add_argument("--factors", default="1,2,3,4", help="pool factors, comma separated (1: no pooling)")
@@ -174,7 +174,7 @@ def main() -> None:
     ap.add_argument("--write", action="store_true", help="write benchmarks/results/pooling.{md,json}")
     ap.add_argument("--implementations", type=int, default=500,
                     help="documents timed per implementation of the clustering (0: skip)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
 
     import faiss
     import torch
@@ -248,6 +248,7 @@ def main() -> None:
             fh.write(md)
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
+    return result
 
 
 def _fmt(v, spec: str) -> str:
