@@ -234,7 +234,8 @@ def main(argv=None) -> dict:
         rows[f]["latency_ms_median"] = 1000 * best[f]
     impl = _implementations(X, doclens, 2.0, args.implementations, args.rounds) if args.implementations else {}
     base = rows.get(1.0)
-    result = {"implementations_ms_per_doc": impl, "implementation_docs": args.implementations,"size": args.size, "documents": int(len(doclens)), "tokens": T, "queries": len(queries),
+    result = {"implementations_ms_per_doc": impl, "implementation_docs": args.implementations,
+              "size": args.size, "documents": int(len(doclens)), "tokens": T, "queries": len(queries),
               "threads": args.threads, "rounds": args.rounds, "latency_queries": n,
               "exhaustive_ndcg@10_unpooled": exhaustive_ndcg, "rows": [rows[f] for f in factors],
               "created": time.strftime("%Y-%m-%d %H:%M:%S")}

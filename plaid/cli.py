@@ -158,8 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--seed", type=_seed, default=0,
                     help=f"seed of sampling, k-means and codec training (0 to {MAX_SEED})")
     ix.add_argument("--pool-factor", type=_pool_factor, default=1, metavar="F",
-                    help="token pooling: store about n/F cluster means per document of n tokens (Ward "
-                         "clustering; 1: every token, 2: half the vectors)")
+                    help="token pooling: a document of n tokens is stored as ceil(n/F) means of Ward "
+                         "clusters of its tokens (1: every token; 2: about half the vectors)")
     sh = p.add_argument_group("sharded index on Ray (needs the [ray] extra)")
     sh.add_argument("--shards", type=_positive_int, default=None, metavar="N",
                     help="build a sharded index of N shards: train once here, encode each shard in a Ray task")

@@ -250,6 +250,12 @@ def test_add_pools_the_new_documents(pooled, small_corpus, tmp_path):
     res = plaid.Searcher(path).search([new[3]], k=1)
     assert res.ids[0, 0] == ids[3]
     assert index.verify() == []
+    index.delete(["new-0", "doc-1"])
+    index.compact(show_progress=False)  # copies the stored vectors: the record stays, counts shrink
+    assert index.pooling == {"method": "ward", "factor": 2}
+    gone = int(lens[0]) + int(pooled_doclens(np.array([len(docs[1])]), 2)[0])
+    assert index.num_tokens == before + int(lens.sum()) - gone
+    assert index.verify() == []
 
 
 @pytest.mark.parametrize("pooling_value, field", [

@@ -15,8 +15,9 @@ and the index stores the cluster means instead of the tokens (Clavié et al., 20
 **Which vectors.** A document (or block) of ``n`` tokens pooled into ``k < n`` vectors is clustered
 by agglomerative clustering with Ward's criterion on the Euclidean distances of its tokens,
 stopped at ``k`` clusters: starting from one cluster per token, the pair of clusters whose merge
-increases the within-cluster sum of squares the least is merged, ``n - k`` times (ties: the pair
-of the lowest-numbered cluster holding a smallest nearest-neighbour cost). For unit vectors the
+increases the within-cluster sum of squares the least is merged, ``n - k`` times (a cluster is
+numbered by its first token; on ties, the lowest-numbered cluster among those with the cheapest
+merge is merged with its lowest-numbered cheapest partner). For unit vectors the
 Euclidean distance orders pairs as the cosine similarity does. Each cluster becomes the mean of
 its tokens, renormalised to unit length when ``renormalize`` is set (an index of unit-norm
 vectors relies on it), and the clusters are written in the order of their first token. Same
@@ -47,8 +48,8 @@ from ..errors import IndexCorruptError, InvalidInputError
 from ..store.manifest import MAX_POOL_FACTOR, POOLING_METHODS
 
 __all__ = ["POOL_METHOD", "POOL_BLOCK_TOKENS", "MAX_POOL_FACTOR", "check_pool_factor", "pooling_record",
-           "pool_factor_of", "default_threads", "pooled_doclens", "pool_units", "ward_pool_units", "pool_documents", "pool_corpus",
-           "backend"]
+           "pool_factor_of", "default_threads", "pooled_doclens", "pool_units", "ward_pool_units", "pool_documents",
+           "pool_corpus", "backend"]
 
 #: The one pooling method this plaid implements (the manifest's ``pooling.method``).
 POOL_METHOD = "ward"
@@ -317,6 +318,10 @@ def pool_documents(vectors: np.ndarray, doclens: np.ndarray, factor: float, *, r
         Divide each cluster mean by its norm (for unit-norm inputs: the means then stay unit-norm).
     threads : int, default 1
         Threads pooling different documents at once (the compiled kernel only).
+    executor : ThreadPoolExecutor, optional
+        Runs the threads' parts (default: a pool made for this call).
+    kernel : callable, optional
+        The implementation (default: the compiled kernel, else the numpy one after a warning).
 
     Returns ``(pooled float32 [T', d], pooled_doclens int64 [N])``, ``T' = pooled_doclens.sum()``.
     """
@@ -359,10 +364,11 @@ def pool_corpus(corpus: Corpus, factor: float, *, renormalize: bool, spill: Opti
 
     ``corpus`` is read in document-aligned chunks of about ``chunk_tokens`` tokens; each chunk's
     pooled vectors are appended to a file made by ``spill`` (e.g. an index writer's
-    ``scratch_file``; default: the system's temporary directory), so memory stays bounded by the chunk whatever the corpus size. Returns a
-    :class:`~plaid.embeddings.Corpus` over that file (memory-mapped; ``close()`` removes it) with
-    the same documents in the same order, ``pooled_doclens(corpus.doclens, factor)`` vectors each.
-    ``renormalize``, ``threads``: as for :func:`pool_documents`.
+    ``scratch_file``; default: the system's temporary directory), so memory stays bounded by the
+    chunk whatever the corpus size. Returns a :class:`~plaid.embeddings.Corpus` over that file
+    (memory-mapped; ``close()`` removes it) with the same documents in the same order,
+    ``pooled_doclens(corpus.doclens, factor)`` vectors each. ``renormalize``, ``threads``: as for
+    :func:`pool_documents`.
     """
     factor = check_pool_factor(factor)
     lens = pooled_doclens(corpus.doclens, factor)
