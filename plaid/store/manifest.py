@@ -220,7 +220,7 @@ def _pooling(raw: dict, f: _Fields, where: str) -> Optional[Mapping[str, Any]]:
     p = _Fields(value, where, "pooling.")
     extra = sorted(set(value) - {"method", "factor"})
     if extra:
-        raise p.bad(extra[0], "is not a field of pooling (method, factor)")
+        raise p.bad(extra[0][:40], "is not a field of pooling (method, factor)")
     method = p.str("method")
     if method not in POOLING_METHODS:
         raise p.bad("method", f"= {method!r:.40} is not a pooling method this plaid knows "
