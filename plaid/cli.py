@@ -95,6 +95,18 @@ def _finite_float(s: str) -> float:
     return v
 
 
+def _pool_factor(s: str) -> float:
+    import math
+
+    try:
+        v = float(s)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and 1 <= v <= 2**53):
+        raise argparse.ArgumentTypeError(f"expected a number from 1 (no pooling) to 2**53, got {s!r}")
+    return int(v) if v.is_integer() else v
+
+
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bars or notes on stderr (warnings and errors still show)")
 
@@ -153,6 +165,9 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--kmeans-niter", type=_positive_int, default=4, help="k-means iterations")
     ix.add_argument("--seed", type=_seed, default=0,
                     help=f"seed of sampling, k-means and codec training (0 to {MAX_SEED})")
+    ix.add_argument("--pool-factor", type=_pool_factor, default=1, metavar="F",
+                    help="token pooling: a document of n tokens is stored as ceil(n/F) means of Ward "
+                         "clusters of its tokens (1: every token; 2: about half the vectors)")
     sh = p.add_argument_group("sharded index on Ray (needs the [ray] extra)")
     sh.add_argument("--shards", type=_positive_int, default=None, metavar="N",
                     help="build a sharded index of N shards: train once here, encode each shard in a Ray task")
@@ -247,7 +262,7 @@ def _cmd_index(args) -> int:
     t = time.perf_counter()
     options = {"preset": args.preset, "codec": args.codec, "pq_m": args.pq_m, "pq_rotation": args.pq_rotation,
                "nbits": args.nbits, "num_centroids": args.num_centroids, "kmeans_niter": args.kmeans_niter,
-               "seed": args.seed}
+               "seed": args.seed, "pool_factor": args.pool_factor}
     index, timings = build_index(
         args.index_dir, embeddings=args.embeddings, corpus=args.corpus, checkpoint=args.checkpoint,
         save_embeddings=args.save_embeddings, overwrite=args.overwrite, device=args.device,
@@ -307,6 +322,12 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _pooling_text(pooling) -> str:
+    if not pooling:
+        return "none (every token stored)"
+    return f"{pooling['method']}, factor {pooling['factor']} (tokens and bytes per token count pooled vectors)"
+
+
 def _cmd_info_sharded(args) -> int:
     from .distributed.sharded import ShardedIndex
 
@@ -330,6 +351,7 @@ def _cmd_info_sharded(args) -> int:
         ("tokens", info["num_tokens"]),
         ("dim", info["dim"]),
         ("codec", " ".join(f"{k}={v}" for k, v in info["codec"].items())),
+        ("pooling", _pooling_text(info["pooling"])),
         ("codec fingerprint", info["codec_fingerprint"][:16]),
         ("normalized", info["normalized"]),
         ("size", f"{info['bytes']} bytes ({info['bytes'] / 2**20:.2f} MiB)"),
@@ -378,6 +400,7 @@ def _cmd_info(args) -> int:
             ("centroids", info["num_centroids"]),
             ("dim", info["dim"]),
             ("codec", " ".join(f"{k}={v}" for k, v in codec.items())),
+            ("pooling", _pooling_text(info["pooling"])),
             ("normalized", info["normalized"]),
             ("size", f"{info['bytes']} bytes ({info['bytes'] / 2**20:.2f} MiB)"),
             ("bytes per token", f"{info['bytes_per_token']} (payload {info['payload_bytes_per_token']}: "

@@ -250,6 +250,12 @@ def msmarco_accurate(tmp_path_factory, msmarco) -> str:
 
 
 @pytest.fixture(scope="session")
+def msmarco_pool2(tmp_path_factory, msmarco) -> str:
+    """msmarco-5k, default Indexer with token pooling, pool_factor=2 (no doc ids, as msmarco_default)."""
+    return _build_msmarco(tmp_path_factory, msmarco, "pool2", pool_factor=2)
+
+
+@pytest.fixture(scope="session")
 def msmarco_scalar2(tmp_path_factory, msmarco) -> str:
     """msmarco-5k, scalar codec with nbits=2."""
     return _build_msmarco(tmp_path_factory, msmarco, "scalar2", codec="scalar", nbits=2)

@@ -71,3 +71,19 @@ def test_harness_on_tiny_corpus(tmp_path):
     assert [s["medians_of_passes_ms"] for s in ex3["settings"]] == [s["medians_of_passes_ms"] for s in ex2["settings"]]
     assert [s["recall@10"] for s in ex3["settings"]] == [s["recall@10"] for s in ex2["settings"]]
     assert ex3["search"]["loadavg_1min_before"] == ex2["search"]["loadavg_1min_before"]
+
+
+def test_pooling_benchmark_on_tiny_corpus(tmp_path):
+    import pooling
+
+    docs = synthetic_corpus(150, dim=32, num_topics=16, seed=1, min_len=10, max_len=40)
+    src = str(tmp_path / "src")
+    _write_bundle(src, docs, synthetic_queries(docs, 8, seed=2))
+    res = pooling.main(["--size", "300", "--source", src, "--work", str(tmp_path / "work"), "--factors", "1,2",
+                        "--threads", "1", "--rounds", "1", "--latency-queries", "5", "--implementations", "10"])
+    one, two = res["rows"]
+    assert one["factor"] == 1 and one["kept"] == 1 and one["pool_s"] == 0
+    assert two["factor"] == 2 and 0.5 <= two["kept"] < 0.55 and two["pool_s"] > 0
+    assert two["folder_bytes"] < one["folder_bytes"] and 0 <= two["recall@10"] <= 1
+    assert one["ndcg@10_k10"] is None  # a grown corpus has no qrels
+    assert "plaid numba kernel" in res["implementations_ms_per_doc"]

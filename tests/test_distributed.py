@@ -188,6 +188,40 @@ def test_one_shard_is_the_one_process_build(tmp_path, ray_cluster, mini_corpus):
     assert _files(str(tmp_path / "s" / "shard-0")) == _files(str(tmp_path / "one"))
 
 
+def test_a_pooled_sharded_build_pools_every_shard(tmp_path, ray_cluster, mini_corpus):
+    """Training on the driver sees pooled vectors, each task pools its documents the same way (the
+    shards are byte for byte build_trained of their documents), and a shard opened by a later add
+    pools too."""
+    from plaid.indexing.pooling import pooled_doclens
+
+    docs, _ = mini_corpus
+    ix = dict(SMALL_INDEXER, pool_factor=2)
+    path = str(tmp_path / "s")
+    built = build_sharded(path, docs[:100], num_shards=2, doc_ids=_ids(100), indexer=ix, max_shard_documents=60)
+    trained = plaid.Indexer(**ix).train(docs[:100])
+    assert trained.pooling == {"method": "ward", "factor": 2}
+    assert built.manifest["codec_fingerprint"] == trained.fingerprint()
+    start = 0
+    for i, shard in enumerate(built.shard_paths()):
+        index = plaid.Index(shard)
+        n = index.num_documents
+        assert index.pooling == {"method": "ward", "factor": 2}
+        assert index.num_tokens == int(pooled_doclens(np.array([len(d) for d in docs[start:start + n]]), 2).sum())
+        one = str(tmp_path / f"one{i}")
+        plaid.Indexer(**SMALL_INDEXER).build_trained(one, docs[start:start + n], trained,
+                                                     doc_ids=_ids(100)[start:start + n])
+        assert _files(shard) == _files(one)
+        start += n
+    assert built.info()["pooling"] == {"method": "ward", "factor": 2}
+    si = ShardedIndex(path)
+    si.add(docs[100:], doc_ids=_ids(20, "x"), show_progress=False)  # past max_shard_documents: a new shard
+    si.refresh()
+    new = plaid.Index(si.shard_paths()[-1])
+    assert len(si.shard_paths()) == 3 and new.pooling == {"method": "ward", "factor": 2}
+    assert new.num_tokens == int(pooled_doclens(np.array([len(d) for d in docs[100:]]), 2).sum())
+    assert si.verify() == []
+
+
 def test_small_sharded_search_subsets_and_errors(small_sharded, small_corpus):
     docs, queries = small_corpus
     with plaid.ShardedSearcher(small_sharded) as ss:

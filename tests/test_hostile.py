@@ -91,8 +91,8 @@ def env(tmp_path_factory):
     root = tmp_path_factory.mktemp("hostile")
     worker = Worker(threads=1)
     pristine = str(root / "pristine")
-    r = worker.call([["pristine", pristine]], timeout=300)
-    assert r.status == "done" and r.results[0]["ok"], (r.describe(), r.results)
+    r = worker.call([["pristine", pristine], ["warm"]], timeout=300)
+    assert r.status == "done" and all(x["ok"] for x in r.results), (r.describe(), r.results)
     ref = {}
     for state in ("pristine", "delete", "add", "compact", "overwrite"):
         path = str(root / f"ref-{state}")
@@ -985,6 +985,34 @@ _FIELDS = [
     ("build_is_list", ("build",), [], dict(op="add", relaxed=True, verify=None)),
     ("build_seed_string", ("build", "seed"), "x", dict(op="add", relaxed=True, verify=None)),
     ("created_by_int", ("created_by",), 5, dict(verify=None)),
+    # token pooling (optional in format 2: absent or null = unpooled); a record this plaid cannot
+    # reproduce is refused on opening, so an add can never pool new documents differently
+    ("pooling_null", ("pooling",), None, dict(op="add", verify=None)),
+    ("pooling_string", ("pooling",), "ward", dict(op="add", must_fail=True)),
+    ("pooling_list", ("pooling",), ["ward", 2], dict(op="add", must_fail=True)),
+    ("pooling_true", ("pooling",), True, dict(op="add", must_fail=True)),
+    ("pooling_empty_object", ("pooling",), {}, dict(op="add", must_fail=True)),
+    ("pooling_method_unknown", ("pooling",), {"method": "kmeans", "factor": 2}, dict(op="add", must_fail=True)),
+    ("pooling_method_upper", ("pooling",), {"method": "Ward", "factor": 2}, dict(op="add", must_fail=True)),
+    ("pooling_method_int", ("pooling",), {"method": 1, "factor": 2}, dict(op="add", must_fail=True)),
+    ("pooling_method_missing", ("pooling",), {"factor": 2}, dict(op="add", must_fail=True)),
+    ("pooling_factor_missing", ("pooling",), {"method": "ward"}, dict(op="add", must_fail=True)),
+    ("pooling_factor_string", ("pooling",), {"method": "ward", "factor": "2"}, dict(op="add", must_fail=True)),
+    ("pooling_factor_nan_string", ("pooling",), {"method": "ward", "factor": "NaN"}, dict(op="add", must_fail=True)),
+    ("pooling_factor_nan", ("pooling",), {"method": "ward", "factor": float("nan")}, dict(op="add", must_fail=True)),
+    ("pooling_factor_infinity", ("pooling",), {"method": "ward", "factor": float("inf")},
+     dict(op="add", must_fail=True)),
+    ("pooling_factor_negative", ("pooling",), {"method": "ward", "factor": -2}, dict(op="add", must_fail=True)),
+    ("pooling_factor_zero", ("pooling",), {"method": "ward", "factor": 0}, dict(op="add", must_fail=True)),
+    ("pooling_factor_one", ("pooling",), {"method": "ward", "factor": 1}, dict(op="add", must_fail=True)),
+    ("pooling_factor_below_one", ("pooling",), {"method": "ward", "factor": 0.5}, dict(op="add", must_fail=True)),
+    ("pooling_factor_bool", ("pooling",), {"method": "ward", "factor": True}, dict(op="add", must_fail=True)),
+    ("pooling_factor_huge", ("pooling",), {"method": "ward", "factor": 10 ** 30}, dict(op="add", must_fail=True)),
+    ("pooling_factor_null", ("pooling",), {"method": "ward", "factor": None}, dict(op="add", must_fail=True)),
+    ("pooling_extra_field", ("pooling",), {"method": "ward", "factor": 2, "threshold": 0.5},
+     dict(op="add", must_fail=True)),
+    # a valid record on an unpooled index: search is unaffected, add pools the new documents
+    ("pooling_claimed", ("pooling",), {"method": "ward", "factor": 2}, dict(op="add", relaxed=True, verify=None)),
     ("unknown_extra_field", ("zzz_unknown",), {"x": [1, 2]}, dict(verify=None)),
 ]
 
@@ -1130,6 +1158,8 @@ for _cid, _base, _cmd in [("cli_verify_codes_equal_num_centroids", "codes_equal_
                           ("cli_verify_codec_m_zero", "manifest_codec_m_zero", "verify"),
                           ("cli_verify_norms_nan", "norms_nan", "verify"),
                           ("cli_info_format_version_4", "manifest_format_version_4", "info"),
+                          ("cli_info_pooling_method_unknown", "manifest_pooling_method_unknown", "info"),
+                          ("cli_search_pooling_factor_nan_string", "manifest_pooling_factor_nan_string", "search"),
                           ("cli_info_segments_null", "manifest_segments_null", "info"),
                           ("cli_info_json_deeply_nested", "manifest_json_deeply_nested", "info"),
                           ("cli_search_codes_equal_num_centroids", "codes_equal_num_centroids", "search"),

@@ -1,7 +1,10 @@
 """Building a sharded index: the driver trains once, Ray tasks encode the shards.
 
 1. The driver (this process) reads a sample of the **whole** corpus and trains the centroids and
-   the codec once (:meth:`plaid.Indexer.train`'s steps, same seed, same result).
+   the codec once (:meth:`plaid.Indexer.train`'s steps, same seed, same result). With token
+   pooling (``pool_factor > 1``) the driver pools the whole corpus into a temporary file to train
+   on the pooled vectors, and each task pools its own documents again (pooling is per document and
+   deterministic, so the vectors are the same): the pooling costs twice its one-process time.
 2. The corpus is cut into ``num_shards`` contiguous ranges of documents, at the document
    boundaries nearest to equal token counts. Shard ``i`` holds documents ``bounds[i] ..
    bounds[i+1]-1``; their global ids are their input positions (see :mod:`.sharded`).
@@ -265,7 +268,9 @@ def build_sharded(path, documents, *, num_shards: int, doc_ids=None, indexer=Non
                 timings: Dict[str, float] = {}
                 t = time.perf_counter()
                 warn_empty(corpus)
-                trained = ix._train(corpus, timings)  # the build's own training steps, on the whole corpus
+                # the build's own training steps, on the whole corpus (pooled first, into a temporary
+                # file, when the indexer pools: each task then pools its own documents the same way)
+                trained = ix._train_input(corpus, timings)
                 timings["train_s"] = time.perf_counter() - t
                 fingerprint = trained.fingerprint()
                 ray = connect(ray_address, timeout=connect_timeout, init_options=ray_init_options)

@@ -582,9 +582,11 @@ class ShardedIndex:
         from ..indexing.index import Index
 
         shards = []
+        pooling = None
         for s in self._m.shards:
             check_shard(self.path, s)
             i = Index(os.path.join(self.path, s.name)).info()
+            pooling = pooling or i["pooling"]  # one for all shards: part of the codec fingerprint
             shards.append({"name": s.name, "generation": i["generation"], "served_generation": s.generation,
                            "num_documents": i["num_documents"], "num_live_documents": i["num_live_documents"],
                            "num_tokens": i["num_tokens"], "num_centroids": i["num_centroids"], "bytes": i["bytes"]})
@@ -594,7 +596,7 @@ class ShardedIndex:
                 "generation": self._m.generation, "num_shards": len(shards), "num_documents": self._m.num_documents,
                 "num_live_documents": len(self), "num_deleted": len(self.deleted_ids()), "num_tokens": tokens,
                 "dim": self._m.dim, "codec": dict(self._m.codec), "normalized": self._m.normalized,
-                "codec_fingerprint": self._m.codec_fingerprint, "has_doc_ids": self._m.has_doc_ids,
+                "pooling": pooling, "codec_fingerprint": self._m.codec_fingerprint, "has_doc_ids": self._m.has_doc_ids,
                 "max_shard_documents": self._m.max_shard_documents, "created_by": self._m.created_by,
                 "bytes": size, "bytes_per_token": round(size / max(1, tokens), 3), "build": dict(self._m.build),
                 "shards": shards}

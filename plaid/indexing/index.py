@@ -23,6 +23,7 @@ from ..store import (IndexWriter, Manifest, Segment, Snapshot, check_doc_ids, ch
 from ..codecs import dequantize_centroids, quantize_centroids
 from .encode import encode_segment, merge_ivf, warn_empty, write_ivf
 from .kmeans import CentroidAssigner, sample_token_ids, train_centroids
+from .pooling import default_threads, pool_corpus, pool_factor_of
 
 __all__ = ["Index", "OUTLIER_FRACTION"]
 
@@ -93,6 +94,7 @@ class Index:
 
     @property
     def num_tokens(self) -> int:
+        """Stored vectors: the documents' tokens, or their pooled vectors in a pooled index (:attr:`pooling`)."""
         return self._manifest.num_tokens
 
     @property
@@ -108,12 +110,20 @@ class Index:
     def generation(self) -> int:
         return self._manifest.generation
 
+    @property
+    def pooling(self) -> Optional[dict]:
+        """How documents were pooled at indexing time: ``{"method": "ward", "factor": f}``, or None
+        (each token stored). With pooling, ``num_tokens``, the document lengths and
+        :meth:`bytes_per_token` count the stored (pooled) vectors."""
+        p = self._manifest.pooling
+        return None if p is None else dict(p)
+
     def nbytes(self) -> int:
         """Bytes of all committed array files plus the manifest."""
         return self._snap.nbytes()
 
     def bytes_per_token(self) -> float:
-        """Whole index folder size per stored document token."""
+        """Whole index folder size per stored vector (a token, or a pooled vector: see :attr:`pooling`)."""
         return self.nbytes() / max(1, self.num_tokens)
 
     def payload_bytes_per_token(self) -> int:
@@ -181,6 +191,7 @@ class Index:
             "num_segments": len(m.segments),
             "dim": self.dim,
             "codec": self.codec,
+            "pooling": self.pooling,
             "normalized": m.normalized,
             "has_doc_ids": m.has_doc_ids,
             "num_empty_documents": m.num_empty_documents,
@@ -204,19 +215,27 @@ class Index:
         outside what the centroids cover (residual norm beyond the 99th percentile seen at build
         time), new centroids are trained on those outliers and appended, so the added documents
         keep a recall close to a full rebuild. ``doc_ids`` are required when the index has
-        external ids, and refused when it has none.
+        external ids, and refused when it has none. An index built with token pooling
+        (:attr:`pooling`) pools the new documents the same way first; one whose manifest records
+        a pooling this plaid cannot reproduce is refused (:class:`IndexCorruptError`) before
+        anything is written.
         """
         if isinstance(chunk_tokens, bool) or not isinstance(chunk_tokens, (int, np.integer)) or chunk_tokens <= 0:
             raise InvalidInputError(f"chunk_tokens must be a positive integer, got {chunk_tokens!r}")
         with writing(self.path) as w:
             snap = w.snapshot
             m = snap.manifest
-            corpus = None
+            corpus = raw = None
             try:
-                corpus = as_corpus(documents, spill=w.scratch_file, dim=m.dim)
+                factor = pool_factor_of(m.pooling, snap.path)
+                corpus = raw = as_corpus(documents, spill=w.scratch_file, dim=m.dim)
                 n_old = m.num_documents
                 names = self._check_new_ids(snap, doc_ids, corpus.num_docs)
                 num_empty = warn_empty(corpus, n_old)
+                if factor != 1.0:
+                    corpus = pool_corpus(raw, factor, renormalize=m.normalized, spill=w.scratch_file,
+                                         chunk_tokens=int(chunk_tokens), threads=default_threads(),
+                                         show_progress=show_progress)
                 codec = snap.codec
                 centroids, grown = self._grow_centroids(snap, corpus, snap.centroids.copy(), show_progress)
                 assigner = CentroidAssigner(centroids, seed=int(m.build.get("seed", 0)))
@@ -244,8 +263,8 @@ class Index:
                 new_ids = np.arange(n_old, n_old + corpus.num_docs, dtype=np.int64)
                 w.commit(fields)
             finally:
-                if corpus is not None:
-                    corpus.close()
+                for c in {id(x): x for x in (corpus, raw) if x is not None}.values():
+                    c.close()
         self.refresh()
         return new_ids
 

@@ -5,6 +5,10 @@ chunks of ``chunk_tokens`` tokens for encoding. Codes and residual codes go stra
 memory-mapped files, so memory stays bounded by the chunk size, the sample and the centroids,
 whatever the corpus size. Nothing is visible to readers until the manifest is committed.
 
+With ``pool_factor > 1`` a pooling pass comes first (:mod:`plaid.indexing.pooling`): every
+document's tokens are clustered and their means written to a scratch file in the index folder,
+which training and encoding then read in place of the corpus (memory stays bounded by a chunk).
+
 Training (steps 1-3: sample, k-means, codec) and encoding (steps 4-5: encode, inverted file,
 commit) are separate: :meth:`Indexer.train` returns :class:`TrainedParams`, and
 :meth:`Indexer.build_trained` encodes a corpus into a folder with them. :meth:`Indexer.build` is
@@ -23,7 +27,7 @@ import os
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
@@ -35,6 +39,7 @@ from ..errors import FormatVersionError, IndexCorruptError, InvalidInputError
 from ..store import IndexWriter, Manifest, Segment, check_doc_ids, encode_doc_ids, open_snapshot, writing
 from .encode import encode_segment, merge_ivf, warn_empty, write_ivf
 from .kmeans import CentroidAssigner, default_num_centroids, sample_token_ids, train_centroids
+from .pooling import check_pool_factor, default_threads, pool_corpus, pool_factor_of, pooling_record
 
 __all__ = ["Indexer", "TrainedParams", "params_fingerprint", "OUTLIER_QUANTILE", "PRESETS"]
 
@@ -42,6 +47,14 @@ logger = logging.getLogger(__name__)
 
 #: Residual-norm quantile recorded at build time; tokens added later beyond it count as outliers.
 OUTLIER_QUANTILE = 0.99
+#: ``normalize="auto"``: vectors count as unit-norm when every sampled norm is within this of 1
+#: (float16 storage alone moves a unit vector's norm by up to ~1e-3).
+UNIT_NORM_TOL = 1e-2
+
+
+def is_unit_norm(rows: np.ndarray) -> bool:
+    """Whether every row of ``rows`` (float [n, d]) has a norm within :data:`UNIT_NORM_TOL` of 1."""
+    return bool(np.all(np.abs(np.linalg.norm(rows, axis=1) - 1) < UNIT_NORM_TOL))
 
 
 #: Named codec settings (``Indexer(preset=...)``). Figures: msmarco-5k, whole index folder, default
@@ -92,6 +105,16 @@ class Indexer:
     seed : int, default 0
         Seed of the sample, k-means and codec training. Same seed, input and thread count give
         an identical index.
+    pool_factor : float, default 1
+        Token pooling (Clavié et al., 2024): each document's token vectors are clustered (Ward
+        agglomerative clustering) and the index stores the cluster means, renormalised to unit
+        length when the index renormalises (``normalize``), instead of the tokens. A document of
+        ``n`` tokens keeps ``ceil(n / pool_factor)`` vectors (at least 1; an empty document stays
+        empty; documents beyond 4096 tokens are pooled in blocks of 4096, see
+        :mod:`plaid.indexing.pooling`). 1: no pooling. 2 halves the index at a small loss of
+        quality (measured in the README). Every later ``Index.add`` pools its documents the same
+        way (the manifest records it); ``num_tokens``, ``doclens`` and bytes per token then count
+        the pooled vectors.
     show_progress : bool, default True
         tqdm progress bars for the long phases.
     """
@@ -101,7 +124,7 @@ class Indexer:
                  num_centroids: Optional[int] = None, kmeans_niter: int = 4,
                  kmeans_points_per_centroid: int = 16, codec_sample: int = 65536,
                  normalize="auto", chunk_tokens: int = 1 << 16, seed: int = 0,
-                 show_progress: bool = True):
+                 pool_factor: float = 1, show_progress: bool = True):
         if not isinstance(preset, str) or preset not in PRESETS:
             raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(map(repr, PRESETS))}")
         p = PRESETS[preset]
@@ -127,6 +150,7 @@ class Indexer:
         if isinstance(nbits, bool) or nbits not in (1, 2, 4):
             raise InvalidInputError(f"nbits must be 1, 2 or 4, got {nbits!r}")
         self.preset = preset
+        self.pool_factor = check_pool_factor(pool_factor)
         self.codec, self.pq_m, self.nbits, self.pq_rotation = codec, int(pq_m), int(nbits), bool(pq_rotation)
         self.num_centroids = num_centroids
         self.kmeans_niter = int(kmeans_niter)
@@ -171,11 +195,13 @@ class Indexer:
 
         ``documents`` as in :meth:`build` (a one-shot iterable is spilled to a temporary file).
         Deterministic for a given corpus, seed and thread count: ``build_trained(path, docs,
-        train(docs))`` writes the same files, byte for byte, as ``build(path, docs)``.
+        train(docs))`` writes the same files, byte for byte, as ``build(path, docs)``. With
+        ``pool_factor > 1`` the training sees the pooled vectors (pooled into a temporary file),
+        and the result records the pooling, which ``build_trained`` applies.
         """
         corpus = as_corpus(documents)
         try:
-            return self._train(corpus, {})
+            return self._train_input(corpus, {})
         finally:
             corpus.close()
 
@@ -186,8 +212,10 @@ class Indexer:
 
         Nothing is trained: every token is encoded against ``trained``'s centroids and codec, so
         indexes built from parts of one corpus with one ``trained`` share a codec and their
-        stage-4 scores are comparable (the shards of :mod:`plaid.distributed`). This Indexer's
-        own codec and k-means parameters are ignored; ``chunk_tokens`` and ``show_progress`` apply.
+        stage-4 scores are comparable (the shards of :mod:`plaid.distributed`). Documents are
+        pooled as ``trained.pooling`` records (each document on its own: the same vectors as in
+        a build of the whole corpus). This Indexer's own codec, k-means and pooling parameters
+        are ignored; ``chunk_tokens`` and ``show_progress`` apply.
         """
         if not isinstance(trained, TrainedParams):
             raise InvalidInputError(f"trained must be plaid.indexing.indexer.TrainedParams, got {type(trained).__name__}")
@@ -214,11 +242,60 @@ class Indexer:
         timings: Dict[str, float] = {}
         num_empty = warn_empty(corpus)
         if trained is None:
-            trained = self._train(corpus, timings)
-        return self._encode(writer, corpus, names, trained, num_empty, timings, t_start)
+            pooling = pooling_record(self.pool_factor)
+            normalized = self._renormalize(corpus) if pooling is not None else None
+        else:
+            pooling, normalized = trained.pooling, trained.normalized
+        work = corpus
+        if pooling is not None:
+            work = self._pool(corpus, pool_factor_of(pooling), normalized, writer.scratch_file, timings)
+        try:
+            if trained is None:
+                trained = self._train(work, timings, normalized=normalized, pooling=pooling)
+            return self._encode(writer, work, names, trained, num_empty, timings, t_start)
+        finally:
+            if work is not corpus:
+                work.close()
 
-    def _train(self, corpus: Corpus, timings: Dict[str, float]) -> "TrainedParams":
-        """Steps 1-3 of a build: sample, k-means, codec training (timings in ``timings``)."""
+    def _renormalize(self, corpus: Corpus) -> bool:
+        """Whether the index renormalises (and pooled means are renormalised): ``normalize``, or
+        for "auto", whether a sample of the input tokens is unit-norm."""
+        if self.normalize != "auto":
+            return bool(self.normalize)
+        T = corpus.num_tokens
+        return is_unit_norm(corpus.take(sample_token_ids(T, min(self.codec_sample, T), self.seed)))
+
+    def _pool(self, corpus: Corpus, factor: float, renormalize: bool, spill, timings: Dict[str, float]) -> Corpus:
+        """The pooling pass: ``corpus`` pooled into a spill made by ``spill`` (time in ``pool_s``)."""
+        t = time.perf_counter()
+        pooled = pool_corpus(corpus, factor, renormalize=renormalize, spill=spill, chunk_tokens=self.chunk_tokens,
+                             threads=default_threads(), show_progress=self.show_progress)
+        timings["pool_s"] = time.perf_counter() - t
+        logger.info("pooled %d tokens into %d vectors (factor %g) in %.1fs", corpus.num_tokens, pooled.num_tokens,
+                    factor, timings["pool_s"])
+        return pooled
+
+    def _train_input(self, corpus: Corpus, timings: Dict[str, float], spill=None) -> "TrainedParams":
+        """Training on an input corpus: pooled first (into ``spill``, default a temporary file,
+        removed before returning) when ``pool_factor > 1``. What :meth:`train` and a sharded
+        build's driver run."""
+        pooling = pooling_record(self.pool_factor)
+        if pooling is None:
+            return self._train(corpus, timings)
+        normalized = self._renormalize(corpus)
+        pooled = self._pool(corpus, self.pool_factor, normalized, spill, timings)
+        try:
+            return self._train(pooled, timings, normalized=normalized, pooling=pooling)
+        finally:
+            pooled.close()
+
+    def _train(self, corpus: Corpus, timings: Dict[str, float], normalized: Optional[bool] = None,
+               pooling: Optional[dict] = None) -> "TrainedParams":
+        """Steps 1-3 of a build: sample, k-means, codec training (timings in ``timings``).
+
+        ``normalized``: whether the index renormalises, when already decided (a pooled corpus:
+        decided on the input, before pooling); None: from the sample, as ``normalize`` says.
+        ``pooling``: the manifest's record of how ``corpus`` was pooled (None: it was not)."""
         T, dim = corpus.num_tokens, corpus.dim
         C = self.num_centroids or default_num_centroids(T)
         if C > T:
@@ -230,8 +307,8 @@ class Indexer:
         t = time.perf_counter()
         n_km = C * self.kmeans_points_per_centroid
         sample = corpus.take(sample_token_ids(T, max(n_km, min(self.codec_sample, T)), self.seed))
-        norms = np.linalg.norm(sample, axis=1)
-        normalized = bool(np.all(np.abs(norms - 1) < 1e-2)) if self.normalize == "auto" else bool(self.normalize)
+        if normalized is None:
+            normalized = is_unit_norm(sample) if self.normalize == "auto" else bool(self.normalize)
         timings["sample_s"] = time.perf_counter() - t
 
         # 2. k-means (raw centroids: the nearest raw centroid leaves smaller residuals, 3-4% lower
@@ -266,7 +343,8 @@ class Indexer:
                  "kmeans_points_per_centroid": self.kmeans_points_per_centroid, "codec_sample": self.codec_sample}
         return TrainedParams(centroids=centroids, centroid_dtype=np.dtype(np.int8), codec=codec,
                              normalized=normalized, outlier_norm=outlier_norm, build=build, norm_values=norm_values,
-                             centroid_scales=stored["centroid_scales"], _assigner=assigner)
+                             centroid_scales=stored["centroid_scales"], pooling=pooling,
+                             _assigner=assigner)
 
     def _encode(self, writer: IndexWriter, corpus: Corpus, names: Optional[list], trained: "TrainedParams",
                 num_empty: int, timings: Dict[str, float], t_start: float) -> Manifest:
@@ -315,6 +393,7 @@ class Indexer:
             "normalized": normalized,
             "outlier_residual_norm": trained.outlier_norm,
             "codec": codec.params(),
+            "pooling": None if trained.pooling is None else dict(trained.pooling),
             "segments": [Segment("seg0", 0, N, T)],
             "next_segment": 1,
             "tombstones": [],
@@ -360,6 +439,10 @@ class TrainedParams:
         ``normalized``.
     centroid_scales : float32 [C] or None
         The scale of each int8 centroid row (``centroid_dtype`` int8).
+    pooling : dict or None
+        How documents are pooled before encoding (the manifest's ``pooling``: ``{"method":
+        "ward", "factor": f}``), None for no pooling. The centroids and codec were trained on
+        vectors pooled this way, so every document encoded with them must be too.
 
     ``to_payload`` / ``from_payload`` turn it into plain numbers, strings and arrays (no faiss or
     torch object), to send it to another process; :meth:`fingerprint` names it.
@@ -373,6 +456,7 @@ class TrainedParams:
     build: Dict[str, int]
     norm_values: Optional[np.ndarray] = None
     centroid_scales: Optional[np.ndarray] = None
+    pooling: Optional[Dict[str, Any]] = None
     _assigner: Optional[CentroidAssigner] = field(default=None, repr=False, compare=False)
 
     @property
@@ -403,12 +487,14 @@ class TrainedParams:
         return self._assigner
 
     def fingerprint(self) -> str:
-        """SHA-256 (hex) of the centroids, codec parameters and arrays, dim, normalisation and norm
-        table: two indexes whose trained parameters have the same fingerprint score on the same scale."""
+        """SHA-256 (hex) of the centroids, codec parameters and arrays, dim, normalisation, norm table
+        and pooling: two indexes whose trained parameters have the same fingerprint score on the same
+        scale and encode a document into the same vectors."""
         arrays = dict(self.codec.arrays())
         if self.norm_values is not None:
             arrays["norm_values"] = self.norm_values
-        return params_fingerprint(self.dim, self.centroids, dict(self.codec.params()), arrays, self.normalized)
+        return params_fingerprint(self.dim, self.centroids, dict(self.codec.params()), arrays, self.normalized,
+                                  self.pooling)
 
     def to_payload(self) -> dict:
         """Plain data (numbers, strings, numpy arrays): picklable, safe to send to another process."""
@@ -419,7 +505,8 @@ class TrainedParams:
                 "build": {k: int(v) for k, v in self.build.items()},
                 "norm_values": None if self.norm_values is None else np.ascontiguousarray(self.norm_values, np.float32),
                 "centroid_scales": None if self.centroid_scales is None
-                else np.ascontiguousarray(self.centroid_scales, np.float32)}
+                else np.ascontiguousarray(self.centroid_scales, np.float32),
+                "pooling": None if self.pooling is None else dict(self.pooling)}
 
     @classmethod
     def from_payload(cls, payload: dict) -> "TrainedParams":
@@ -427,16 +514,19 @@ class TrainedParams:
         centroids = np.ascontiguousarray(payload["centroids"], np.float32)
         codec = codec_from_manifest(centroids.shape[1], check_codec_params(centroids.shape[1], payload["codec"]),
                                     payload["codec_arrays"])
+        pooling = payload.get("pooling")
+        pool_factor_of(pooling, "trained parameters")  # one this plaid can apply
         return cls(centroids=centroids, centroid_dtype=np.dtype(payload["centroid_dtype"]), codec=codec,
                    normalized=bool(payload["normalized"]), outlier_norm=float(payload["outlier_norm"]),
                    build=dict(payload["build"]), norm_values=payload.get("norm_values"),
-                   centroid_scales=payload.get("centroid_scales"))
+                   centroid_scales=payload.get("centroid_scales"),
+                   pooling=None if pooling is None else dict(pooling))
 
     @classmethod
     def from_index(cls, path) -> "TrainedParams":
         """The parameters the index at ``path`` was trained with: its first
         ``build.initial_centroids`` centroids (``add`` may have appended more), its codec,
-        normalisation, outlier limit and build parameters."""
+        normalisation, outlier limit, build parameters and pooling."""
         snap = open_snapshot(os.fspath(getattr(path, "path", path)))
         m = snap.manifest
         b = dict(m.build)
@@ -452,6 +542,7 @@ class TrainedParams:
                                     f"[1, num_centroids={m.num_centroids}]")
         if m.outlier_residual_norm is None:
             raise IndexCorruptError(f"{snap.path}: manifest field outlier_residual_norm is missing")
+        pool_factor_of(m.pooling, snap.path)  # a pooling this plaid can reproduce
         nq = snap.norm_quantizer
         if m.normalized and nq is None:
             raise FormatVersionError(f"{snap.path}: an index of format version {m.format_version} has no norm "
@@ -460,16 +551,20 @@ class TrainedParams:
             if m.arrays["centroids"].dtype == np.int8 else None
         return cls(centroids=np.ascontiguousarray(snap.centroids[:c0]), centroid_dtype=m.arrays["centroids"].dtype,
                    codec=snap.codec, normalized=m.normalized, outlier_norm=float(m.outlier_residual_norm),
-                   build=build, norm_values=None if nq is None else nq.values, centroid_scales=scales)
+                   build=build, norm_values=None if nq is None else nq.values, centroid_scales=scales,
+                   pooling=None if m.pooling is None else dict(m.pooling))
 
 
 def params_fingerprint(dim: int, centroids: np.ndarray, codec_params: dict, codec_arrays: Dict[str, np.ndarray],
-                       normalized: bool) -> str:
-    """SHA-256 (hex) naming trained parameters: dim, normalisation, codec parameters, the float32
-    bytes of the centroids and of every codec array (in name order)."""
+                       normalized: bool, pooling: Optional[dict] = None) -> str:
+    """SHA-256 (hex) naming trained parameters: dim, normalisation, codec parameters, the pooling
+    (when there is one: an unpooled index keeps the fingerprint it had before pooling existed),
+    the float32 bytes of the centroids and of every codec array (in name order)."""
     h = hashlib.sha256()
-    h.update(json.dumps({"dim": int(dim), "normalized": bool(normalized), "codec": codec_params},
-                        sort_keys=True).encode())
+    named = {"dim": int(dim), "normalized": bool(normalized), "codec": codec_params}
+    if pooling is not None:
+        named["pooling"] = dict(pooling)
+    h.update(json.dumps(named, sort_keys=True).encode())
     h.update(np.ascontiguousarray(centroids, np.float32).tobytes())
     for name in sorted(codec_arrays):
         h.update(name.encode())

@@ -9,6 +9,7 @@ store's own pattern, so a manifest cannot point outside its folder or at another
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from types import MappingProxyType
@@ -21,7 +22,7 @@ from ..errors import FormatVersionError, IndexCorruptError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST", "ArrayEntry", "Segment", "Manifest", "parse_manifest",
            "array_file", "ARRAY_FILE_RE", "ARRAY_NAME_RE", "SEGMENT_RE", "TOMBSTONE_RE", "MAX_COUNT",
-           "array_specs"]
+           "array_specs", "POOLING_METHODS", "MAX_POOL_FACTOR"]
 
 FORMAT_NAME = "plaid-index"
 FORMAT_VERSION = 3
@@ -39,6 +40,11 @@ MAX_COUNT = 1 << 53
 UINT16_CENTROIDS = 1 << 16
 #: The inverted file stores uint16 document ids up to this many documents (format 3), else int32.
 UINT16_DOCUMENTS = 1 << 16
+#: Token-pooling methods a manifest may record (``pooling.method``), each implemented by
+#: :mod:`plaid.indexing.pooling`; another name is an index this plaid cannot add documents to.
+POOLING_METHODS = ("ward",)
+#: Largest pool factor (``pooling.factor``): 2**53, exact in JSON doubles, beyond any document length.
+MAX_POOL_FACTOR = float(1 << 53)
 
 
 def array_file(name: str, generation: int) -> str:
@@ -98,6 +104,7 @@ class Manifest:
     arrays: Mapping[str, ArrayEntry]
     created_by: str = ""
     build: Mapping[str, Any] = field(default_factory=dict)
+    pooling: Optional[Mapping[str, Any]] = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -121,6 +128,7 @@ class Manifest:
             "next_segment": self.next_segment,
             "tombstones": list(self.tombstones),
             "build": dict(self.build),
+            "pooling": None if self.pooling is None else dict(self.pooling),
             "arrays": {n: e.to_json() for n, e in self.arrays.items()},
         }
 
@@ -132,7 +140,8 @@ class Manifest:
                 "has_doc_ids": self.has_doc_ids, "normalized": self.normalized,
                 "outlier_residual_norm": self.outlier_residual_norm, "codec": dict(self.codec),
                 "segments": list(self.segments), "next_segment": self.next_segment,
-                "tombstones": list(self.tombstones), "build": dict(self.build), "arrays": dict(self.arrays)}
+                "tombstones": list(self.tombstones), "build": dict(self.build),
+                "pooling": None if self.pooling is None else dict(self.pooling), "arrays": dict(self.arrays)}
 
     @property
     def code_bytes(self) -> int:
@@ -203,6 +212,30 @@ def _entry(name: str, raw: Any, generation: int, where: str) -> ArrayEntry:
     if any(type(s) is not int or not 0 <= s <= MAX_COUNT for s in shape):
         raise f.bad("shape", f"= {shape!r:.80} is not a list of non-negative integers")
     return ArrayEntry(file, dtype, tuple(shape), f.int("bytes"), f.int("crc32", 0, (1 << 32) - 1))
+
+
+def _pooling(raw: dict, f: _Fields, where: str) -> Optional[Mapping[str, Any]]:
+    """The ``pooling`` field: null (or absent: format 2 predates it) for an unpooled index, else
+    ``{"method": one of POOLING_METHODS, "factor": a number in (1, MAX_POOL_FACTOR]}``."""
+    value = raw.get("pooling")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise f.bad("pooling", f"must be null or a JSON object, got {value!r:.60}")
+    p = _Fields(value, where, "pooling.")
+    extra = sorted(set(value) - {"method", "factor"})
+    if extra:
+        raise p.bad(extra[0][:40], "is not a field of pooling (method, factor)")
+    method = p.str("method")
+    if method not in POOLING_METHODS:
+        raise p.bad("method", f"= {method!r:.40} is not a pooling method this plaid knows "
+                              f"({', '.join(POOLING_METHODS)})")
+    factor = p.get("factor")
+    if type(factor) not in (int, float):
+        raise p.bad("factor", f"must be a number, got {factor!r:.60}")
+    if not (isinstance(factor, int) or math.isfinite(factor)) or not 1 < factor <= MAX_POOL_FACTOR:
+        raise p.bad("factor", f"= {factor!r:.40} is out of range (1, 2**53] (an unpooled index records null)")
+    return MappingProxyType({"method": method, "factor": factor})
 
 
 def array_specs(m: Manifest) -> Dict[str, Tuple[Tuple[np.dtype, ...], Tuple[int, ...]]]:
@@ -315,6 +348,7 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
         raise f.bad("build", "must be a JSON object")
     if "seed" in build:  # read back by add() (the other build fields are informational)
         _Fields(build, where, "build.").int("seed", 0, (1 << 32) - 1)
+    pooling = _pooling(raw, f, where)
     arrays_raw = f.get("arrays")
     if not isinstance(arrays_raw, dict):
         raise f.bad("arrays", "must be a JSON object")
@@ -333,7 +367,7 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
                    normalized=normalized, outlier_residual_norm=outlier, codec=MappingProxyType(codec),
                    segments=tuple(segments), next_segment=next_segment, tombstones=tuple(tombstones),
                    arrays=MappingProxyType(arrays), created_by=f.str("created_by", ""),
-                   build=MappingProxyType(build), format_version=version)
+                   build=MappingProxyType(build), pooling=pooling, format_version=version)
     specs = array_specs(man)
     for name, (dtypes, shape) in specs.items():
         e = arrays.get(name)
