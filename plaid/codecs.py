@@ -2,18 +2,25 @@
 
 Two codecs share one small interface (:class:`ResidualCodec`):
 
-* :class:`PQCodec` — residual product quantisation (faiss ``ProductQuantizer``): the residual is
-  split into ``m`` sub-vectors, each replaced by the id of the nearest of 256 learned
-  sub-centroids: ``m`` bytes per token. The default: more fidelity per byte than scalar buckets.
+* :class:`PQCodec` — residual product quantisation (faiss ``ProductQuantizer``): the residual,
+  optionally rotated onto its principal axes, is split into ``m`` sub-vectors (of unequal widths
+  when rotated: more bits where the variance is), each replaced by the id of the nearest of 256
+  learned sub-centroids: ``m`` bytes per token. The default: more fidelity per byte than scalar
+  buckets.
 * :class:`ScalarCodec` — ColBERTv2's buckets: every dimension of the residual is quantised to
   ``nbits`` bits with cutoffs and weights taken from quantiles of the training residuals:
   ``dim * nbits / 8`` bytes per token.
 
-Both are *byte-decomposable*: byte ``j`` of a code decodes on its own into the ``d / code_bytes``
-contiguous dimensions ``j * d/code_bytes ...`` of the residual. So a query's dot products with
-every possible byte at every position fit one small table (:meth:`ResidualCodec.score_table`,
-``[code_bytes * 256, m]``), and a token's residual score is the sum of ``code_bytes`` entries of
-it: asymmetric distance computation, which CPU search uses instead of decoding.
+Both are *byte-decomposable*: byte ``j`` of a code decodes on its own into one contiguous block
+of the (rotated) residual's dimensions. So a query's dot products with every possible byte at
+every position fit one small table (:meth:`ResidualCodec.score_table`, ``[code_bytes * 256, m]``;
+the query tokens are rotated the same way first), and a token's residual score is the sum of
+``code_bytes`` entries of it: asymmetric distance computation, which search uses instead of
+decoding.
+
+Beside them: :class:`NormQuantizer` (the one-byte token norms of a renormalising index) and
+:func:`quantize_centroids` (int8 centroid rows with a scale each), the other two things format 3
+compresses.
 
 Training and encoding use numpy/faiss (indexing side); decoding uses torch so that search can
 run it on any device.
@@ -36,10 +43,13 @@ __all__ = ["ResidualCodec", "PQCodec", "ScalarCodec", "make_codec", "codec_from_
 MIN_RATE = 0.5
 #: Stored token norms are one byte: an index into a table of this many values.
 NORM_LEVELS = 256
-#: The norm table spans the training sample's decoded norms widened by this factor on each side
-#: (in log space), so that tokens added later with slightly larger or smaller norms are not clipped.
-NORM_RANGE_MARGIN = 0.25
-#: A norm table never spans less than this ratio max/min (a degenerate sample, e.g. one token).
+#: Of the 256 norm levels, this many span the training sample's decoded norms evenly (log scale)...
+NORM_CORE_LEVELS = 192
+#: ...and this many on each side reach out to NORM_TAIL_FACTOR times beyond them, in growing steps:
+#: tokens added later may decode to norms the sample never had (new centroids for shifted data).
+NORM_TAIL_LEVELS = 32
+NORM_TAIL_FACTOR = 4.0
+#: A norm table's core never spans less than this ratio max/min (a degenerate sample, e.g. one token).
 NORM_MIN_SPAN = 1.01
 
 
@@ -191,6 +201,7 @@ class PQCodec(ResidualCodec):
             (None if rotation else even_widths(dim, m))
         self.codebooks: np.ndarray | None = None  # float32 [m, 256, max(widths)]
         self.rotation_matrix: np.ndarray | None = None  # float32 [dim, dim] when rotation
+        self._rot64: np.ndarray | None = None
         self._pq = None
         self._table: torch.Tensor | None = None  # float32 [m * 256, W]
         self._shift: torch.Tensor | None = None
@@ -216,11 +227,21 @@ class PQCodec(ResidualCodec):
         self._layout = layout.ravel()
         self._inverse = np.flatnonzero(self._layout < self.dim)  # padded column of each dimension
 
+    def _rotate(self, x: np.ndarray, inverse: bool = False) -> np.ndarray:
+        """``x @ P`` (or ``x @ P.T``) as float32, computed in float64: BLAS sums in an order that
+        depends on its thread count, and float64's rounding vanishes in the float32 result, so
+        an index and its scores do not depend on the threads (a shard encoded by a Ray worker is
+        byte-identical to the same shard encoded here)."""
+        if self._rot64 is None:
+            self._rot64 = self.rotation_matrix.astype(np.float64)
+        r = self._rot64.T if inverse else self._rot64
+        return (np.asarray(x, np.float64) @ r).astype(np.float32)
+
     def _to_layout(self, x: np.ndarray) -> np.ndarray:
         """float32 [n, dim] -> [n, m * W]: rotated, cut into sub-vectors, zero-padded."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.rotation_matrix is not None:
-            x = x @ self.rotation_matrix
+            x = self._rotate(x)
         if self._layout is None:
             return np.ascontiguousarray(x)
         ext = np.concatenate([x, np.zeros((len(x), 1), np.float32)], axis=1)
@@ -231,7 +252,7 @@ class PQCodec(ResidualCodec):
         if self._inverse is not None:
             z = np.take(z, self._inverse, axis=1)
         if self.rotation_matrix is not None:
-            z = z @ self.rotation_matrix.T
+            z = self._rotate(z, inverse=True)
         return np.ascontiguousarray(z, dtype=np.float32)
 
     def query_layout(self, q: np.ndarray) -> np.ndarray:
@@ -254,6 +275,7 @@ class PQCodec(ResidualCodec):
             vec = eigvec[:, order]
             vec *= np.where(vec[np.abs(vec).argmax(axis=0), np.arange(self.dim)] < 0, -1.0, 1.0)
             self.rotation_matrix = np.ascontiguousarray(vec, dtype=np.float32)
+            self._rot64 = None
             if self.widths is None:
                 self.widths = allocate_widths(eigval[order], self.m, self.dim)
             self._set_layout()
@@ -525,14 +547,17 @@ def codec_from_manifest(dim: int, params: Dict, arrays: Dict[str, np.ndarray]) -
 
 
 class NormQuantizer:
-    """One byte per token norm: ``NORM_LEVELS`` values spaced evenly in log space.
+    """One byte per token norm: an index into ``NORM_LEVELS`` increasing values.
 
     A renormalising index divides a token's decoded vector ``x̂ = centroid + decode(residual)``
     by ``‖x̂‖`` at search time. Storing that norm as float16 costs 2 bytes per token for 11 bits of
     precision that nothing needs: the decoded norms of unit vectors lie in a narrow band (on
-    msmarco-5k with PQ32, 0.73-1.09), and a 256-level log scale over the band (widened by
-    ``NORM_RANGE_MARGIN``) rounds a norm to within ±0.1% — a twentieth of the codec's own error
-    on the same scores. Search reads ``values[code]`` (float32 [256], strictly increasing).
+    msmarco-5k, 0.73-1.09). :meth:`fit` spaces ``NORM_CORE_LEVELS`` values evenly in log space
+    over the training sample's band (a norm inside is rounded within ±0.1%, a twentieth of the
+    codec's own error on the same scores), and ``NORM_TAIL_LEVELS`` more on each side, spaced
+    geometrically out to ``NORM_TAIL_FACTOR`` times beyond it, for tokens added later that decode
+    outside the band (clipped only beyond that). Search reads ``values[code]`` (float32 [256]);
+    any increasing table of finite positive values is valid.
     """
 
     def __init__(self, values: np.ndarray):
@@ -541,32 +566,56 @@ class NormQuantizer:
                 or not (np.diff(values) > 0).all():
             raise ValueError(f"norm_values must be {NORM_LEVELS} finite, positive, increasing float32 values")
         self.values = values
-        self._log_lo = float(np.log(values[0]))
-        self._step = float(np.log(values[-1]) - self._log_lo) / (NORM_LEVELS - 1)
+        logs = np.log(values.astype(np.float64))
+        self._cuts = (logs[1:] + logs[:-1]) / 2  # a norm takes the level whose log is nearest
 
     @classmethod
     def fit(cls, norms: np.ndarray) -> "NormQuantizer":
-        """A table spanning ``norms`` (float [n] > 0, the training sample's decoded norms)."""
+        """A table for ``norms`` (float [n] > 0, the training sample's decoded norms)."""
         norms = np.asarray(norms, dtype=np.float64)
         norms = norms[np.isfinite(norms) & (norms > 0)]
         if len(norms) == 0:
             norms = np.ones(1)
         lo, hi = np.log(norms.min()), np.log(norms.max())
-        span = max(hi - lo, np.log(NORM_MIN_SPAN))
-        mid = (lo + hi) / 2
-        lo, hi = mid - span * (0.5 + NORM_RANGE_MARGIN), mid + span * (0.5 + NORM_RANGE_MARGIN)
-        # float32 values, kept finite and positive whatever the sample (float32's normal range)
-        lo, hi = max(lo, np.log(2.0**-100)), min(hi, np.log(2.0**100))
-        return cls(np.exp(np.linspace(lo, hi, NORM_LEVELS)).astype(np.float32))
+        if hi - lo < np.log(NORM_MIN_SPAN):
+            mid = (lo + hi) / 2
+            lo, hi = mid - np.log(NORM_MIN_SPAN) / 2, mid + np.log(NORM_MIN_SPAN) / 2
+        core = np.linspace(lo, hi, NORM_CORE_LEVELS)
+        # tails: geometric steps growing away from the core, out to NORM_TAIL_FACTOR beyond it
+        step = core[1] - core[0]
+        reach = np.log(NORM_TAIL_FACTOR)
+        ratio = _tail_ratio(step, reach, NORM_TAIL_LEVELS)
+        offsets = step * np.cumsum(ratio ** np.arange(1, NORM_TAIL_LEVELS + 1))
+        logs = np.concatenate([lo - offsets[::-1], core, hi + offsets])
+        # float32 values, kept finite, positive and distinct whatever the sample
+        logs = np.clip(logs, np.log(2.0**-100), np.log(2.0**100))
+        values = np.exp(logs).astype(np.float32)
+        values = np.maximum.accumulate(values)
+        for i in range(1, len(values)):  # distinct after rounding to float32
+            if values[i] <= values[i - 1]:
+                values[i] = np.nextafter(values[i - 1], np.float32(np.inf))
+        return cls(values)
 
     def encode(self, norms: np.ndarray) -> np.ndarray:
-        """float [n] -> uint8 [n]: the nearest level in log space (clipped to the table)."""
+        """float [n] -> uint8 [n]: the level nearest in log space (the ends beyond the table)."""
         x = np.log(np.maximum(np.asarray(norms, np.float64), 1e-30))
-        return np.clip(np.rint((x - self._log_lo) / self._step), 0, NORM_LEVELS - 1).astype(np.uint8)
+        return np.searchsorted(self._cuts, x).astype(np.uint8)
 
     def decode(self, codes: np.ndarray) -> np.ndarray:
         """uint8 [n] -> float32 [n]."""
         return self.values[np.asarray(codes, np.uint8)]
+
+
+def _tail_ratio(step: float, reach: float, n: int) -> float:
+    """The ratio r > 1 with ``step * (r + r^2 + ... + r^n) = reach`` (bisection)."""
+    lo, hi = 1.0, 4.0
+    for _ in range(100):
+        mid = (lo + hi) / 2
+        if step * np.sum(mid ** np.arange(1, n + 1)) < reach:
+            lo = mid
+        else:
+            hi = mid
+    return hi
 
 
 def quantize_centroids(centroids: np.ndarray) -> Dict[str, np.ndarray]:

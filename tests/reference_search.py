@@ -31,6 +31,8 @@ class RefIndex:
         self.codes = snap.codes(load=True).concatenated()
         self.residuals = snap.residuals(load=True).concatenated()
         self.norms = snap.norms(load=True).concatenated() if self.normalized else None
+        if self.norms is not None and snap.norm_quantizer is not None:  # format 3: one-byte codes -> values
+            self.norms = snap.norm_quantizer.values[self.norms]
         deleted = snap.deleted
         self.alive = None
         if len(deleted):

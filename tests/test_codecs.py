@@ -100,21 +100,26 @@ def test_scalar_codec_table_scores_still_exact():
 
 
 # -- one-byte norms ---------------------------------------------------------------------------------
-def test_norm_quantizer_rounds_within_half_a_log_step():
+def test_norm_quantizer_precision_inside_and_beyond_the_sample():
     rng = np.random.default_rng(0)
     norms = rng.uniform(0.7, 1.1, 100_000)
     nq = NormQuantizer.fit(norms)
     assert nq.values.shape == (NORM_LEVELS,) and nq.values.dtype == np.float32
     assert (np.diff(nq.values) > 0).all()
-    # the table spans the sample widened on both sides
-    assert nq.values[0] < 0.7 and nq.values[-1] > 1.1
-    step = np.log(nq.values[1] / nq.values[0])
     codes = nq.encode(norms)
     assert codes.dtype == np.uint8
     rel = np.abs(np.log(nq.decode(codes) / norms))
-    assert rel.max() <= step / 2 + 1e-6
-    assert rel.max() < 2e-3  # a 0.7-1.1 band: under 0.2% error
-    # beyond the table: clipped to its ends, never wrapped
+    assert rel.max() < 1.2e-3  # inside the sample's band: about 0.1%
+    # the nearest level in log space, always
+    logs = np.log(nq.values.astype(np.float64))
+    x = np.geomspace(0.1, 10, 5000)
+    best = np.abs(np.log(x)[:, None] - logs[None, :]).argmin(axis=1)
+    np.testing.assert_array_equal(nq.encode(x), best)
+    # beyond the band (tokens added later): coarser, out to 4x; clipped only past that
+    wide = np.geomspace(0.7 / 4, 1.1 * 4, 5000)
+    assert np.abs(np.log(nq.decode(nq.encode(wide)) / wide)).max() < 0.1
+    near = np.geomspace(0.6, 1.3, 5000)
+    assert np.abs(np.log(nq.decode(nq.encode(near)) / near)).max() < 0.015
     assert nq.encode(np.array([1e-9, 0.0, 1e9, np.inf])).tolist() == [0, 0, 255, 255]
 
 
@@ -143,3 +148,16 @@ def test_int8_centroids_round_trip_within_half_a_step():
     step = np.abs(c).max(axis=1) / 127
     assert (np.abs(back - c) <= step[:, None] / 2 * (1 + 1e-5) + 1e-30).all()
     assert (back[3] == 0).all()
+
+
+def test_presets_scale_their_bytes_with_the_dimension(tmp_path):
+    from plaid.indexing.indexer import preset_pq_m
+
+    assert [preset_pq_m("balanced", d) for d in (128, 32, 96, 768, 1)] == [34, 9, 26, 204, 1]
+    assert [preset_pq_m(p, 128) for p in ("compact", "balanced", "accurate")] == [16, 34, 64]
+    rng = np.random.default_rng(0)
+    docs = [rng.normal(size=(int(rng.integers(3, 9)), 32)).astype(np.float32) for _ in range(150)]
+    index = plaid.Indexer(show_progress=False).build(tmp_path / "i", docs)
+    assert index.codec["m"] == 9 and index.codec["rotation"] is True
+    assert plaid.Indexer(show_progress=False, pq_m=32, pq_rotation=False).build(tmp_path / "j", docs).codec == \
+        {"name": "pq", "m": 32, "nbits": 8, "code_bytes": 32}

@@ -255,6 +255,7 @@ def test_bad_indexer_parameters(kw, match):
 
 @pytest.mark.parametrize("kw,match", [
     (dict(pq_m=33), r"the number of sub-quantisers m=33 must be between 1 and the dimension 32"),
+    (dict(preset="accurate", pq_m=40), r"m=40 must be between 1 and the dimension 32"),
     (dict(pq_m=33, pq_rotation=False), r"m=33 must be between 1 and the dimension 32"),
     (dict(codec="scalar", nbits=3), r"nbits must be 1, 2 or 4, got 3"),
 ])

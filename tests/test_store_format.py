@@ -52,7 +52,7 @@ def assert_same_snapshot(a, b):
 
 
 ARRAYS = ["seg0_codes", "seg0_residuals", "seg0_norms", "ivf", "ivf_offsets", "doclens", "centroids", "centroid_scales",
-          "norm_values", "pq_codebooks",
+          "norm_values", "pq_codebooks", "pq_rotation",
           "doc_ids_utf8", "doc_ids_offsets"]
 
 
