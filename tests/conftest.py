@@ -35,9 +35,8 @@ def pytest_terminal_summary(terminalreporter):
     if MSMARCO_REPORT:
         terminalreporter.section("msmarco-5k")
         for name, m in sorted(MSMARCO_REPORT.items()):
-            terminalreporter.write_line(
-                f"{name}: recall@10 {m['recall@10']:.3f}, index folder {m['folder_bytes_per_token']:.2f} B/token, "
-                f"payload {m['payload_bytes_per_token']} B/token, codec {m['codec']}")
+            terminalreporter.write_line(f"{name}: " + ", ".join(
+                f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in m.items()))
 
 
 # -- helpers used by several test files -----------------------------------------------------------
