@@ -25,6 +25,7 @@ from .errors import (
     IndexLockedError,
     IndexNotFoundError,
     IndexWriteError,
+    InsufficientSpaceError,
     InvalidInputError,
     PlaidError,
 )
@@ -68,6 +69,7 @@ __all__ = [
     "IndexCorruptError",
     "FormatVersionError",
     "IndexWriteError",
+    "InsufficientSpaceError",
     "__version__",
 ]
 

@@ -32,8 +32,8 @@ from ..codecs import ResidualCodec, check_codec_params, codec_from_manifest, mak
 from ..embeddings import Corpus, as_corpus
 from ..errors import IndexCorruptError, InvalidInputError
 from ..store import IndexWriter, Manifest, Segment, check_doc_ids, encode_doc_ids, open_snapshot, writing
-from .encode import encode_segment, merge_ivf, warn_empty
-from .kmeans import CentroidAssigner, default_num_centroids, sample_token_ids, train_centroids
+from .encode import encode_segment, space_needed, warn_empty
+from .kmeans import CentroidAssigner, assign_all, default_num_centroids, sample_token_ids, train_centroids
 
 __all__ = ["Indexer", "TrainedParams", "params_fingerprint", "OUTLIER_QUANTILE"]
 
@@ -58,7 +58,8 @@ class Indexer:
         Bits per dimension of the scalar codec.
     num_centroids : int or None, default None
         Number of k-means centroids. None: PLAID's ``2**floor(log2(16*sqrt(num_tokens)))``,
-        capped at ``num_tokens / 8`` for small corpora (see ``default_num_centroids``).
+        capped at ``num_tokens / 8`` for small corpora and at 65,536 (uint16 centroid ids; PLAID's
+        count passes it from 67M tokens; see ``default_num_centroids``).
     kmeans_niter : int, default 4
         k-means iterations. k-means dominates build time; on msmarco-5k a larger sample helps
         fidelity more than more iterations (``benchmarks/build_params.py``).
@@ -72,6 +73,13 @@ class Indexer:
         (ColBERT vectors are); this recovers 2-3 points of recall@10 at no storage cost.
     chunk_tokens : int, default 65536
         Tokens encoded per step; bounds the memory of the encoding pass.
+    assignment : {"auto", "exact"}, default "auto"
+        How tokens find their nearest centroid (k-means iterations, codec training, encoding).
+        "auto": exactly below 2,048 centroids, else through groups of centroids (each token is
+        compared with the group centres, then with the members of its 8 nearest groups: a cost
+        per token nearly independent of the number of centroids; see
+        :class:`plaid.indexing.kmeans.CentroidAssigner`). "exact": every token against every
+        centroid (cost grows with the centroid count; for measuring the approximation).
     seed : int, default 0
         Seed of the sample, k-means and codec training. Same seed, input and thread count give
         an identical index.
@@ -83,7 +91,7 @@ class Indexer:
                  num_centroids: Optional[int] = None, kmeans_niter: int = 4,
                  kmeans_points_per_centroid: int = 16, codec_sample: int = 65536,
                  normalize="auto", chunk_tokens: int = 1 << 16, seed: int = 0,
-                 show_progress: bool = True):
+                 assignment: str = "auto", show_progress: bool = True):
         if codec not in ("pq", "scalar"):
             raise InvalidInputError(f"unknown codec {codec!r}; choose 'pq' or 'scalar'")
         for name, v in [("kmeans_niter", kmeans_niter), ("kmeans_points_per_centroid", kmeans_points_per_centroid),
@@ -97,6 +105,8 @@ class Indexer:
             raise InvalidInputError(f"seed must be an integer in [0, 2**32), got {seed!r}")
         if normalize not in ("auto", True, False):
             raise InvalidInputError(f"normalize must be 'auto', True or False, got {normalize!r}")
+        if assignment not in ("auto", "exact"):
+            raise InvalidInputError(f"assignment must be 'auto' or 'exact', got {assignment!r}")
         if codec == "scalar" and nbits not in (1, 2, 4):
             raise InvalidInputError(f"scalar codec: nbits must be 1, 2 or 4, got {nbits!r}")
         self.codec, self.pq_m, self.nbits = codec, int(pq_m), int(nbits)
@@ -107,8 +117,14 @@ class Indexer:
         self.normalize = normalize
         self.chunk_tokens = int(chunk_tokens)
         self.seed = int(seed)
+        self.assignment = assignment
         self.show_progress = bool(show_progress)
         self.last_timings: Dict[str, float] = {}
+
+    @property
+    def _exact(self) -> Optional[bool]:
+        """The ``exact`` argument of every :class:`CentroidAssigner` this build makes."""
+        return True if self.assignment == "exact" else None
 
     def build(self, path: str, documents, *, doc_ids=None, overwrite: bool = False):
         """Index ``documents`` into directory ``path``; returns the opened :class:`plaid.Index`.
@@ -159,7 +175,8 @@ class Indexer:
         Nothing is trained: every token is encoded against ``trained``'s centroids and codec, so
         indexes built from parts of one corpus with one ``trained`` share a codec and their
         stage-4 scores are comparable (the shards of :mod:`plaid.distributed`). This Indexer's
-        own codec and k-means parameters are ignored; ``chunk_tokens`` and ``show_progress`` apply.
+        own codec and k-means parameters are ignored; ``chunk_tokens``, ``assignment`` and
+        ``show_progress`` apply.
         """
         if not isinstance(trained, TrainedParams):
             raise InvalidInputError(f"trained must be plaid.indexing.indexer.TrainedParams, got {type(trained).__name__}")
@@ -184,10 +201,26 @@ class Indexer:
                trained: Optional["TrainedParams"] = None) -> Manifest:
         t_start = time.perf_counter()
         timings: Dict[str, float] = {}
+        self._check_space(writer, corpus, names, trained)
         num_empty = warn_empty(corpus)
         if trained is None:
             trained = self._train(corpus, timings)
         return self._encode(writer, corpus, names, trained, num_empty, timings, t_start)
+
+    def _check_space(self, writer: IndexWriter, corpus: Corpus, names: Optional[list],
+                     trained: Optional["TrainedParams"]) -> None:
+        """Refuse up front (:class:`plaid.InsufficientSpaceError`, before training) when the
+        folder's file system cannot hold the index (:func:`~plaid.indexing.encode.space_needed`)."""
+        T = corpus.num_tokens
+        if trained is not None:
+            C, code_bytes, normalized = trained.num_centroids, trained.codec.code_bytes, trained.normalized
+        else:
+            C = min(self.num_centroids or default_num_centroids(T), T)
+            code_bytes = make_codec(self.codec, corpus.dim, pq_m=self.pq_m, nbits=self.nbits).code_bytes
+            normalized = self.normalize is not False
+        id_bytes = sum(len(n.encode("utf-8")) for n in names) if names is not None else 0
+        needed, what = space_needed(T, corpus.num_docs, C, corpus.dim, code_bytes, normalized, id_bytes)
+        writer.check_space(needed, what)
 
     def _train(self, corpus: Corpus, timings: Dict[str, float]) -> "TrainedParams":
         """Steps 1-3 of a build: sample, k-means, codec training (timings in ``timings``)."""
@@ -212,7 +245,8 @@ class Indexer:
         km_rows = sample if len(sample) <= n_km else \
             sample[np.random.default_rng(self.seed + 1).choice(len(sample), n_km, replace=False)]
         logger.info("k-means: %d centroids from %d of %d tokens, %d iterations", C, len(km_rows), T, self.kmeans_niter)
-        centroids = train_centroids(km_rows, C, self.kmeans_niter, self.seed, show_progress=self.show_progress)
+        centroids = train_centroids(km_rows, C, self.kmeans_niter, self.seed, show_progress=self.show_progress,
+                                    exact=self._exact)
         # stored as float16 (halves their share of the index); encode against the stored values.
         # Vectors beyond float16's range (|x| > 65504) keep float32 centroids rather than inf ones.
         with np.errstate(over="ignore"):
@@ -220,14 +254,14 @@ class Indexer:
         centroid_dtype = np.float16 if np.isfinite(c16).all() else np.float32
         centroids = c16.astype(np.float32) if centroid_dtype == np.float16 else centroids
         C = len(centroids)
-        assigner = CentroidAssigner(centroids, seed=self.seed)
+        assigner = CentroidAssigner(centroids, seed=self.seed, exact=self._exact)
         timings["kmeans_s"] = time.perf_counter() - t
 
         # 3. codec training on residuals of (part of) the sample
         t = time.perf_counter()
         rows = sample if len(sample) <= self.codec_sample else \
             sample[np.random.default_rng(self.seed + 2).choice(len(sample), self.codec_sample, replace=False)]
-        residuals = rows - centroids[assigner.assign(rows)]
+        residuals = rows - centroids[assign_all(assigner, rows)]
         codec.train(residuals, seed=self.seed)
         outlier_norm = float(np.quantile(np.linalg.norm(residuals, axis=1), OUTLIER_QUANTILE))
         del sample, rows, residuals, km_rows
@@ -244,20 +278,17 @@ class Indexer:
         T, N, dim = corpus.num_tokens, corpus.num_docs, corpus.dim
         centroids, codec, normalized = trained.centroids, trained.codec, trained.normalized
         C = len(centroids)
-        assigner = trained.assigner
+        assigner = CentroidAssigner(centroids, exact=True) if self._exact else trained.assigner
 
         # 4. streamed encoding into segment 0
         t = time.perf_counter()
-        cells, docs = encode_segment(writer, "seg0", corpus, centroids, assigner, codec, 0,
-                                     self.chunk_tokens, self.show_progress, normalized)
+        ivf = encode_segment(writer, "seg0", corpus, centroids, assigner, codec, 0,
+                             self.chunk_tokens, self.show_progress, normalized)
         timings["encode_s"] = time.perf_counter() - t
 
         # 5. inverted file and the small global arrays
         t = time.perf_counter()
-        ivf, ivf_offsets = merge_ivf(C, cells, docs)
-        del cells, docs
-        writer.write("ivf", ivf)
-        writer.write("ivf_offsets", ivf_offsets)
+        ivf.write()
         writer.write("doclens", corpus.doclens.astype(np.int32))
         writer.write("centroids", centroids.astype(trained.centroid_dtype))
         for name, arr in codec.arrays().items():

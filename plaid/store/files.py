@@ -243,6 +243,17 @@ def file_crc32(fd: int) -> int:
         crc = zlib.crc32(block, crc)
 
 
+def free_bytes(folder: str) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding ``folder``
+    (``statvfs``: available blocks x fragment size; ``shutil.disk_usage`` where there is none)."""
+    if hasattr(os, "statvfs"):
+        st = os.statvfs(folder)
+        return int(st.f_bavail) * int(st.f_frsize)
+    import shutil
+
+    return int(shutil.disk_usage(folder).free)
+
+
 def fsync_dir(folder: str) -> None:
     """fsync a directory (makes a rename durable); a no-op where unsupported."""
     try:
