@@ -79,7 +79,8 @@ class PlaidEngine:
         # first, before anything else runs: the resident set after the timed passes (every query
         # once untimed, then per setting 10 warm-up queries, the latency queries and the batch)
         out = {"floor": {}, "profile": {}, "rss_after_open_mb": self.rss_after_open_mb,
-               "rss_after_queries_mb": current_rss_mb(), "memory": searcher_memory(self.searcher)}
+               "rss_after_queries_mb": current_rss_mb(), "rss_anon_after_queries_mb": current_rss_mb("RssAnon"),
+               "rss_file_after_queries_mb": current_rss_mb("RssFile"), "memory": searcher_memory(self.searcher)}
         for st in settings:
             out["floor"][st["label"]] = self.floor(queries, int(st["k"]), dict(st.get("params", {})))
             if st.get("profile"):
@@ -136,13 +137,13 @@ class PlaidEngine:
         return {"median_ms": med, "share_of_mean": share}
 
 
-def current_rss_mb() -> float:
-    """This process' resident set now (VmRSS: anonymous memory and the touched pages of mapped
-    files), in MB (2^20 bytes)."""
+def current_rss_mb(field: str = "VmRSS") -> float:
+    """This process' resident set now, in MB (2^20 bytes): ``VmRSS`` (all), ``RssAnon`` (its own
+    memory) or ``RssFile`` (touched pages of mapped files: the index's per-token arrays, libraries)."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
-                if line.startswith("VmRSS:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) / 1024
     except OSError:
         pass

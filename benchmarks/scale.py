@@ -164,6 +164,8 @@ def run_size(size: str, specs: List[dict], args) -> (List[dict], dict):
             row["search"]["rss_after_queries_mb"] = min(p[0]["search"].get("extra", {}).get("rss_after_queries_mb",
                                                                                          float("inf")) for p in c["passes"])
             row["search"]["rss_after_open_mb"] = extra.get("rss_after_open_mb")
+            for k in ("rss_anon_after_queries_mb", "rss_file_after_queries_mb"):
+                row["search"][k] = extra.get(k)
             row["search"]["memory"] = extra.get("memory")
             row["build"]["timings"] = (c["build"].get("build") or {}).get("timings")
         rows.append(row)
@@ -244,7 +246,7 @@ def write_markdown(results: dict, path: str) -> None:
              "query once, the warm-up and the timed passes (index memory-mapped); Searcher memory: the "
              "structures it holds in RAM (below).", "",
              "| corpus | config | docs | tokens | C | build s | build RSS MB | B/token | assign exact | assign us/token (exact) "
-             "| R@10 | median ms | p95 ms | search RSS MB (peak) | Searcher MB | load | session |",
+             "| R@10 | median ms | p95 ms | search RSS MB: all / anon / files (peak) | Searcher MB | load | session |",
              "|---" * 17 + "|"]
     for r in sorted(results["runs"], key=lambda r: (run.size_order(r["corpus"]), r["key"])):
         c = results["corpora"].get(r["corpus"], {})
@@ -261,7 +263,8 @@ def write_markdown(results: dict, path: str) -> None:
             f"{b['bytes_per_token']:.1f} | {_f(a.get('share_exact'), '{:.4f}')} | "
             f"{_f(a.get('grouped_us_per_token'), '{:.1f}')} ({_f(a.get('exact_us_per_token'), '{:.1f}')}) | "
             f"{_f(s.get('recall@10'), '{:.3f}')} | {_f(s.get('median_ms'))} | {_f(s.get('p95_ms'))} | "
-            f"{_f(r['search'].get('rss_after_queries_mb'), '{:.0f}')} ({_f(r['search'].get('peak_rss_mb'), '{:.0f}')}) | "
+            f"{_f(r['search'].get('rss_after_queries_mb'), '{:.0f}')} / {_f(r['search'].get('rss_anon_after_queries_mb'), '{:.0f}')} / "
+            f"{_f(r['search'].get('rss_file_after_queries_mb'), '{:.0f}')} ({_f(r['search'].get('peak_rss_mb'), '{:.0f}')}) | "
             f"{_f(mem / 2**20 if mem else None, '{:.0f}')} | {r['search']['loadavg_1min_before']:.1f} | {r.get('session', '')} |")
     lines.append("")
     summ = results.get("summary", {})
@@ -270,7 +273,7 @@ def write_markdown(results: dict, path: str) -> None:
                   "measured. Ratios: a size against 50k measured in the same session.", "",
                   "| config | build-time slope | latency slope | ratios to 50k |", "|---|---|---|---|"]
         for key, it in summ.items():
-            ratios = "; ".join(f"{size}: {v['documents_ratio']:.0f}x documents, build x{v['build_ratio']:.1f}, "
+            ratios = "; ".join(f"{size}: {v['documents_ratio']:.3g}x documents, build x{v['build_ratio']:.1f}, "
                                f"latency x{v['latency_ratio']:.2f}" for size, v in it["vs_50k"].items())
             lines.append(f"| {key} | {_f(it['build_slope'])} | {_f(it['latency_slope'])} | {ratios or '–'} |")
         lines.append("")
