@@ -107,6 +107,8 @@ def grow(source: str, out: str, num_docs: int, seed: int = 0, **params) -> dict:
         if {k: old.get(k) for k in meta if k != "source"} == {k: v for k, v in meta.items() if k != "source"} \
                 and bundle_files_exist(out):
             return old
+    from plaid.embeddings import release_pages
+
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
     t0 = time.perf_counter()
@@ -130,6 +132,7 @@ def grow(source: str, out: str, num_docs: int, seed: int = 0, **params) -> dict:
         row += n_tok
         if c % 10 == 9:
             mm.flush()
+            release_pages(mm, 0, row)  # written back: out of the resident set (the file outgrows RAM)
     mm.flush()
     del mm
     os.replace(tmp, os.path.join(out, "doc_embeddings.f16.npy"))
@@ -219,6 +222,8 @@ def exact_scores(queries: List[np.ndarray], X: np.ndarray, offsets: np.ndarray, 
     """
     import torch
 
+    from plaid.embeddings import release_pages
+
     kernel = kernel or _gt_kernel()
     qcat = torch.from_numpy(np.ascontiguousarray(np.concatenate(queries), np.float32))
     qoff = np.concatenate([[0], np.cumsum([len(q) for q in queries])]).astype(np.int64)
@@ -229,6 +234,7 @@ def exact_scores(queries: List[np.ndarray], X: np.ndarray, offsets: np.ndarray, 
         e = min(max(e, d + 1), doc_end)
         lo, hi = int(offsets[d]), int(offsets[e])
         block = torch.from_numpy(np.asarray(X[lo:hi], dtype=np.float32))
+        release_pages(X, lo, hi)  # read once: out of the resident set (the 1M file is 20 GB)
         sims = (block @ qcat.T).numpy()
         kernel(sims, offsets[d : e + 1] - lo, qoff, out[d - doc_start : e - doc_start])
         d = e
