@@ -44,8 +44,9 @@ COARSE_PROBE_GROUPS = 4
 GROUP_KMEANS_NITER = 8
 #: Sample points assigned per step of a k-means iteration.
 KMEANS_CHUNK = 1 << 16
-#: Tokens per step of grouped search (bounds its per-pair scratch: ~PROBE_GROUPS x 0.5 KB a token).
-GROUPED_BLOCK = 1 << 14
+#: Tokens per step of grouped search: bounds its per-pair scratch (PROBE_GROUPS x 0.5 KB a token,
+#: 32 MB a worker); 2^13 to 2^15 measured within noise of each other at C = 65,536.
+GROUPED_BLOCK = 1 << 13
 #: The default centroid count is capped here: centroid ids then fit uint16 (2 bytes per token on
 #: disk and in the searcher's transposed inverted file instead of 4); see ``docs/SCALE.md``.
 MAX_DEFAULT_CENTROIDS = 1 << 16
