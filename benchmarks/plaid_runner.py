@@ -59,22 +59,28 @@ class PlaidEngine:
         import plaid
 
         X, doclens, _ = load_bundle(bundle)
-        idx = plaid.Indexer(show_progress=False, **self.config).build(index, plaid.Embeddings(X, doclens),
-                                                                      overwrite=True)
+        indexer = plaid.Indexer(show_progress=False, **self.config)
+        idx = indexer.build(index, plaid.Embeddings(X, doclens), overwrite=True)
         return {"num_centroids": idx.num_centroids, "bytes_per_token": idx.bytes_per_token(),
-                "payload_bytes_per_token": idx.payload_bytes_per_token()}
+                "payload_bytes_per_token": idx.payload_bytes_per_token(),
+                "timings": dict(getattr(indexer, "last_timings", {}))}
 
     def open(self, index: str, bundle: str) -> None:
         import plaid
 
         self.searcher = plaid.Searcher(index)
+        self.rss_after_open_mb = current_rss_mb()
 
     def search(self, queries, k: int, params: dict) -> np.ndarray:
         return self.searcher.search(queries, k=k, **params).ids
 
     # -- floor and profile ------------------------------------------------------------------------
     def extra(self, queries, settings) -> dict:
-        out = {"floor": {}, "profile": {}}
+        # first, before anything else runs: the resident set after the timed passes (every query
+        # once untimed, then per setting 10 warm-up queries, the latency queries and the batch)
+        out = {"floor": {}, "profile": {}, "rss_after_open_mb": self.rss_after_open_mb,
+               "rss_after_queries_mb": current_rss_mb(), "rss_anon_after_queries_mb": current_rss_mb("RssAnon"),
+               "rss_file_after_queries_mb": current_rss_mb("RssFile"), "memory": searcher_memory(self.searcher)}
         for st in settings:
             out["floor"][st["label"]] = self.floor(queries, int(st["k"]), dict(st.get("params", {})))
             if st.get("profile"):
@@ -129,6 +135,62 @@ class PlaidEngine:
         mean_total = float(np.mean([d["total"] for d in per]))
         share = {n: float(np.mean([d.get(n, 0.0) for d in per]) / mean_total) for n in names if n != "total"}
         return {"median_ms": med, "share_of_mean": share}
+
+
+def current_rss_mb(field: str = "VmRSS") -> float:
+    """This process' resident set now, in MB (2^20 bytes): ``VmRSS`` (all), ``RssAnon`` (its own
+    memory) or ``RssFile`` (touched pages of mapped files: the index's per-token arrays, libraries)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def searcher_memory(searcher) -> dict:
+    """What a Searcher holds in memory, structure by structure: ``{name: bytes}`` for every array
+    or tensor attribute of its engine and every array its snapshot loaded (memory-mapped arrays,
+    the per-token files, are left out: they are pages of the files, counted by the RSS as they are
+    touched), with the index's counts to express them per document and per token."""
+    import torch
+
+    state = searcher._state
+    eng, snap = state.engine, state.snapshot
+    m = snap.manifest
+    seen, table = set(), {}
+
+    def add(name, a):
+        if isinstance(a, torch.Tensor):
+            if a.device.type != "cpu" or a.data_ptr() in seen:
+                return
+            seen.add(a.data_ptr())
+            table[name] = int(a.numel() * a.element_size())
+        elif isinstance(a, np.ndarray) and not isinstance(a, np.memmap):
+            base = a
+            while isinstance(base, np.ndarray) and base.base is not None:
+                base = base.base
+            if not isinstance(base, np.ndarray) or isinstance(base, np.memmap) or id(base) in seen:
+                return  # a view of a file mapping, or already counted
+            seen.add(id(base))
+            table[name] = int(base.nbytes)
+
+    for k, v in sorted(vars(eng).items()):
+        add(f"engine.{k}", v)
+    for k, v in sorted(snap._cache.items()):
+        add(f"snapshot.{k}", v)
+        if hasattr(v, "offsets"):  # the external-id table: its offsets are loaded, its bytes mapped
+            add(f"snapshot.{k}.offsets", v.offsets)
+    scratch = getattr(eng, "_scratch", None)
+    if scratch is not None:  # per-thread scratch of this (main) thread
+        for k, v in vars(scratch).items():
+            add(f"engine._scratch.{k} (per thread)", v)
+    total = sum(table.values())
+    pairs = int(m.arrays["ivf"].shape[0]) if "ivf" in m.arrays else 0
+    return {"bytes": table, "total_bytes": total, "num_documents": m.num_documents, "num_tokens": m.num_tokens,
+            "num_centroids": m.num_centroids, "ivf_pairs": pairs}
 
 
 class ExhaustiveEngine:

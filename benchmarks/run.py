@@ -200,9 +200,9 @@ def machine_info(threads: int) -> dict:
 # that a phase of a shared machine's load (its speed drifted 2.5x within minutes here) falls on
 # every engine alike, and keeps per setting each engine's fastest pass.
 def build_engine(spec: dict, size: str, bundle: str, meta: dict, work: str, threads: int, rebuild: bool,
-                 log) -> dict:
+                 log, timeout: Optional[float] = None) -> dict:
     """Build (or reuse) one engine's index. Returns a context for :func:`search_pass`, or a row
-    with ``skipped`` / ``failed``."""
+    with ``skipped`` / ``failed`` (a build past ``timeout`` seconds fails)."""
     engine, key = spec["engine"], spec["key"]
     cmd = runner_command(engine, work)
     if cmd is None:
@@ -228,9 +228,10 @@ def build_engine(spec: dict, size: str, bundle: str, meta: dict, work: str, thre
     if build is None:
         shutil.rmtree(index, ignore_errors=True)
         log(f"  {key}: building ...")
-        build = run_step(cmd + ["build"] + common, build_out, log)
+        build = run_step(cmd + ["build"] + common, build_out, log, timeout=timeout)
         if build is None:
-            return {"corpus": size, "engine": engine, "key": key, "failed": "build"}
+            return {"corpus": size, "engine": engine, "key": key,
+                    "failed": "build" + (f" (not finished within {timeout:.0f} s)" if timeout else "")}
         log(f"  {key}: built in {build['build_s']:.1f}s, peak RSS {build['peak_rss_mb']:.0f} MB")
     return {"spec": spec, "size": size, "cmd": cmd, "common": common, "build": build, "index": index,
             "bundle": bundle, "runs": runs, "passes": []}

@@ -25,6 +25,7 @@ from .errors import (
     IndexLockedError,
     IndexNotFoundError,
     IndexWriteError,
+    InsufficientSpaceError,
     InvalidInputError,
     PlaidError,
 )
@@ -71,6 +72,7 @@ __all__ = [
     "IndexCorruptError",
     "FormatVersionError",
     "IndexWriteError",
+    "InsufficientSpaceError",
     "__version__",
 ]
 

@@ -115,6 +115,12 @@ def _backing_mmap(a: np.ndarray):
     return base, a.__array_interface__["data"][0] - start
 
 
+#: Rows of a memory-mapped corpus spanned by one step of :meth:`Corpus.take` (a sample's rows are
+#: read, then the span's pages dropped: 65,536 rows of 128 float16 are 16 MB). Measured: a
+#: 65,536-token sample of a 1 GB corpus in one step had ~1 GB resident at once (readahead).
+TAKE_SPAN_ROWS = 1 << 16
+
+
 def release_pages(a: np.ndarray, row_start: int, row_end: int) -> None:
     """Drop rows ``[row_start, row_end)`` of a memory-mapped array from this process' resident set.
 
@@ -274,11 +280,14 @@ class Corpus:
         """Tokens at sorted global positions ``token_ids`` (int64 [n]) as float32 ``[n, dim]``."""
         if self._flat is not None:
             out = np.empty((len(token_ids), self.dim), np.float32)
-            step = 1 << 16  # sorted ids: read and release the file block by block
-            for a in range(0, len(token_ids), step):
-                ids = token_ids[a : a + step]
-                out[a : a + step] = self._flat.vectors[ids]
-                release_pages(self._flat.vectors, int(ids[0]), int(ids[-1]) + 1)
+            a = 0
+            while a < len(token_ids):  # sorted ids: read and release the file span by span, so that
+                lo = int(token_ids[a])   # a sparse sample never has the whole file resident (readahead)
+                b = max(a + 1, int(np.searchsorted(token_ids, lo + TAKE_SPAN_ROWS, side="left")))
+                ids = token_ids[a:b]
+                out[a:b] = self._flat.vectors[ids]
+                release_pages(self._flat.vectors, lo, int(ids[-1]) + 1)
+                a = b
         else:
             doc = np.searchsorted(self.offsets, token_ids, side="right") - 1
             out = np.empty((len(token_ids), self.dim), np.float32)

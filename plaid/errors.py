@@ -15,6 +15,7 @@ __all__ = [
     "FormatVersionError",
     "IndexLockedError",
     "IndexWriteError",
+    "InsufficientSpaceError",
 ]
 
 
@@ -52,3 +53,15 @@ class IndexWriteError(PlaidError, OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class InsufficientSpaceError(IndexWriteError):
+    """The index folder's file system has less free space than a build or ``add`` needs; raised
+    before anything is written. ``needed_bytes`` and ``free_bytes`` hold the figures."""
+
+    def __init__(self, message: str, needed_bytes: int, free_bytes: int):
+        import errno
+
+        super().__init__(errno.ENOSPC, message)
+        self.needed_bytes = int(needed_bytes)
+        self.free_bytes = int(free_bytes)

@@ -21,8 +21,8 @@ from ..errors import InvalidInputError
 from ..store import (IndexWriter, Manifest, Segment, Snapshot, check_doc_ids, checked_codes, encode_doc_ids,
                      open_snapshot, read_manifest, resolve_ids, verify, writing)
 from ..codecs import dequantize_centroids, quantize_centroids
-from .encode import encode_segment, merge_ivf, warn_empty, write_ivf
-from .kmeans import CentroidAssigner, sample_token_ids, train_centroids
+from .encode import InvertedFileBuilder, encode_segment, space_needed, warn_empty
+from .kmeans import CentroidAssigner, assign_all, sample_token_ids, train_centroids
 from .pooling import default_threads, pool_corpus, pool_factor_of
 
 __all__ = ["Index", "OUTLIER_FRACTION"]
@@ -231,19 +231,23 @@ class Index:
                 corpus = raw = as_corpus(documents, spill=w.scratch_file, dim=m.dim)
                 n_old = m.num_documents
                 names = self._check_new_ids(snap, doc_ids, corpus.num_docs)
-                num_empty = warn_empty(corpus, n_old)
                 if factor != 1.0:
                     corpus = pool_corpus(raw, factor, renormalize=m.normalized, spill=w.scratch_file,
                                          chunk_tokens=int(chunk_tokens), threads=default_threads(),
                                          show_progress=show_progress)
                 codec = snap.codec
+                needed, what = space_needed(
+                    corpus.num_tokens, corpus.num_docs, m.num_centroids, m.dim, codec.code_bytes, m.normalized,
+                    sum(len(n.encode("utf-8")) for n in snap.doc_ids.tolist() + names) if names is not None else 0,
+                    old_pairs=len(snap.ivf), old_docs=n_old)
+                w.check_space(needed, what)
+                num_empty = warn_empty(raw, n_old)
                 centroids, grown = self._grow_centroids(snap, corpus, snap.centroids.copy(), show_progress)
                 assigner = CentroidAssigner(centroids, seed=int(m.build.get("seed", 0)))
                 seg = f"seg{m.next_segment}"
-                cells, docs = encode_segment(w, seg, corpus, centroids, assigner, codec, n_old,
-                                             int(chunk_tokens), show_progress, snap.norm_quantizer)
-                ivf, ivf_offsets = merge_ivf(len(centroids), cells, docs, snap.ivf, snap.ivf_offsets)
-                write_ivf(w, ivf, ivf_offsets, n_old + corpus.num_docs)
+                ivf = encode_segment(w, seg, corpus, centroids, assigner, codec, n_old,
+                                     int(chunk_tokens), show_progress, snap.norm_quantizer)
+                ivf.write(n_old + corpus.num_docs, snap.ivf, snap.ivf_offsets)
                 w.write("doclens", np.concatenate([snap.doclens, corpus.doclens]).astype(np.int32))
                 if grown is not None:
                     for name, arr in grown.items():
@@ -296,7 +300,7 @@ class Index:
             return centroids, None
         sample = corpus.take(sample_token_ids(corpus.num_tokens, OUTLIER_SAMPLE, seed=m.generation + 17))
         assigner = CentroidAssigner(centroids)
-        norms = np.linalg.norm(sample - centroids[assigner.assign(sample)], axis=1)
+        norms = np.linalg.norm(sample - centroids[assign_all(assigner, sample)], axis=1)
         outliers = sample[norms > limit]
         frac = len(outliers) / max(1, len(sample))
         if frac <= OUTLIER_FRACTION:
@@ -379,7 +383,7 @@ class Index:
         norms_out = w.create(f"{seg}_norms", (T,), np.uint8) if m.normalized else None
         N = len(doclens)
         C = m.num_centroids
-        cells_all, docs_all = [], []
+        ivf = InvertedFileBuilder(w, C)
         out = 0
         bar = tqdm(total=N, unit="doc", desc="plaid: compacting", disable=not show_progress)
         for a in range(0, N, chunk_docs):
@@ -398,14 +402,10 @@ class Index:
                 out += len(pos)
                 d = np.repeat(live, lens)
                 key = np.unique(c.astype(np.int64) * N + d)
-                cells_all.append((key // N).astype(np.int32))
-                docs_all.append((key % N).astype(np.int32))
+                ivf.add((key // N).astype(np.int32), (key % N).astype(np.int32))
             bar.update(b - a)
         bar.close()
-        cells = np.concatenate(cells_all) if cells_all else np.zeros(0, np.int32)
-        docs = np.concatenate(docs_all) if docs_all else np.zeros(0, np.int32)
-        ivf, ivf_offsets = merge_ivf(C, cells, docs)
-        write_ivf(w, ivf, ivf_offsets, N)
+        ivf.write(N)
         w.write("doclens", keep_len.astype(np.int32))
         fields = m.fields()
         # the old segments and tombstone arrays are replaced: stop referencing them, so the

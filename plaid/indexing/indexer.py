@@ -37,8 +37,8 @@ from ..codecs import (NormQuantizer, ResidualCodec, check_codec_params, codec_fr
 from ..embeddings import Corpus, as_corpus
 from ..errors import FormatVersionError, IndexCorruptError, InvalidInputError
 from ..store import IndexWriter, Manifest, Segment, check_doc_ids, encode_doc_ids, open_snapshot, writing
-from .encode import encode_segment, merge_ivf, warn_empty, write_ivf
-from .kmeans import CentroidAssigner, default_num_centroids, sample_token_ids, train_centroids
+from .encode import encode_segment, space_needed, warn_empty
+from .kmeans import CentroidAssigner, assign_all, default_num_centroids, sample_token_ids, train_centroids
 from .pooling import check_pool_factor, default_threads, pool_corpus, pool_factor_of, pooling_record
 
 __all__ = ["Indexer", "TrainedParams", "params_fingerprint", "OUTLIER_QUANTILE", "PRESETS", "preset_pq_m"]
@@ -101,7 +101,8 @@ class Indexer:
         Bits per dimension of the scalar codec.
     num_centroids : int or None, default None
         Number of k-means centroids. None: PLAID's ``2**floor(log2(16*sqrt(num_tokens)))``,
-        capped at ``num_tokens / 8`` for small corpora (see ``default_num_centroids``).
+        capped at ``num_tokens / 8`` for small corpora and at 65,536 (uint16 centroid ids; PLAID's
+        count passes it from 67M tokens; see ``default_num_centroids``).
     kmeans_niter : int, default 4
         k-means iterations. k-means dominates build time; on msmarco-5k a larger sample helps
         fidelity more than more iterations (``benchmarks/build_params.py``).
@@ -115,6 +116,13 @@ class Indexer:
         (ColBERT vectors are); this recovers 2-3 points of recall@10 at no storage cost.
     chunk_tokens : int, default 65536
         Tokens encoded per step; bounds the memory of the encoding pass.
+    assignment : {"auto", "exact"}, default "auto"
+        How tokens find their nearest centroid (k-means iterations, codec training, encoding).
+        "auto": exactly below 2,048 centroids, else through groups of centroids (each token is
+        compared with the group centres, then with the members of its 8 nearest groups: a cost
+        per token nearly independent of the number of centroids; see
+        :class:`plaid.indexing.kmeans.CentroidAssigner`). "exact": every token against every
+        centroid (cost grows with the centroid count; for measuring the approximation).
     seed : int, default 0
         Seed of the sample, k-means and codec training. Same seed, input and thread count give
         an identical index.
@@ -137,7 +145,7 @@ class Indexer:
                  num_centroids: Optional[int] = None, kmeans_niter: int = 4,
                  kmeans_points_per_centroid: int = 16, codec_sample: int = 65536,
                  normalize="auto", chunk_tokens: int = 1 << 16, seed: int = 0,
-                 pool_factor: float = 1, show_progress: bool = True):
+                 pool_factor: float = 1, assignment: str = "auto", show_progress: bool = True):
         if not isinstance(preset, str) or preset not in PRESETS:
             raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(map(repr, PRESETS))}")
         p = PRESETS[preset]
@@ -162,6 +170,8 @@ class Indexer:
             raise InvalidInputError(f"normalize must be 'auto', True or False, got {normalize!r}")
         if isinstance(nbits, bool) or nbits not in (1, 2, 4):
             raise InvalidInputError(f"nbits must be 1, 2 or 4, got {nbits!r}")
+        if assignment not in ("auto", "exact"):
+            raise InvalidInputError(f"assignment must be 'auto' or 'exact', got {assignment!r}")
         self.preset = preset
         self.pool_factor = check_pool_factor(pool_factor)
         # pq_m None: the preset's, scaled to the vectors' dimension when it is known (preset_pq_m)
@@ -174,8 +184,14 @@ class Indexer:
         self.normalize = normalize
         self.chunk_tokens = int(chunk_tokens)
         self.seed = int(seed)
+        self.assignment = assignment
         self.show_progress = bool(show_progress)
         self.last_timings: Dict[str, float] = {}
+
+    @property
+    def _exact(self) -> Optional[bool]:
+        """The ``exact`` argument of every :class:`CentroidAssigner` this build makes."""
+        return True if self.assignment == "exact" else None
 
     def build(self, path: str, documents, *, doc_ids=None, overwrite: bool = False):
         """Index ``documents`` into directory ``path``; returns the opened :class:`plaid.Index`.
@@ -230,7 +246,7 @@ class Indexer:
         stage-4 scores are comparable (the shards of :mod:`plaid.distributed`). Documents are
         pooled as ``trained.pooling`` records (each document on its own: the same vectors as in
         a build of the whole corpus). This Indexer's own codec, k-means and pooling parameters
-        are ignored; ``chunk_tokens`` and ``show_progress`` apply.
+        are ignored; ``chunk_tokens``, ``assignment`` and ``show_progress`` apply.
         """
         if not isinstance(trained, TrainedParams):
             raise InvalidInputError(f"trained must be plaid.indexing.indexer.TrainedParams, got {type(trained).__name__}")
@@ -255,6 +271,7 @@ class Indexer:
                trained: Optional["TrainedParams"] = None) -> Manifest:
         t_start = time.perf_counter()
         timings: Dict[str, float] = {}
+        self._check_space(writer, corpus, names, trained)
         num_empty = warn_empty(corpus)
         if trained is None:
             pooling = pooling_record(self.pool_factor)
@@ -289,6 +306,24 @@ class Indexer:
         logger.info("pooled %d tokens into %d vectors (factor %g) in %.1fs", corpus.num_tokens, pooled.num_tokens,
                     factor, timings["pool_s"])
         return pooled
+
+    def _check_space(self, writer: IndexWriter, corpus: Corpus, names: Optional[list],
+                     trained: Optional["TrainedParams"]) -> None:
+        """Refuse up front (:class:`plaid.InsufficientSpaceError`, before training) when the
+        folder's file system cannot hold the index (:func:`~plaid.indexing.encode.space_needed`;
+        the tokens before pooling: an upper bound)."""
+        T = corpus.num_tokens
+        if trained is not None:
+            C, code_bytes, normalized = trained.num_centroids, trained.codec.code_bytes, trained.normalized
+        else:
+            C = min(self.num_centroids or default_num_centroids(T), T)
+            pq_m = self.pq_m if self.pq_m is not None else preset_pq_m(self.preset, corpus.dim)
+            code_bytes = make_codec(self.codec, corpus.dim, pq_m=pq_m, nbits=self.nbits,
+                                    rotation=self.pq_rotation).code_bytes
+            normalized = self.normalize is not False
+        id_bytes = sum(len(n.encode("utf-8")) for n in names) if names is not None else 0
+        needed, what = space_needed(T, corpus.num_docs, C, corpus.dim, code_bytes, normalized, id_bytes)
+        writer.check_space(needed, what)
 
     def _train_input(self, corpus: Corpus, timings: Dict[str, float], spill=None) -> "TrainedParams":
         """Training on an input corpus: pooled first (into ``spill``, default a temporary file,
@@ -333,20 +368,21 @@ class Indexer:
         km_rows = sample if len(sample) <= n_km else \
             sample[np.random.default_rng(self.seed + 1).choice(len(sample), n_km, replace=False)]
         logger.info("k-means: %d centroids from %d of %d tokens, %d iterations", C, len(km_rows), T, self.kmeans_niter)
-        centroids = train_centroids(km_rows, C, self.kmeans_niter, self.seed, show_progress=self.show_progress)
+        centroids = train_centroids(km_rows, C, self.kmeans_niter, self.seed, show_progress=self.show_progress,
+                                    exact=self._exact)
         # stored as int8 rows with a float32 scale each (a quarter of float32's bytes, any range);
         # tokens are encoded against the stored (dequantized) values
         stored = quantize_centroids(centroids)
         centroids = dequantize_centroids(stored["centroids"], stored["centroid_scales"])
         C = len(centroids)
-        assigner = CentroidAssigner(centroids, seed=self.seed)
+        assigner = CentroidAssigner(centroids, seed=self.seed, exact=self._exact)
         timings["kmeans_s"] = time.perf_counter() - t
 
         # 3. codec training on residuals of (part of) the sample
         t = time.perf_counter()
         rows = sample if len(sample) <= self.codec_sample else \
             sample[np.random.default_rng(self.seed + 2).choice(len(sample), self.codec_sample, replace=False)]
-        assigned = assigner.assign(rows)
+        assigned = assign_all(assigner, rows)
         residuals = rows - centroids[assigned]
         codec.train(residuals, seed=self.seed)
         outlier_norm = float(np.quantile(np.linalg.norm(residuals, axis=1), OUTLIER_QUANTILE))
@@ -369,19 +405,17 @@ class Indexer:
         T, N, dim = corpus.num_tokens, corpus.num_docs, corpus.dim
         centroids, codec, normalized = trained.centroids, trained.codec, trained.normalized
         C = len(centroids)
-        assigner = trained.assigner
+        assigner = CentroidAssigner(centroids, exact=True) if self._exact else trained.assigner
 
         # 4. streamed encoding into segment 0
         t = time.perf_counter()
-        cells, docs = encode_segment(writer, "seg0", corpus, centroids, assigner, codec, 0,
-                                     self.chunk_tokens, self.show_progress, trained.norm_quantizer)
+        ivf = encode_segment(writer, "seg0", corpus, centroids, assigner, codec, 0,
+                             self.chunk_tokens, self.show_progress, trained.norm_quantizer)
         timings["encode_s"] = time.perf_counter() - t
 
         # 5. inverted file and the small global arrays
         t = time.perf_counter()
-        ivf, ivf_offsets = merge_ivf(C, cells, docs)
-        del cells, docs
-        write_ivf(writer, ivf, ivf_offsets, N)
+        ivf.write(N)
         writer.write("doclens", corpus.doclens.astype(np.int32))
         for name, arr in trained.stored_centroids().items():
             writer.write(name, arr)

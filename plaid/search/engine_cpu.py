@@ -3,7 +3,7 @@ products). What each stage decides is in :mod:`plaid.search.pipeline`; this modu
 
 State prepared from the store's snapshot: centroids (float32 [C, dim]) and their unit-norm scoring
 copy (float32 or bfloat16), the inverted file (int32 [P], int64 [C + 1]) and its transpose (each
-document's distinct centroids: int32 [P], int64 [N + 1]), document offsets, tombstones; the
+document's distinct centroids: uint16 [P] up to 65,536 centroids, else int32; int64 [N + 1]), document offsets, tombstones; the
 per-token arrays (centroid ids, residual codes, norms) stay memory-mapped unless ``load_all``.
 """
 from __future__ import annotations
@@ -58,9 +58,10 @@ class CPUEngine:
         self.centroids = snap.centroids
         self.ivf, self.ivf_offsets, self.doc_offsets = snap.ivf, snap.ivf_offsets, snap.doc_offsets
         self.ivf_lens = np.diff(self.ivf_offsets)
-        # stages 2-3 read each document's distinct centroids (the inverted file transposed: 4 B per
-        # (centroid, document) pair + 8 B per document, in memory)
-        self.dcells, self.dcell_offsets = stages.doc_cells(self.ivf, self.ivf_offsets, self.num_documents)
+        # stages 2-3 read each document's distinct centroids (the inverted file transposed: 2 B per
+        # (centroid, document) pair up to 65,536 centroids, else 4, + 8 B per document, in memory)
+        self.dcells, self.dcell_offsets = stages.doc_cells(self.ivf, self.ivf_offsets, self.num_documents,
+                                                           narrow=True)
         self.codes_file = snap.token_files("codes")
         self.norms_file = snap.token_files("norms") if self.normalized else ""
         self.codes, self.residuals, self.norms = snap.codes(load_all), snap.residuals(load_all), snap.norms(load_all)

@@ -161,8 +161,9 @@ def warmup(codes_dtype=np.uint16, background: bool = False):
     counts = dcell_offsets[1:] - dcell_offsets[:-1]
     candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(N, bool))
     candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(1000, bool))  # the sorting branch
-    approx_maxsim_docs(Re, keep, docs, dcells, dcell_offsets, ReT=centroid_table_t(Re))
-    approx_maxsim_docs(Re, keep, docs[:1], dcells, dcell_offsets)  # few entries: the strided kernel
+    for cells in (dcells, dcells.astype(np.uint16)):  # int32, and uint16 (up to 65,536 centroids)
+        approx_maxsim_docs(Re, keep, docs, cells, dcell_offsets, ReT=centroid_table_t(Re))
+        approx_maxsim_docs(Re, keep, docs[:1], cells, dcell_offsets)  # few entries: the strided kernel
     approx_maxsim_ivf(Re, keep, docs, ivf, ivf_offsets, counts, np.full(N, -1, np.int32))
     codes = np.array([0, 1, 2], codes_dtype)
     offsets = np.arange(N + 1, dtype=np.int64)
@@ -247,7 +248,7 @@ def approx_maxsim_docs(Re: np.ndarray, keep: Optional[np.ndarray], docs: np.ndar
 
     Re: float32 [m, C + 1] (:func:`stages.centroid_table`; column C is ``PRUNED_SCORE``); keep:
     bool [C] (:func:`stages.surviving`; a centroid not kept reads column C) or None (no pruning:
-    stage 3); docs: int64 [n] candidate ids; dcells: int32 [P], dcell_offsets: int64 [N + 1]
+    stage 3); docs: int64 [n] candidate ids; dcells: int32 or uint16 [P], dcell_offsets: int64 [N + 1]
     (:func:`stages.doc_cells`); ReT: optional :func:`centroid_table_t` of ``Re`` (when None it is
     built here if the candidates hold at least C / 2 centroid entries, where the copy pays:
     measured break-even ~0.5 C on 8k and 16k centroids; below, ``Re`` is read as is). Returns float32 [n]: per candidate, the sum over query tokens i of
@@ -265,7 +266,7 @@ def approx_maxsim_docs(Re: np.ndarray, keep: Optional[np.ndarray], docs: np.ndar
     if ReT is not None and (ReT.shape[0] != C1 or ReT.shape[1] < m):
         raise ValueError(f"ReT has shape {ReT.shape}, expected [{C1}, >= {m}]")
     docs = np.ascontiguousarray(docs, np.int64)
-    dcells = np.ascontiguousarray(dcells, np.int32)
+    dcells = np.ascontiguousarray(dcells, dcells.dtype if dcells.dtype == np.uint16 else np.int32)  # no copy of uint16
     dcell_offsets = np.ascontiguousarray(dcell_offsets, np.int64)
     n = len(docs)
     out = np.empty(n, np.float32)

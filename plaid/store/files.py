@@ -243,6 +243,30 @@ def file_crc32(fd: int) -> int:
         crc = zlib.crc32(block, crc)
 
 
+def drop_resident(a: np.ndarray) -> None:
+    """Drop the pages of memory map ``a`` (an ``np.memmap`` over a whole file) from this process'
+    resident set, after its data was copied elsewhere: they stay in the page cache, and a later
+    read of the map faults them back in. A no-op for other arrays or without ``madvise``."""
+    mm = getattr(a, "_mmap", None)
+    if mm is None or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    try:
+        mm.madvise(mmap.MADV_DONTNEED)
+    except (OSError, ValueError):
+        pass
+
+
+def free_bytes(folder: str) -> int:
+    """Bytes an unprivileged writer may still use on the file system holding ``folder``
+    (``statvfs``: available blocks x fragment size; ``shutil.disk_usage`` where there is none)."""
+    if hasattr(os, "statvfs"):
+        st = os.statvfs(folder)
+        return int(st.f_bavail) * int(st.f_frsize)
+    import shutil
+
+    return int(shutil.disk_usage(folder).free)
+
+
 def fsync_dir(folder: str) -> None:
     """fsync a directory (makes a rename durable); a no-op where unsupported."""
     try:

@@ -171,8 +171,12 @@ class Snapshot:
         self._maps.pop(name, None)
 
     def loaded(self, name: str) -> np.ndarray:
-        """Array ``name`` read into memory (a private copy)."""
-        return np.array(self.mapped(name))
+        """Array ``name`` read into memory (a private copy). The map's pages are then dropped from
+        the resident set: a searcher holding the inverted file would otherwise count it twice."""
+        mapped = self.mapped(name)
+        out = np.array(mapped)
+        files.drop_resident(mapped)
+        return out
 
     def _bad(self, name: str, why: str) -> IndexCorruptError:
         return IndexCorruptError(f"{self.path}: index file {self.file(name)}: {why}")

@@ -30,7 +30,8 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import FormatVersionError, IndexCorruptError, IndexExistsError, IndexLockedError, IndexWriteError, PlaidError
+from ..errors import (FormatVersionError, IndexCorruptError, IndexExistsError, IndexLockedError, IndexWriteError,
+                      InsufficientSpaceError, PlaidError)
 from . import files
 from .manifest import (ARRAY_FILE_RE, FORMAT_VERSION, MANIFEST, ArrayEntry, Manifest, Segment, array_file, dumps,
                        parse_manifest)
@@ -218,6 +219,17 @@ class IndexWriter:
             os.close(fd)
         self._record(name, fname, dtype, shape)
 
+    def check_space(self, needed: int, what: str) -> None:
+        """Refuse, before writing anything more, when the folder's file system has less than
+        ``needed`` bytes free: :class:`InsufficientSpaceError` naming both figures and ``what``
+        (how ``needed`` was estimated)."""
+        free = files.free_bytes(self.path)
+        if needed > free:
+            raise InsufficientSpaceError(
+                f"{self.path}: not enough free disk space: this needs about {_size(needed)} ({needed:,} bytes: "
+                f"{what}), but only {_size(free)} ({free:,} bytes) are free there; nothing was written",
+                needed, free)
+
     def scratch_file(self) -> Tuple[int, str]:
         """A new private scratch file in the folder (e.g. a corpus spill): (write descriptor, path).
         Removed by the caller, or at the latest by the commit or the next writer."""
@@ -289,6 +301,14 @@ class IndexWriter:
         _reset_journal(self._journal)
 
 
+def _size(n: int) -> str:
+    """``n`` bytes in human units (GB = 10^9 bytes)."""
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n} bytes"
+
+
 def _reset_journal(fd: int) -> None:
     with contextlib.suppress(OSError):
         os.ftruncate(fd, 0)
@@ -331,10 +351,38 @@ def _next_generation(path: str, base: Optional[Manifest]) -> int:
     return top + 1
 
 
+def _only_leftovers(path: str, entries: List[str]) -> bool:
+    """Whether ``entries`` (the folder's names) are only what an interrupted first build left: no
+    manifest, the lock and journal, and regular files the journal names (so the next writer
+    removes them). A build may then proceed without ``overwrite``: there is no index to replace."""
+    if MANIFEST in entries or JOURNAL not in entries:
+        return False
+    try:
+        fd = os.open(os.path.join(path, JOURNAL), os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) |
+                     getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except OSError:
+        return False
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return False
+        listed = set(os.read(fd, JOURNAL_MAX_BYTES + 1).decode("utf-8", "replace").splitlines())
+    finally:
+        os.close(fd)
+    for name in entries:
+        if name in (LOCK_FILE, JOURNAL):
+            continue
+        if name not in listed or _created_generation(name) is None:
+            return False
+        if not stat.S_ISREG(os.lstat(os.path.join(path, name)).st_mode):
+            return False
+    return True
+
+
 def _prepare_new(path: str, overwrite: bool) -> bool:
     """Check that ``path`` may receive a new index; create it if missing. Returns whether it was
     created. Never deletes anything: a folder with foreign files is refused even with
-    ``overwrite`` (their names are not plaid's)."""
+    ``overwrite`` (their names are not plaid's). A folder holding only an interrupted build's
+    files is accepted as if empty (:func:`_only_leftovers`); the writer then removes them."""
     if os.path.lexists(path) and not os.path.isdir(path):
         raise IndexExistsError(f"{path} exists and is not a directory")
     created = not os.path.exists(path)
@@ -343,7 +391,7 @@ def _prepare_new(path: str, overwrite: bool) -> bool:
     except OSError as e:
         raise PlaidError(f"{path}: cannot create the index directory ({e.strerror})") from None
     entries = sorted(os.listdir(path))
-    if entries and not overwrite:
+    if entries and not overwrite and not _only_leftovers(path, entries):
         raise IndexExistsError(
             f"{path} is not empty ({len(entries)} entries); pass overwrite=True to replace the index there")
     foreign = [e for e in entries if not is_own_name(e) or os.path.isdir(os.path.join(path, e))]
