@@ -216,6 +216,24 @@ def test_stage4_random(m, codes_dtype, norms_kind):
         assert ((sl >= 0).sum()) == len(u)
 
 
+@pytest.mark.parametrize("m", [1, 7, 8, 9, 33])
+def test_centroid_scores_fixed_order(m):
+    """Stage 4's centroid terms: float32 products added in order d = 0.. from 0, never fused, in
+    the kernel and in numpy alike (so the fallback gives the same bits); within rounding of BLAS."""
+    rng = np.random.default_rng(m)
+    C, dim = 300, 128
+    centroids = rng.normal(size=(C, dim)).astype(np.float32)
+    q = rng.normal(size=(m, dim)).astype(np.float32)
+    for U in (0, 1, 3, 4, 5, 57):
+        u = np.sort(rng.choice(C, U, replace=False)).astype(np.int64)
+        want = np.zeros((m, U), np.float32)
+        for d in range(dim):
+            want += q[:, d : d + 1] * centroids[u, d][None, :]
+        got = K.centroid_scores(q, centroids, u)
+        assert got.shape == (m, U) and same(got, want)
+        np.testing.assert_allclose(got, q @ centroids[u].T, rtol=0, atol=1e-4)
+
+
 def test_stage4_edge_cases():
     rng = np.random.default_rng(5)
     table, cs, slot, codes, residuals, norms, offsets = random_stage4(rng, 7, 16, 20, 100, [3, 0, 4], np.uint16, "f16")
@@ -287,11 +305,17 @@ def check_index(path, queries, nq):
         assert same(K.exact_scores(q, st.codec, st.centroids, codes, residuals, norms, st.doc_offsets, d4), want4)
         cc = st.token_codes(pos)
         u, sl = K.used_centroids(cc, offs, np.arange(len(d4)), st.num_centroids)
-        cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(st.centroids, u, axis=0)).T).numpy()
+        cs = K.centroid_scores(q, st.centroids, u)
         gathered_norms = st.token_norms(pos) if norms is not None else None
-        got4 = K.exact_maxsim(st.codec.score_table(q).numpy(), cs, sl, cc, st.residuals.take(pos), gathered_norms,
-                              offs)
+        table = st.codec.score_table(q).numpy()
+        got4 = K.exact_maxsim(table, cs, sl, cc, st.residuals.take(pos), gathered_norms, offs)
         assert same(got4, want4)
+        # the centroid terms are summed in the kernels' own fixed order (not a BLAS's): within
+        # float32 rounding of the torch product the replaced pipeline used
+        cs_blas = (torch.from_numpy(q) @ torch.from_numpy(np.take(st.centroids, u, axis=0)).T).numpy()
+        np.testing.assert_allclose(cs, cs_blas, rtol=0, atol=1e-5)
+        blas4 = K.exact_maxsim(table, cs_blas, sl, cc, st.residuals.take(pos), gathered_norms, offs)
+        np.testing.assert_allclose(got4, blas4, rtol=0, atol=1e-5)
         checked += 1
     assert slot.min() == -1 and slot.max() == -1
     return checked
@@ -383,6 +407,8 @@ def all_kernels(seed=0):
     out.append(K.exact_maxsim(table, cs, sl, codes, residuals, norms, offsets))
     out.append(K.exact_maxsim_ranges(table, cs, sl, codes, residuals, None, offsets, np.array([1, 3])))
     out += list(K.used_centroids(codes, offsets, np.array([0, 2]), len(sl)))
+    out.append(K.centroid_scores(rng.normal(size=(m, 16)).astype(np.float32),
+                                 rng.normal(size=(200, 16)).astype(np.float32), np.array([3, 1, 150, 7, 9])))
     return out
 
 

@@ -14,15 +14,22 @@ tokens:
   through the codec's per-query table (asymmetric distance computation), over gathered tokens;
 * :func:`exact_maxsim_ranges` — the same reading the per-token arrays (memory-mapped or not) in
   place by each candidate's token range, validating the centroid ids and norms it reads;
-* :func:`exact_scores` — all of stage 4 for one query (table, centroids used, product, kernel).
+* :func:`centroid_scores` — stage 4's centroid terms ``q @ centroids[u].T`` in one fixed
+  summation order (the kernel's and numpy's alike);
+* :func:`exact_scores` — all of stage 4 for one query (table, centroids used, their scores, kernel);
+* :func:`search_query` — stages 1-4 of one query in ONE call (over :class:`QueryArrays`): the
+  pipeline's decisions compiled, so that a query's work runs without the GIL from its centroid
+  scores to its hits (numba only; the fallback runs the pipeline's stages).
 
 **Equality.** Results are bit-identical to the numpy path: the same float32 operations in the
 same order. Stages 2-3 sum the per-token maxima sequentially over query tokens i = 0..m-1, as
 numpy's ``[m, n].sum(0)`` does (but numpy's pairwise order when ``n == 1``: the array is then a
 single contiguous column); stage 4 adds the ``code_bytes`` table entries in order from 0 (as
 ``embedding_bag``), then the centroid score, divides by the norm (IEEE division), and sums the
-per-token maxima in numpy's pairwise order (``[n, m].sum(1)``). ``tests/test_kernels_cpu.py``
-compares with ``==``.
+per-token maxima in numpy's pairwise order (``[n, m].sum(1)``). Stage 4's centroid terms are
+float32 products added in order over the dimensions (:func:`centroid_scores`: no BLAS, so the
+kernel and the fallback agree bit for bit; within ~1e-6 of a BLAS product).
+``tests/test_kernels_cpu.py`` compares with ``==``.
 
 **Compilation.** Importing this module imports neither numba nor compiles anything. The first
 call imports :mod:`plaid.search._kernels_numba` (numba), and each kernel compiles on its first
@@ -53,8 +60,9 @@ import torch
 from ..errors import IndexCorruptError
 from . import stages
 
-__all__ = ["backend", "reset", "warmup", "candidates", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf", "used_centroids",
-           "exact_maxsim", "exact_maxsim_ranges", "exact_scores"]
+__all__ = ["backend", "reset", "warmup", "candidates", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf",
+           "used_centroids", "centroid_scores", "exact_maxsim", "exact_maxsim_ranges", "exact_scores", "QueryArrays",
+           "search_query"]
 
 _NEG_INF = np.float32(-np.inf)
 
@@ -105,7 +113,8 @@ def reset() -> None:
 # the arguments each kernel writes; every other array is passed read-only, so that one compiled
 # specialisation serves in-memory and memory-mapped (read-only) inputs alike
 _OUTPUTS = {"candidates": (4, 5), "transpose_table": (1,), "approx_docs": (7, 8), "approx_docs_strided": (6, 7),
-            "approx_ivf": (6, 7, 8), "used_centroids": (4,), "exact": (11,)}
+            "approx_ivf": (6, 7, 8), "used_centroids": (4,), "exact": (11,), "stage4": (11, 12),
+            "centroid_scores": (), "search_query": (22, 23, 24, 25)}
 
 
 def _ro(a):
@@ -170,6 +179,15 @@ def warmup(codes_dtype=np.uint16, background: bool = False):
     table = rng.random((256, m), dtype=np.float32)
     exact_maxsim(table, rng.random((m, len(u)), dtype=np.float32), slot, codes, np.zeros((N, 1), np.uint8),
                  np.ones(N, np.float16), offsets)
+    dim = 4
+    cents = rng.random((C, dim), dtype=np.float32)
+    q = rng.random((m, dim), dtype=np.float32)
+    centroid_scores(q, cents, u)
+    for norms in (np.ones(N, np.float16), None):  # the compiled query, as the CPU engine calls it
+        arrays = QueryArrays(cents, ivf, ivf_offsets, dcells, dcell_offsets, offsets, codes, np.zeros((N, 1), np.uint8),
+                             norms, None)
+        search_query(Re[:, :C].copy(), q, table, arrays, 2, 1, 0.5, 2, 1, np.zeros(N, bool), np.full(N, -1, np.int32),
+                     np.full(C, -1, np.int32))
     return None
 
 
@@ -348,26 +366,20 @@ def used_centroids(codes: np.ndarray, doc_offsets: np.ndarray, docs: np.ndarray,
     return u, slot
 
 
-_HALF_LUT: Optional[np.ndarray] = None
 _NO16 = np.zeros(1, np.uint16)
 _NO32 = np.zeros(1, np.float32)
 
 
-def _half_lut() -> np.ndarray:
-    """float32 [65536]: the value of every float16 bit pattern (exact)."""
-    global _HALF_LUT
-    if _HALF_LUT is None:
-        _HALF_LUT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-    return _HALF_LUT
-
-
 def _norm_args(norms):
-    """(mode, uint16 bits, float32 values, lut): mode 0 no norms, 1 float16, 2 float32."""
+    """The stored norms as the kernels read them (the one place that interprets them; see
+    ``_kernels_numba.token_norms``): (mode, codes, values, table) — mode 0 no norms; 1 integer codes
+    looked up in a float32 table; 2 float32 values; 3 float16 norms, their bit patterns decoded
+    exactly in the kernel."""
     if norms is None:
         return 0, _NO16, _NO32, _NO32
     norms = np.asarray(norms)
     if norms.dtype == np.float16:
-        return 1, np.ascontiguousarray(norms).view(np.uint16), _NO32, _half_lut()
+        return 3, np.ascontiguousarray(norms).view(np.uint16), _NO32, _NO32
     return 2, _NO16, np.ascontiguousarray(norms, np.float32), _NO32
 
 
@@ -449,22 +461,128 @@ def exact_maxsim_ranges(table: np.ndarray, cs: np.ndarray, slot: np.ndarray, cod
     return out
 
 
+def centroid_scores(q: np.ndarray, centroids: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Stage 4's centroid terms: float32 [m, U], ``q @ centroids[u].T`` summed in one fixed order.
+
+    q: float32 [m, dim]; centroids: float32 [C, dim] (raw); u: int64 [U] centroid ids. Each score
+    is the float32 products ``q[i, d] * c[d]`` added in order d = 0, 1, ... from 0, never fused,
+    by the kernel and by numpy alike: a query's scores depend on neither the batch nor the BLAS
+    (within ~1e-6 of a float32 BLAS product)."""
+    q = np.ascontiguousarray(q, np.float32)
+    u = np.ascontiguousarray(u, np.int64)
+    r = _run("centroid_scores", q, np.ascontiguousarray(centroids, np.float32), u)
+    if r is not None:
+        return r[0]
+    return _np_centroid_scores(q, centroids, u)
+
+
 def exact_scores(q: np.ndarray, codec, centroids: np.ndarray, codes: np.ndarray, residuals: np.ndarray,
-                 norms: Optional[np.ndarray], doc_offsets: np.ndarray, docs: np.ndarray) -> np.ndarray:
+                 norms: Optional[np.ndarray], doc_offsets: np.ndarray, docs: np.ndarray,
+                 cslot: Optional[np.ndarray] = None) -> np.ndarray:
     """All of stage 4 for one query, reading the token arrays in place.
 
     q: float32 [m, dim]; codec: the index's :class:`~plaid.codecs.ResidualCodec`; centroids:
     float32 [C, dim] (raw); codes, residuals, norms, doc_offsets, docs: as
-    :func:`exact_maxsim_ranges`. Builds the ADC table, finds the centroids used
-    (:func:`used_centroids`), scores them with one float32 torch product ([m, U], as the numpy
-    engine) and runs the kernel. Returns float32 [n], bit-identical to
-    ``stages.maxsim_scores(Searcher._stage4_sims(...))``.
+    :func:`exact_maxsim_ranges`; cslot: optional int32 [C] scratch, all -1 (left so). Builds the
+    ADC table (``codec.score_table``), finds the centroids used, scores them
+    (:func:`centroid_scores`' order) and runs the kernel. Returns float32 [n], bit-identical to
+    :func:`exact_maxsim_ranges` over ``centroid_scores(q, centroids, u)``. Raises
+    :class:`IndexCorruptError` for a token whose centroid id or norm is invalid.
     """
     q = np.ascontiguousarray(q, np.float32)
     table = codec.score_table(q).numpy()
-    u, slot = used_centroids(codes, doc_offsets, docs, len(centroids))
-    cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(centroids, u, axis=0)).T).numpy()
-    return exact_maxsim_ranges(table, cs, slot, codes, residuals, norms, doc_offsets, docs)
+    docs = np.ascontiguousarray(docs, np.int64)
+    doc_offsets = np.ascontiguousarray(doc_offsets, np.int64)
+    codes = _codes_arg(codes)
+    residuals = np.ascontiguousarray(residuals)
+    C = len(centroids)
+    _check_stage4(table, np.zeros((len(q), 0), np.float32), np.zeros(C, np.int32), residuals, len(codes), norms)
+    if len(docs):
+        if int(docs.min()) < 0 or int(docs.max()) + 1 >= len(doc_offsets):
+            raise ValueError("stage 4: docs outside doc_offsets")
+        if int(doc_offsets[docs].min()) < 0 or int(doc_offsets[docs + 1].max()) > len(codes):
+            raise ValueError("stage 4: the documents' token ranges run past the token arrays")
+    mode, ncodes, nvalues, ntable = _norm_args(norms)
+    out = np.empty(len(docs), np.float32)
+    if cslot is None:
+        cslot = np.full(C, -1, np.int32)
+    r = _run("stage4", q, table, np.ascontiguousarray(centroids, np.float32), codes, residuals, mode, ncodes, nvalues,
+             ntable, doc_offsets, docs, cslot, out)
+    if r is None:
+        u, slot = used_centroids(codes, doc_offsets, docs, C)
+        return exact_maxsim_ranges(table, centroid_scores(q, centroids, u), slot, codes, residuals, norms,
+                                   doc_offsets, docs)
+    if r[0] >= 0:
+        raise IndexCorruptError(f"stage 4: token {r[0]}: centroid id or norm invalid (id {int(codes[r[0]])})")
+    return out
+
+
+# -- stages 1-4 of one query ----------------------------------------------------------------------------
+class QueryArrays:
+    """The index arrays :func:`search_query` reads, checked and converted once per generation.
+
+    centroids float32 [C, dim] (raw); ivf int32 [P], ivf_offsets int64 [C + 1]; dcells int32 [P],
+    dcell_offsets int64 [N + 1] (the transpose); doc_offsets int64 [N + 1]; codes uint16/int32
+    [T], residuals uint8 [T, code_bytes], norms float16/float32 [T] or None (ONE segment's token
+    arrays, memory-mapped or not: read in place); alive bool [N] or None.
+    """
+
+    def __init__(self, centroids, ivf, ivf_offsets, dcells, dcell_offsets, doc_offsets, codes, residuals, norms,
+                 alive):
+        residuals = np.asarray(residuals)
+        if residuals.dtype != np.uint8 or residuals.ndim != 2:
+            raise ValueError("residuals must be uint8 [T, code_bytes]")
+        C, N = len(ivf_offsets) - 1, len(doc_offsets) - 1
+        if len(centroids) != C or len(dcell_offsets) != N + 1 or len(codes) != len(residuals) \
+                or (norms is not None and len(norms) != len(codes)) or (alive is not None and len(alive) != N):
+            raise ValueError("QueryArrays: inconsistent array sizes")
+        mode, ncodes, nvalues, ntable = _norm_args(norms)
+        use_alive = alive is not None
+        self.num_centroids, self.num_documents = C, N
+        self.args = tuple(_ro(a) if isinstance(a, np.ndarray) else a for a in (
+            np.ascontiguousarray(centroids, np.float32), np.ascontiguousarray(ivf, np.int32),
+            np.ascontiguousarray(ivf_offsets, np.int64), np.ascontiguousarray(dcells, np.int32),
+            np.ascontiguousarray(dcell_offsets, np.int64), np.ascontiguousarray(doc_offsets, np.int64),
+            _codes_arg(codes), np.ascontiguousarray(residuals), mode, ncodes, nvalues, ntable,
+            np.ascontiguousarray(alive, np.bool_) if use_alive else _NO_ALIVE, use_alive))
+
+
+_NO_ALIVE = np.ones(1, np.bool_)
+
+
+def search_query(R: np.ndarray, q: np.ndarray, table: np.ndarray, arrays: QueryArrays, k: int, ncells: int,
+                 threshold: float, n2: int, n3: int, mark: np.ndarray, slot: np.ndarray, cslot: np.ndarray):
+    """Stages 1-4 of one query in one compiled call (no subset): what
+    :func:`plaid.search.pipeline.search_query` decides, with the same ids, scores and trace.
+
+    R: float32 [m, C] the query's centroid scores; q: float32 [m, dim]; table: float32
+    [code_bytes * 256, m] (``codec.score_table(q)``); arrays: :class:`QueryArrays`; k, ncells,
+    threshold, n2, n3: the budgets (:class:`plaid.search.params.Budgets`); scratch (one set per
+    thread): mark bool [N] all False, slot int32 [N] and cslot int32 [C] all -1 (left so).
+    Returns None when the numpy fallback is in use (run the pipeline's stages instead), else
+    (ids int64 [<= k], scores float32 [<= k], candidates int64 [n] sorted, final ncells,
+    threshold used, stage-2 and stage-3 survivors as sorted int64 indices into the candidates,
+    ticks int64 [5]: the cycle counter at the start and after each stage). Raises
+    :class:`IndexCorruptError` for an invalid token centroid id or norm.
+    """
+    if backend() != "numba":
+        return None
+    ticks = np.zeros(5, np.int64)
+    # arrays.args are read-only already: call the kernel without _run's per-argument conversion
+    args = (_ro(R), _ro(q), _ro(table), *arrays.args, int(k), int(ncells), float(threshold), int(n2), int(n3), mark,
+            slot, cslot, ticks)
+    try:
+        ids, scores, docs, nc, thr, sel2, sel3, bad = _nb.search_query(*args)
+    except MemoryError:
+        raise
+    except Exception:  # a compile failure: _run falls back (one warning) and says so
+        r = _run("search_query", *args)
+        if r is None:
+            return None
+        ids, scores, docs, nc, thr, sel2, sel3, bad = r[0]
+    if bad >= 0:
+        raise IndexCorruptError(f"stage 4: token {bad}: centroid id or norm invalid")
+    return ids, scores, docs, nc, thr, sel2, sel3, ticks
 
 
 # -- numpy fallbacks (the reference semantics, vectorised; used when numba is unavailable) ---------
@@ -484,6 +602,15 @@ def _np_approx_docs(Re, keep, docs, dcells, dcell_offsets):
     out[nonempty] = scores
     covered[nonempty] = True if keep is None else stages.covered_documents(cells, keep, offs)
     return out, covered
+
+
+def _np_centroid_scores(q, centroids, u):
+    """:func:`centroid_scores` in numpy: the same products added in the same order."""
+    Cu = np.take(np.asarray(centroids, np.float32), u, axis=0)  # [U, dim]
+    acc = np.zeros((len(u), q.shape[0]), np.float32)
+    for d in range(q.shape[1]):
+        acc += Cu[:, d : d + 1] * q[:, d]
+    return np.ascontiguousarray(acc.T)
 
 
 def _np_exact(table, cs, slot, codes, residuals, norms, pos, offsets):

@@ -67,6 +67,11 @@ class Engine(Protocol):
     def exact_scores(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
         """Stage 4: exact MaxSim of query ``q`` float32 [m, dim] with ``docs``: float32 [n]."""
 
+    # optional: ``search_one(q, R, b, trace) -> Optional[Hits]``, all four stages of a query
+    # without a subset at once, deciding exactly what this module's stages decide (the CPU
+    # engine's compiled transcription of them, checked against them by tests/test_pipeline.py);
+    # None: run the stages here.
+
 
 def alive_mask(deleted: np.ndarray, num_documents: int) -> Optional[np.ndarray]:
     """bool [N]: False for deleted documents (never candidates), or None when none is deleted."""
@@ -237,6 +242,11 @@ def search_query(engine: Engine, q: np.ndarray, R: np.ndarray, b: Budgets, subse
         if len(subset) <= b.small_subset:  # small subset: exact within it
             return stage4_exact(engine, q, subset, b.k)
         nc = scaled_ncells(nc, len(subset), engine.num_live, engine.num_centroids)
+    else:
+        one = getattr(engine, "search_one", None)  # the same stages compiled into one call
+        hits = one(q, R, b, trace) if one is not None else None
+        if hits is not None:
+            return hits
     clock = time.perf_counter
     t0 = clock()
     S = QueryScores(R)
