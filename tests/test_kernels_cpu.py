@@ -216,8 +216,31 @@ def test_stage4_random(m, codes_dtype, norms_kind):
         assert ((sl >= 0).sum()) == len(u)
 
 
+@needs_numba
+@pytest.mark.parametrize("C", [47, 203, 1000])  # (one column: BLAS runs a gemv, summed otherwise)
+def test_scores_product_is_the_batched_blas_product(C):
+    """Q·Cᵀ by the kernel: fused multiply-adds over the dimensions in order, so each row's
+    scores do not depend on its batch, and equal a BLAS sgemm that sums in that order (torch's
+    MKL on a batch of rows: what the replaced pipeline and tests/reference_search.py use)."""
+    rng = np.random.default_rng(C)
+    S = rng.normal(size=(C, 128)).astype(np.float32)
+    CT = np.ascontiguousarray(S.T)
+    batch = rng.normal(size=(40, 128)).astype(np.float32)
+    want = (torch.from_numpy(batch) @ torch.from_numpy(S).T).numpy()
+    for rows in (slice(0, 40), slice(0, 1), slice(3, 5), slice(7, 14)):
+        Q = np.ascontiguousarray(batch[rows])
+        out = np.full((len(Q), C), np.nan, np.float32)
+        assert K.scores_product(Q, CT, out, 0, C)
+        assert same(out, want[rows])
+        split = np.full_like(out, np.nan)  # disjoint column ranges (as threads fill them)
+        cut = min(C, K.PRODUCT_ALIGN)
+        K.scores_product(Q, CT, split, cut, C)
+        K.scores_product(Q, CT, split, 0, cut)
+        assert same(split, out)
+
+
 @pytest.mark.parametrize("m", [1, 7, 8, 9, 33])
-def test_centroid_scores_fixed_order(m):
+def test_centroid_terms_fixed_order(m):
     """Stage 4's centroid terms: float32 products added in order d = 0.. from 0, never fused, in
     the kernel and in numpy alike (so the fallback gives the same bits); within rounding of BLAS."""
     rng = np.random.default_rng(m)
@@ -229,7 +252,7 @@ def test_centroid_scores_fixed_order(m):
         want = np.zeros((m, U), np.float32)
         for d in range(dim):
             want += q[:, d : d + 1] * centroids[u, d][None, :]
-        got = K.centroid_scores(q, centroids, u)
+        got = K.centroid_terms(q, centroids, u)
         assert got.shape == (m, U) and same(got, want)
         np.testing.assert_allclose(got, q @ centroids[u].T, rtol=0, atol=1e-4)
 
@@ -305,7 +328,7 @@ def check_index(path, queries, nq):
         assert same(K.exact_scores(q, st.codec, st.centroids, codes, residuals, norms, st.doc_offsets, d4), want4)
         cc = st.token_codes(pos)
         u, sl = K.used_centroids(cc, offs, np.arange(len(d4)), st.num_centroids)
-        cs = K.centroid_scores(q, st.centroids, u)
+        cs = K.centroid_terms(q, st.centroids, u)
         gathered_norms = st.token_norms(pos) if norms is not None else None
         table = st.codec.score_table(q).numpy()
         got4 = K.exact_maxsim(table, cs, sl, cc, st.residuals.take(pos), gathered_norms, offs)
@@ -407,7 +430,7 @@ def all_kernels(seed=0):
     out.append(K.exact_maxsim(table, cs, sl, codes, residuals, norms, offsets))
     out.append(K.exact_maxsim_ranges(table, cs, sl, codes, residuals, None, offsets, np.array([1, 3])))
     out += list(K.used_centroids(codes, offsets, np.array([0, 2]), len(sl)))
-    out.append(K.centroid_scores(rng.normal(size=(m, 16)).astype(np.float32),
+    out.append(K.centroid_terms(rng.normal(size=(m, 16)).astype(np.float32),
                                  rng.normal(size=(200, 16)).astype(np.float32), np.array([3, 1, 150, 7, 9])))
     return out
 

@@ -23,7 +23,7 @@ from . import params as _params
 
 PRUNED_SCORE = np.float32(_params.PRUNED_SCORE)
 #: Up to this ``ncells`` the k-th best score of a token is found with a small sorted buffer in one
-#: pass over its scores; above, by ``np.partition`` (kernels_cpu.KTH_IN_KERNEL, same value).
+#: pass over its scores; above, by a quickselect (:func:`nth_largest`). Same value either way.
 KTH_BUFFER_MAX = 64
 
 jit = numba.njit(cache=True, nogil=True, fastmath=False)
@@ -180,6 +180,20 @@ def cycles(typingctx):
 
 
 @intrinsic
+def vfma(typingctx, a, b, c):
+    """Lane-wise fused ``a * b + c`` (one rounding: ``llvm.fma``), as a BLAS sgemm kernel adds
+    each product of the dimensions' loop."""
+    if a != f32x8 or b != f32x8 or c != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VTY, [_VTY] * 3), "llvm.fma.v8f32")
+        return builder.call(fn, args)
+
+    return f32x8(a, b, c), codegen
+
+
+@intrinsic
 def vdivs(typingctx, a, s):
     """Lane-wise float32 ``a / s`` (IEEE division, as numpy's)."""
     if a != f32x8 or s != types.float32:
@@ -319,8 +333,137 @@ def token_sum(a, m, pairwise):
 
 
 # ------------------------------------------------------------------------------------------------
-# Stages 2-3
+# The query-centroid product
 # ------------------------------------------------------------------------------------------------
+#: Centroids per block of :func:`scores_product`: 48 columns of the [dim, C] matrix (24 KB at dim
+#: 128) stay in L1 while every 4-row group of the batch passes over them.
+PRODUCT_BLOCK = 48
+
+
+@jit
+def _product_tile(Q, CT, out, i0, i1, i2, i3, c, n0, n1, n2):
+    """``out[i, c:c + 24]`` for rows i0..i3 (4 x 3 registers of 8 lanes; ``n*`` lanes each)."""
+    zero = vsplat(np.float32(0.0))
+    a0 = zero
+    a1 = zero
+    a2 = zero
+    b0 = zero
+    b1 = zero
+    b2 = zero
+    e0 = zero
+    e1 = zero
+    e2 = zero
+    f0 = zero
+    f1 = zero
+    f2 = zero
+    for d in range(Q.shape[1]):
+        x0 = vload(CT, d, c, n0)
+        x1 = vload(CT, d, c + 8, n1)
+        x2 = vload(CT, d, c + 16, n2)
+        q = vsplat(Q[i0, d])
+        a0 = vfma(q, x0, a0)
+        a1 = vfma(q, x1, a1)
+        a2 = vfma(q, x2, a2)
+        q = vsplat(Q[i1, d])
+        b0 = vfma(q, x0, b0)
+        b1 = vfma(q, x1, b1)
+        b2 = vfma(q, x2, b2)
+        q = vsplat(Q[i2, d])
+        e0 = vfma(q, x0, e0)
+        e1 = vfma(q, x1, e1)
+        e2 = vfma(q, x2, e2)
+        q = vsplat(Q[i3, d])
+        f0 = vfma(q, x0, f0)
+        f1 = vfma(q, x1, f1)
+        f2 = vfma(q, x2, f2)
+    vstore(out, i0, c, n0, a0)
+    vstore(out, i0, c + 8, n1, a1)
+    vstore(out, i0, c + 16, n2, a2)
+    vstore(out, i1, c, n0, b0)
+    vstore(out, i1, c + 8, n1, b1)
+    vstore(out, i1, c + 16, n2, b2)
+    vstore(out, i2, c, n0, e0)
+    vstore(out, i2, c + 8, n1, e1)
+    vstore(out, i2, c + 16, n2, e2)
+    vstore(out, i3, c, n0, f0)
+    vstore(out, i3, c + 8, n1, f1)
+    vstore(out, i3, c + 16, n2, f2)
+
+
+@jit
+def _product_tile_full(Q, CT, out, i0, i1, i2, i3, c):
+    """:func:`_product_tile` with all 24 columns (constant lane counts: plain loads and stores)."""
+    zero = vsplat(np.float32(0.0))
+    a0 = zero
+    a1 = zero
+    a2 = zero
+    b0 = zero
+    b1 = zero
+    b2 = zero
+    e0 = zero
+    e1 = zero
+    e2 = zero
+    f0 = zero
+    f1 = zero
+    f2 = zero
+    for d in range(Q.shape[1]):
+        x0 = vload(CT, d, c, 8)
+        x1 = vload(CT, d, c + 8, 8)
+        x2 = vload(CT, d, c + 16, 8)
+        q = vsplat(Q[i0, d])
+        a0 = vfma(q, x0, a0)
+        a1 = vfma(q, x1, a1)
+        a2 = vfma(q, x2, a2)
+        q = vsplat(Q[i1, d])
+        b0 = vfma(q, x0, b0)
+        b1 = vfma(q, x1, b1)
+        b2 = vfma(q, x2, b2)
+        q = vsplat(Q[i2, d])
+        e0 = vfma(q, x0, e0)
+        e1 = vfma(q, x1, e1)
+        e2 = vfma(q, x2, e2)
+        q = vsplat(Q[i3, d])
+        f0 = vfma(q, x0, f0)
+        f1 = vfma(q, x1, f1)
+        f2 = vfma(q, x2, f2)
+    vstore(out, i0, c, 8, a0)
+    vstore(out, i0, c + 8, 8, a1)
+    vstore(out, i0, c + 16, 8, a2)
+    vstore(out, i1, c, 8, b0)
+    vstore(out, i1, c + 8, 8, b1)
+    vstore(out, i1, c + 16, 8, b2)
+    vstore(out, i2, c, 8, e0)
+    vstore(out, i2, c + 8, 8, e1)
+    vstore(out, i2, c + 16, 8, e2)
+    vstore(out, i3, c, 8, f0)
+    vstore(out, i3, c + 8, 8, f1)
+    vstore(out, i3, c + 16, 8, f2)
+
+
+@jit
+def scores_product(Q, CT, out, c_lo, c_hi):
+    """``out[:, c_lo:c_hi] = Q @ CT[:, c_lo:c_hi]``: each score the fused multiply-adds of the
+    dimensions in order d = 0, 1, ... from 0 (what a BLAS sgemm kernel computes for a row of a
+    batch: bit-identical to torch's float32 product on MKL from 3-4 rows). Q float32 [M, dim];
+    CT float32 [dim, C] (the scoring centroids transposed); out float32 [M, C]. Disjoint column
+    ranges can be filled by different threads."""
+    M = Q.shape[0]
+    last = M - 1
+    for cb in range(c_lo, c_hi, PRODUCT_BLOCK):
+        ce = min(cb + PRODUCT_BLOCK, c_hi)
+        for i in range(0, M, 4):  # a short last group repeats the last row (same values written)
+            i1 = min(i + 1, last)
+            i2 = min(i + 2, last)
+            i3 = min(i + 3, last)
+            for c in range(cb, ce, 24):
+                if c + 24 <= ce:
+                    _product_tile_full(Q, CT, out, i, i1, i2, i3, c)
+                else:
+                    r = ce - c
+                    _product_tile(Q, CT, out, i, i1, i2, i3, c, min(8, r), min(8, max(0, r - 8)),
+                                  min(8, max(0, r - 16)))
+
+
 # ------------------------------------------------------------------------------------------------
 # Stage 1
 # ------------------------------------------------------------------------------------------------
@@ -945,7 +1088,7 @@ def stage4(q, table, centroids, codes, residuals, norm_mode, norm_codes, norm_va
 
 
 @jit
-def centroid_scores(q, centroids, u):
+def centroid_terms(q, centroids, u):
     """float32 [m, U]: :func:`centroid_dots` of the centroids ``u`` (int64 [U]), query-token-major."""
     m = q.shape[0]
     U = u.shape[0]
@@ -965,11 +1108,50 @@ widen = jit(_params.widen)
 
 
 @jit
+def nth_largest(vals, n):
+    """The n-th largest of ``vals`` (float32 1-D, 1 <= n <= len; ties counted), by quickselect on
+    a copy (written out: numba's np.partition took ~8 s to compile)."""
+    a = vals.copy()
+    lo = 0
+    hi = a.shape[0] - 1
+    k = n - 1  # position in descending order
+    while lo < hi:
+        mid = (lo + hi) >> 1  # median of three as the pivot
+        x, y, z = a[lo], a[mid], a[hi]
+        if (x >= y) == (y >= z):
+            pivot = y
+        elif (y >= x) == (x >= z):
+            pivot = x
+        else:
+            pivot = z
+        i = lo
+        j = hi
+        while i <= j:  # Hoare partition, descending
+            while a[i] > pivot:
+                i += 1
+            while a[j] < pivot:
+                j -= 1
+            if i <= j:
+                t = a[i]
+                a[i] = a[j]
+                a[j] = t
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return a[k]
+    return a[k]
+
+
+@jit
 def select_top(scores, n):
     """Indices (ascending) of the ``n`` largest ``scores`` (n < len), exact ties at the n-th kept
     by lower index: the set ``pipeline.top_n(scores, n)`` returns, sorted."""
     N = scores.shape[0]
-    kth = np.partition(scores, N - n)[N - n]
+    kth = nth_largest(scores, n)
     above = 0
     for i in range(N):
         if scores[i] > kth:
@@ -989,14 +1171,65 @@ def select_top(scores, n):
     return out
 
 
+#: Up to this many hits, :func:`rank_top` orders them by insertion; above, by radix sort.
+RANK_INSERTION_MAX = 64
+
+
 @jit
 def rank_top(scores, n):
-    """``pipeline.top_n(scores, n)``: indices of the ``n`` best, best first, ties by lower index."""
+    """``pipeline.top_n(scores, n)``: indices of the ``n`` best, best first, ties by lower index.
+    Each hit's key is its score's bits mapped to an ascending unsigned order (of -score, with
+    -0.0 read as 0.0 as numpy compares them) above its index, so that sorting the keys is
+    numpy's stable argsort of -scores."""
     idx = np.arange(scores.shape[0]) if n >= scores.shape[0] else select_top(scores, n)
-    neg = np.empty(idx.shape[0], np.float32)
-    for i in range(idx.shape[0]):
-        neg[i] = -scores[idx[i]]
-    return idx[np.argsort(neg, kind="mergesort")]
+    h = idx.shape[0]
+    neg = np.empty(h, np.float32)
+    for i in range(h):
+        neg[i] = -scores[idx[i]] + np.float32(0.0)  # + 0.0: -0.0 -> 0.0
+    bits = neg.view(np.int32)
+    keys = np.empty(h, np.int64)
+    for i in range(h):
+        b = np.int64(bits[i])
+        u = (~b) & 0xFFFFFFFF if b < 0 else b | 0x80000000  # float order as unsigned order
+        keys[i] = (u << 31) | i  # h < 2**31
+    if h <= RANK_INSERTION_MAX:
+        for i in range(1, h):
+            v = keys[i]
+            j = i - 1
+            while j >= 0 and keys[j] > v:
+                keys[j + 1] = keys[j]
+                j -= 1
+            keys[j + 1] = v
+    else:
+        keys = _radix_sort64(keys, h)
+    out = np.empty(h, np.int64)
+    for i in range(h):
+        out[i] = idx[keys[i] & 0x7FFFFFFF]
+    return out
+
+
+@jit
+def _radix_sort64(a, n):
+    """``a[:n]`` (int64 >= 0) sorted ascending: 8 stable counting passes of 8 bits (a pass whose
+    byte is the same for all is skipped)."""
+    out = a[:n].copy()
+    tmp = np.empty(n, np.int64)
+    cnt = np.empty(257, np.int64)
+    for shift in range(0, 64, 8):
+        cnt[:] = 0
+        for i in range(n):
+            cnt[((out[i] >> shift) & 255) + 1] += 1
+        if cnt[((out[0] >> shift) & 255) + 1] == n:
+            continue
+        for b in range(256):
+            cnt[b + 1] += cnt[b]
+        for i in range(n):
+            v = out[i]
+            b = (v >> shift) & 255
+            tmp[cnt[b]] = v
+            cnt[b] += 1
+        out, tmp = tmp, out
+    return out
 
 
 @jit
@@ -1084,7 +1317,7 @@ def search_query(R, q, table, centroids, ivf, ivf_offsets, dcells, dcell_offsets
         given = KTH_BUFFER_MAX < nc < C
         if given:
             for i in range(m):
-                kth[i] = np.partition(R[i], C - nc)[C - nc]
+                kth[i] = nth_largest(R[i], nc)
         docs = candidates(R, nc, ivf, ivf_offsets, mark, kth, given)
         if use_alive:
             n = 0

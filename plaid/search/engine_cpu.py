@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
 import numpy as np
@@ -87,6 +88,9 @@ class CPUEngine:
         self.scoring = torch.from_numpy(scoring_centroids(self.centroids, self.normalized)).to(
             torch.bfloat16 if precision == "bfloat16" else torch.float32)
         self._scratch = _Scratch()
+        self._scoring_t: Optional[np.ndarray] = None  # float32 [dim, C], the kernel's product reads it
+        # numba's start-up and the two kernels a search runs load in the background meanwhile
+        K.warmup(self.codes.dtype, background=True, search_only=True)
         # stages 1-4 of a query in one compiled call read one segment's token arrays in place
         self.query_arrays: Optional[K.QueryArrays] = None
         if len(self.codes.parts) == 1:
@@ -131,10 +135,31 @@ class CPUEngine:
         return ids, scores
 
     # -- stage 1 ---------------------------------------------------------------------------------
-    def centroid_scores(self, Qcat: np.ndarray) -> np.ndarray:
-        """float32 [sum_m, dim] -> float32 [sum_m, C] (one product for the whole batch)."""
-        Q = torch.from_numpy(np.ascontiguousarray(Qcat, np.float32))
-        return (Q.to(self.scoring.dtype) @ self.scoring.T).float().numpy()
+    def centroid_scores(self, Qcat: np.ndarray, pool: Optional[ThreadPoolExecutor] = None,
+                        threads: int = 1) -> np.ndarray:
+        """float32 [sum_m, dim] -> float32 [sum_m, C] (one product for the whole batch).
+
+        float32 scores come from the compiled kernel (:func:`kernels_cpu.scores_product`), its
+        column range split over ``threads`` tasks of ``pool``: the search's threads compute the
+        product too (torch's own thread count plays no part). bfloat16 scores, and float32 ones
+        under the numpy fallback, come from torch's product (equal bits in float32 where its
+        BLAS sums in order, as MKL does from 3-4 rows)."""
+        Q = np.ascontiguousarray(Qcat, np.float32)
+        if self.scoring.dtype == torch.float32 and K.backend() == "numba":
+            if self._scoring_t is None:
+                self._scoring_t = np.ascontiguousarray(self.scoring.numpy().T)
+            C = self.num_centroids
+            out = np.empty((len(Q), C), np.float32)
+            parts = max(1, min(int(threads), -(-C // K.PRODUCT_ALIGN))) if pool is not None else 1
+            step = -(-C // (parts * K.PRODUCT_ALIGN)) * K.PRODUCT_ALIGN
+            ranges = [(lo, min(lo + step, C)) for lo in range(0, C, step)]
+            if len(ranges) == 1:
+                done = K.scores_product(Q, self._scoring_t, out, 0, C)
+            else:
+                done = all(pool.map(lambda r: K.scores_product(Q, self._scoring_t, out, r[0], r[1]), ranges))
+            if done:
+                return out
+        return (torch.from_numpy(Q).to(self.scoring.dtype) @ self.scoring.T).float().numpy()
 
     def candidates(self, S: QueryScores, cells: np.ndarray) -> np.ndarray:
         starts = self.ivf_offsets[cells]
@@ -209,7 +234,7 @@ class CPUEngine:
         u = np.flatnonzero(used)
         slot = np.empty(self.num_centroids, np.int32)
         slot[u] = np.arange(len(u), dtype=np.int32)
-        cs = K.centroid_scores(q, self.centroids, u)  # [m, U], in the kernels' fixed order
+        cs = K.centroid_terms(q, self.centroids, u)  # [m, U], in the kernels' fixed order
         sims += cs.take(slot[cc], axis=1).T
         if self.normalized:  # float16 -> float32 through torch: 4x faster than numpy's cast
             sims /= torch.from_numpy(self.token_norms(pos)).float().numpy()[:, None]
@@ -231,7 +256,7 @@ class CPUEngine:
             norms = self.token_norms(pos) if self.normalized else None
             u, slot = K.used_centroids(cc, offs, np.arange(len(docs), dtype=np.int64), self.num_centroids)
             table = self.codec.score_table(q).numpy()
-            cs = K.centroid_scores(q, self.centroids, u)
+            cs = K.centroid_terms(q, self.centroids, u)
             return K.exact_maxsim(table, cs, slot, cc, self.residuals.take(pos), norms, offs)
         except IndexCorruptError as e:
             raise IndexCorruptError(f"{self.snapshot.path}: index files {self.codes_file}"

@@ -14,7 +14,7 @@ tokens:
   through the codec's per-query table (asymmetric distance computation), over gathered tokens;
 * :func:`exact_maxsim_ranges` — the same reading the per-token arrays (memory-mapped or not) in
   place by each candidate's token range, validating the centroid ids and norms it reads;
-* :func:`centroid_scores` — stage 4's centroid terms ``q @ centroids[u].T`` in one fixed
+* :func:`centroid_terms` — stage 4's centroid terms ``q @ centroids[u].T`` in one fixed
   summation order (the kernel's and numpy's alike);
 * :func:`exact_scores` — all of stage 4 for one query (table, centroids used, their scores, kernel);
 * :func:`search_query` — stages 1-4 of one query in ONE call (over :class:`QueryArrays`): the
@@ -27,7 +27,7 @@ numpy's ``[m, n].sum(0)`` does (but numpy's pairwise order when ``n == 1``: the 
 single contiguous column); stage 4 adds the ``code_bytes`` table entries in order from 0 (as
 ``embedding_bag``), then the centroid score, divides by the norm (IEEE division), and sums the
 per-token maxima in numpy's pairwise order (``[n, m].sum(1)``). Stage 4's centroid terms are
-float32 products added in order over the dimensions (:func:`centroid_scores`: no BLAS, so the
+float32 products added in order over the dimensions (:func:`centroid_terms`: no BLAS, so the
 kernel and the fallback agree bit for bit; within ~1e-6 of a BLAS product).
 ``tests/test_kernels_cpu.py`` compares with ``==``.
 
@@ -61,7 +61,7 @@ from ..errors import IndexCorruptError
 from . import stages
 
 __all__ = ["backend", "reset", "warmup", "candidates", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf",
-           "used_centroids", "centroid_scores", "exact_maxsim", "exact_maxsim_ranges", "exact_scores", "QueryArrays",
+           "used_centroids", "centroid_terms", "scores_product", "exact_maxsim", "exact_maxsim_ranges", "exact_scores", "QueryArrays",
            "search_query"]
 
 _NEG_INF = np.float32(-np.inf)
@@ -114,7 +114,7 @@ def reset() -> None:
 # specialisation serves in-memory and memory-mapped (read-only) inputs alike
 _OUTPUTS = {"candidates": (4, 5), "transpose_table": (1,), "approx_docs": (7, 8), "approx_docs_strided": (6, 7),
             "approx_ivf": (6, 7, 8), "used_centroids": (4,), "exact": (11,), "stage4": (11, 12),
-            "centroid_scores": (), "search_query": (22, 23, 24, 25)}
+            "centroid_terms": (), "scores_product": (2,), "search_query": (22, 23, 24, 25)}
 
 
 def _ro(a):
@@ -143,18 +143,21 @@ def _run(name: str, *args):
         return None
 
 
-def warmup(codes_dtype=np.uint16, background: bool = False):
-    """Decide the backend and compile (or load from numba's cache) every kernel for the argument
+def warmup(codes_dtype=np.uint16, background: bool = False, search_only: bool = False):
+    """Decide the backend and compile (or load from numba's cache) the kernels for the argument
     types a search uses, on tiny inputs, so that the first search pays none of it.
 
     codes_dtype: the index's centroid-id dtype (uint16, or int32 above 65536 centroids);
-    background: run in a daemon thread and return it (else run here and return None). A process
-    that searches soon after opening an index can start this first: numba's own start-up (its
-    import, ~0.2 s, and its first use, ~0.5 s, then ~10 ms per cached kernel) then overlaps the
-    opening.
+    background: run in a daemon thread and return it (else run here and return None);
+    search_only: only the two kernels a search of a one-segment index runs (the query-centroid
+    product and :func:`search_query`), not the per-stage ones. A process that searches soon
+    after opening an index can start this first (the CPU engine does, in the background, when
+    it opens an index): numba's own start-up (its import, ~0.2 s, its first use, ~0.3 s, then
+    ~10 ms per cached kernel) then overlaps the opening.
     """
     if background:
-        t = threading.Thread(target=warmup, args=(codes_dtype,), name="plaid-kernels-warmup", daemon=True)
+        t = threading.Thread(target=warmup, args=(codes_dtype, False, search_only), name="plaid-kernels-warmup",
+                             daemon=True)
         t.start()
         return t
     if backend() != "numba":
@@ -166,6 +169,20 @@ def warmup(codes_dtype=np.uint16, background: bool = False):
     ivf_offsets = np.array([0, 1, 2, 3, 4, 4, 4, 4, 4], np.int64)
     dcells, dcell_offsets = stages.doc_cells(ivf, ivf_offsets, N)
     docs = np.arange(N, dtype=np.int64)
+    codes = np.array([0, 1, 2], codes_dtype)
+    offsets = np.arange(N + 1, dtype=np.int64)
+    table = rng.random((256, m), dtype=np.float32)
+    dim = 4
+    cents = rng.random((C, dim), dtype=np.float32)
+    q = rng.random((m, dim), dtype=np.float32)
+    # the CPU engine's two calls (float16 norms and none give the same argument types)
+    scores_product(q, np.ascontiguousarray(cents.T), np.empty((m, C), np.float32), 0, C)
+    arrays = QueryArrays(cents, ivf, ivf_offsets, dcells, dcell_offsets, offsets, codes, np.zeros((N, 1), np.uint8),
+                         np.ones(N, np.float16), None)
+    search_query(Re[:, :C].copy(), q, table, arrays, 2, 1, 0.5, 2, 1, np.zeros(N, bool), np.full(N, -1, np.int32),
+                 np.full(C, -1, np.int32))
+    if search_only:
+        return None
     keep = rng.random(C) < 0.5
     counts = dcell_offsets[1:] - dcell_offsets[:-1]
     candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(N, bool))
@@ -173,21 +190,10 @@ def warmup(codes_dtype=np.uint16, background: bool = False):
     approx_maxsim_docs(Re, keep, docs, dcells, dcell_offsets, ReT=centroid_table_t(Re))
     approx_maxsim_docs(Re, keep, docs[:1], dcells, dcell_offsets)  # few entries: the strided kernel
     approx_maxsim_ivf(Re, keep, docs, ivf, ivf_offsets, counts, np.full(N, -1, np.int32))
-    codes = np.array([0, 1, 2], codes_dtype)
-    offsets = np.arange(N + 1, dtype=np.int64)
     u, slot = used_centroids(codes, offsets, docs, C)
-    table = rng.random((256, m), dtype=np.float32)
     exact_maxsim(table, rng.random((m, len(u)), dtype=np.float32), slot, codes, np.zeros((N, 1), np.uint8),
                  np.ones(N, np.float16), offsets)
-    dim = 4
-    cents = rng.random((C, dim), dtype=np.float32)
-    q = rng.random((m, dim), dtype=np.float32)
-    centroid_scores(q, cents, u)
-    for norms in (np.ones(N, np.float16), None):  # the compiled query, as the CPU engine calls it
-        arrays = QueryArrays(cents, ivf, ivf_offsets, dcells, dcell_offsets, offsets, codes, np.zeros((N, 1), np.uint8),
-                             norms, None)
-        search_query(Re[:, :C].copy(), q, table, arrays, 2, 1, 0.5, 2, 1, np.zeros(N, bool), np.full(N, -1, np.int32),
-                     np.full(C, -1, np.int32))
+    centroid_terms(q, cents, u)
     return None
 
 
@@ -461,7 +467,7 @@ def exact_maxsim_ranges(table: np.ndarray, cs: np.ndarray, slot: np.ndarray, cod
     return out
 
 
-def centroid_scores(q: np.ndarray, centroids: np.ndarray, u: np.ndarray) -> np.ndarray:
+def centroid_terms(q: np.ndarray, centroids: np.ndarray, u: np.ndarray) -> np.ndarray:
     """Stage 4's centroid terms: float32 [m, U], ``q @ centroids[u].T`` summed in one fixed order.
 
     q: float32 [m, dim]; centroids: float32 [C, dim] (raw); u: int64 [U] centroid ids. Each score
@@ -470,10 +476,27 @@ def centroid_scores(q: np.ndarray, centroids: np.ndarray, u: np.ndarray) -> np.n
     (within ~1e-6 of a float32 BLAS product)."""
     q = np.ascontiguousarray(q, np.float32)
     u = np.ascontiguousarray(u, np.int64)
-    r = _run("centroid_scores", q, np.ascontiguousarray(centroids, np.float32), u)
+    r = _run("centroid_terms", q, np.ascontiguousarray(centroids, np.float32), u)
     if r is not None:
         return r[0]
-    return _np_centroid_scores(q, centroids, u)
+    return _np_centroid_terms(q, centroids, u)
+
+
+#: Column ranges of :func:`scores_product` handed to different threads start at multiples of
+#: this (the kernel's block of centroids).
+PRODUCT_ALIGN = 48
+
+
+def scores_product(Q: np.ndarray, CT: np.ndarray, out: np.ndarray, c_lo: int, c_hi: int) -> bool:
+    """The query-centroid scores ``out[:, c_lo:c_hi] = Q @ CT[:, c_lo:c_hi]`` by the compiled
+    kernel (fused multiply-adds over the dimensions in order: a row's scores do not depend on
+    the batch; equal to a BLAS sgemm that sums in that order, as MKL's does). Q: float32
+    [M, dim] C-contiguous; CT: float32 [dim, C] (the scoring centroids transposed); out: float32
+    [M, C] C-contiguous, written in place (disjoint ranges from different threads). Returns
+    False when the numpy fallback is in use (the caller multiplies with torch instead)."""
+    if backend() != "numba":
+        return False
+    return _run("scores_product", Q, CT, out, int(c_lo), int(c_hi)) is not None
 
 
 def exact_scores(q: np.ndarray, codec, centroids: np.ndarray, codes: np.ndarray, residuals: np.ndarray,
@@ -485,8 +508,8 @@ def exact_scores(q: np.ndarray, codec, centroids: np.ndarray, codes: np.ndarray,
     float32 [C, dim] (raw); codes, residuals, norms, doc_offsets, docs: as
     :func:`exact_maxsim_ranges`; cslot: optional int32 [C] scratch, all -1 (left so). Builds the
     ADC table (``codec.score_table``), finds the centroids used, scores them
-    (:func:`centroid_scores`' order) and runs the kernel. Returns float32 [n], bit-identical to
-    :func:`exact_maxsim_ranges` over ``centroid_scores(q, centroids, u)``. Raises
+    (:func:`centroid_terms`' order) and runs the kernel. Returns float32 [n], bit-identical to
+    :func:`exact_maxsim_ranges` over ``centroid_terms(q, centroids, u)``. Raises
     :class:`IndexCorruptError` for a token whose centroid id or norm is invalid.
     """
     q = np.ascontiguousarray(q, np.float32)
@@ -510,7 +533,7 @@ def exact_scores(q: np.ndarray, codec, centroids: np.ndarray, codes: np.ndarray,
              ntable, doc_offsets, docs, cslot, out)
     if r is None:
         u, slot = used_centroids(codes, doc_offsets, docs, C)
-        return exact_maxsim_ranges(table, centroid_scores(q, centroids, u), slot, codes, residuals, norms,
+        return exact_maxsim_ranges(table, centroid_terms(q, centroids, u), slot, codes, residuals, norms,
                                    doc_offsets, docs)
     if r[0] >= 0:
         raise IndexCorruptError(f"stage 4: token {r[0]}: centroid id or norm invalid (id {int(codes[r[0]])})")
@@ -604,13 +627,15 @@ def _np_approx_docs(Re, keep, docs, dcells, dcell_offsets):
     return out, covered
 
 
-def _np_centroid_scores(q, centroids, u):
-    """:func:`centroid_scores` in numpy: the same products added in the same order."""
-    Cu = np.take(np.asarray(centroids, np.float32), u, axis=0)  # [U, dim]
-    acc = np.zeros((len(u), q.shape[0]), np.float32)
+def _np_centroid_terms(q, centroids, u):
+    """:func:`centroid_terms` in numpy: the same products added in the same order."""
+    CuT = np.ascontiguousarray(np.take(np.asarray(centroids, np.float32), u, axis=0).T)  # [dim, U]
+    acc = np.zeros((q.shape[0], len(u)), np.float32)
+    prod = np.empty_like(acc)
     for d in range(q.shape[1]):
-        acc += Cu[:, d : d + 1] * q[:, d]
-    return np.ascontiguousarray(acc.T)
+        np.multiply.outer(q[:, d], CuT[d], out=prod)
+        acc += prod
+    return acc
 
 
 def _np_exact(table, cs, slot, codes, residuals, norms, pos, offsets):

@@ -49,8 +49,10 @@ class Engine(Protocol):
     num_live: int
     alive: Optional[np.ndarray]  # bool [N] (None: nothing deleted)
 
-    def centroid_scores(self, Qcat: np.ndarray) -> np.ndarray:
-        """float32 [sum_m, dim] query tokens -> float32 [sum_m, C] scores against the centroids."""
+    def centroid_scores(self, Qcat: np.ndarray, pool: Optional[ThreadPoolExecutor] = None,
+                        threads: int = 1) -> np.ndarray:
+        """float32 [sum_m, dim] query tokens -> float32 [sum_m, C] scores against the centroids
+        (an engine may spread the product over ``threads`` tasks of ``pool``)."""
 
     def candidates(self, S: "QueryScores", cells: np.ndarray) -> np.ndarray:
         """Sorted distinct ids (int64) of the documents listed under ``cells`` (int64, sorted)."""
@@ -273,7 +275,7 @@ def search_batch(engine: Engine, queries: List[np.ndarray], b: Budgets,
     """Every query of a batch: one query-centroid product, then each query's stages, in ``pool``
     when given (the kernels release the GIL where they can). Returns one ``Hits`` per query."""
     t0 = time.perf_counter()
-    R_all = engine.centroid_scores(np.concatenate(queries))
+    R_all = engine.centroid_scores(np.concatenate(queries), pool, b.threads)
     if traces is not None:  # the batch's one product, shared out by query tokens
         dt = time.perf_counter() - t0
         total = sum(len(q) for q in queries)
