@@ -141,6 +141,43 @@ def test_compiled_query_equals_the_stages_on_msmarco(msmarco, msmarco_pq32):
                          + COMPILED_GRID)
 
 
+_FALLBACK_CHILD = """
+import sys, warnings, numpy as np, plaid
+warnings.simplefilter("ignore")
+from plaid.search import kernels_cpu
+assert kernels_cpu.backend() == "numpy"
+path, qfile, out = sys.argv[1:4]
+qs = list(np.load(qfile, allow_pickle=True))
+res = [plaid.Searcher(path, centroid_precision="float32").search(qs, k=k) for k in (1, 10, 100)]
+np.savez(out, *[r.ids for r in res], *[r.scores for r in res])
+"""
+
+
+@pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")
+def test_numpy_fallback_gives_the_same_results(small_index, small_corpus, tmp_path):
+    """PLAID_NO_NUMBA=1 (a fresh process: the backend is chosen once): the pipeline's stages in
+    numpy and torch return the compiled query's ids and scores, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    _, queries = small_corpus
+    qfile, out = str(tmp_path / "q.npy"), str(tmp_path / "out.npz")
+    arr = np.empty(len(queries), object)
+    arr[:] = [np.asarray(q, np.float32) for q in queries]
+    np.save(qfile, arr, allow_pickle=True)
+    env = dict(os.environ, PLAID_NO_NUMBA="1")
+    r = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD, small_index, qfile, out], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = np.load(out)
+    s = plaid.Searcher(small_index, centroid_precision="float32")
+    for j, k in enumerate((1, 10, 100)):
+        want = s.search(queries, k=k)
+        np.testing.assert_array_equal(got[f"arr_{j}"], want.ids)
+        np.testing.assert_array_equal(got[f"arr_{j + 3}"], want.scores)
+
+
 def test_reload_follows_a_commit_through_the_pipeline(tmp_path, small_corpus):
     docs, queries = small_corpus
     path = str(tmp_path / "idx")

@@ -1,5 +1,8 @@
-"""The CPU engine: per-query kernels over one committed generation, in numpy (and torch for the
-products). What each stage decides is in :mod:`plaid.search.pipeline`; this module only computes.
+"""The CPU engine: per-query kernels over one committed generation (compiled, :mod:`kernels_cpu`;
+numpy and torch under its fallback). What each stage decides is in :mod:`plaid.search.pipeline`;
+this module only computes. With the compiled kernels a query without a subset on a one-segment
+index runs stages 1-4 in one call (:meth:`CPUEngine.search_one`); otherwise the pipeline calls
+the per-stage methods below.
 
 State prepared from the store's snapshot: centroids (float32 [C, dim]) and their unit-norm scoring
 copy (float32 or bfloat16), the inverted file (int32 [P], int64 [C + 1]) and its transpose (each
@@ -153,10 +156,9 @@ class CPUEngine:
             parts = max(1, min(int(threads), -(-C // K.PRODUCT_ALIGN))) if pool is not None else 1
             step = -(-C // (parts * K.PRODUCT_ALIGN)) * K.PRODUCT_ALIGN
             ranges = [(lo, min(lo + step, C)) for lo in range(0, C, step)]
-            if len(ranges) == 1:
-                done = K.scores_product(Q, self._scoring_t, out, 0, C)
-            else:
-                done = all(pool.map(lambda r: K.scores_product(Q, self._scoring_t, out, r[0], r[1]), ranges))
+            others = [pool.submit(K.scores_product, Q, self._scoring_t, out, lo, hi) for lo, hi in ranges[1:]]
+            done = K.scores_product(Q, self._scoring_t, out, *ranges[0])  # the first range here
+            done = all([f.result() for f in others]) and done
             if done:
                 return out
         return (torch.from_numpy(Q).to(self.scoring.dtype) @ self.scoring.T).float().numpy()

@@ -18,6 +18,13 @@ For each query, with the budgets of :class:`plaid.search.params.Budgets`:
 A subset of at most ``small_subset`` documents skips stages 1-3 (exact within it). Ranks break
 ties by the lower document id (:func:`top_n`), in every stage.
 
+The CPU engine runs this sequence for a query without a subset in ONE compiled call
+(``engine.search_one``, :func:`plaid.search.kernels_cpu.search_query`): a transcription of
+these functions, needed so that a query's work holds no GIL and threads scale; it decides
+exactly what they decide (tests/test_pipeline.py compares ids, scores, candidates, survivors,
+threshold and ncells with these functions on the same engine). A change of policy here must be
+made there too; the torch engine and the numpy fallback run the functions below.
+
 The engines (:mod:`plaid.search.engine_cpu`, :mod:`plaid.search.engine_torch`) provide the
 kernels — how a stage is computed — and never decide anything a stage decides. Arrays crossing
 this module are numpy: ``R`` float32 [m, C] (one query's centroid scores, token-major), document
@@ -272,8 +279,9 @@ def search_query(engine: Engine, q: np.ndarray, R: np.ndarray, b: Budgets, subse
 def search_batch(engine: Engine, queries: List[np.ndarray], b: Budgets,
                  subsets: Optional[List[np.ndarray]] = None, traces: Optional[List[Trace]] = None,
                  pool: Optional[ThreadPoolExecutor] = None) -> List[Hits]:
-    """Every query of a batch: one query-centroid product, then each query's stages, in ``pool``
-    when given (the kernels release the GIL where they can). Returns one ``Hits`` per query."""
+    """Every query of a batch: one query-centroid product (the engine may spread it over
+    ``pool``'s ``b.threads`` threads), then each query's stages, in ``pool`` when given (the
+    kernels release the GIL). Returns one ``Hits`` per query."""
     t0 = time.perf_counter()
     R_all = engine.centroid_scores(np.concatenate(queries), pool, b.threads)
     if traces is not None:  # the batch's one product, shared out by query tokens
