@@ -127,7 +127,7 @@ class Pipeline:
             exact = self._exact_numpy(q, d4)
         elif form == "inplace":
             exact = K.exact_scores(q, st.codec, st.centroids, self.codes, self.residuals, self.norms,
-                                   st.doc_offsets, d4)
+                                   st.doc_offsets, d4, norm_values=st.norm_values)
         else:
             exact = self._exact_gathered(q, d4)
         top = S.top_n(exact, k)
@@ -244,7 +244,8 @@ def bench_index(name: str, path: str, queries, reps: int) -> dict:
                       ("stage 4 kernel, gathered", lambda: p._exact_gathered(q, d4))]
             if p.inplace:
                 calls.append(("stage 4 kernel, in place", lambda: K.exact_scores(
-                    q, st.codec, st.centroids, p.codes, p.residuals, p.norms, st.doc_offsets, d4)))
+                    q, st.codec, st.centroids, p.codes, p.residuals, p.norms, st.doc_offsets, d4,
+                    norm_values=st.norm_values)))
             if (i + rep) % 2:
                 calls = calls[::-1]
             for label, fn in calls:
@@ -320,7 +321,7 @@ def bench_threads(path: str, queries, reps: int) -> dict:
         K.candidates(R, 2, st.ivf, st.ivf_offsets, mark)
         K.approx_maxsim_ivf(Re, keep, docs, st.ivf, st.ivf_offsets, counts, slot)
         K.approx_maxsim_docs(Re, None, docs[:256], st.dcells, st.dcell_offsets)
-        K.exact_maxsim_ranges(table, cs, sl, p.codes, p.residuals, p.norms, st.doc_offsets, d4)
+        K.exact_maxsim_ranges(table, cs, sl, p.codes, p.residuals, p.norms, st.doc_offsets, d4, st.norm_values)
 
     def task(a):
         if not hasattr(local, "scratch"):

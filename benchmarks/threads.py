@@ -1,7 +1,9 @@
 """Batch throughput with 1 and 2 worker threads, and single-query latency, interleaved in one process.
 
-A Searcher runs a batch's queries on ``num_threads`` worker threads after one query-centroid
-product; this measures what that buys on this machine. Rounds alternate the settings (a shared
+A Searcher runs a batch on ``num_threads`` threads (the query-centroid product split over them,
+then one query per thread at a time); this measures what that buys on this machine. The
+``cores_used`` columns (CPU seconds / wall seconds) say how many cores the process actually got:
+on a busy machine 2 threads cannot get 2 cores, and the ratio means little. Rounds alternate the settings (a shared
 machine's speed drifts); reported are the median of the rounds and the ratios::
 
     python benchmarks/threads.py [--index DIR] [--rounds 5]
@@ -14,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 
@@ -23,6 +26,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import corpora  # noqa: E402
 from _data import load_bundle  # noqa: E402
+
+
+def _cpu() -> float:
+    """CPU seconds of this process so far (all threads)."""
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
 
 
 def main(argv=None) -> dict:
@@ -48,20 +57,24 @@ def main(argv=None) -> dict:
     searchers = {t: plaid.Searcher(index, num_threads=t) for t in (1, 2)}
     for s in searchers.values():  # warm: page cache, compiled kernels
         s.search(qs[:20], k=args.k)
-    rows = {"batch_qps_1": [], "batch_qps_2": [], "single_ms": []}
+    rows = {"batch_qps_1": [], "batch_qps_2": [], "single_ms_1": [], "single_ms_2": [], "cores_used_1": [], "cores_used_2": []}
     for r in range(args.rounds):
         for t in ((1, 2) if r % 2 == 0 else (2, 1)):
-            t0 = time.perf_counter()
+            c0, t0 = _cpu(), time.perf_counter()
             searchers[t].search(qs, k=args.k)
-            rows[f"batch_qps_{t}"].append(len(qs) / (time.perf_counter() - t0))
-        lat = []
-        for q in qs[:50]:
-            t0 = time.perf_counter()
-            searchers[1].search([q], k=args.k)
-            lat.append(time.perf_counter() - t0)
-        rows["single_ms"].append(float(np.median(lat)) * 1e3)
+            wall = time.perf_counter() - t0
+            rows[f"batch_qps_{t}"].append(len(qs) / wall)
+            rows[f"cores_used_{t}"].append((_cpu() - c0) / wall)  # below t: the machine was busy
+        for t in (1, 2):
+            lat = []
+            for q in qs[:50]:
+                t0 = time.perf_counter()
+                searchers[t].search([q], k=args.k)
+                lat.append(time.perf_counter() - t0)
+            rows[f"single_ms_{t}"].append(float(np.median(lat)) * 1e3)
     med = {k: float(np.median(v)) for k, v in rows.items()}
-    out = {"index": index, "rounds": rows, "median": med, "speedup_2_threads": med["batch_qps_2"] / med["batch_qps_1"]}
+    out = {"index": index, "rounds": rows, "median": med, "speedup_2_threads": med["batch_qps_2"] / med["batch_qps_1"],
+           "load_average": os.getloadavg()}
     print(json.dumps({k: round(v, 3) for k, v in med.items()}), f"2 threads / 1 thread: x{out['speedup_2_threads']:.2f}")
     return out
 

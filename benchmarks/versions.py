@@ -95,6 +95,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--queries", type=int, default=200, help="queries timed per round (at most all)")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep an index already built under the work folder (same indexing code on both sides)")
     ap.add_argument("--work", default=corpora.DEFAULT_WORK)
     ap.add_argument("--source", default=corpora.DEFAULT_SOURCE)
     args = ap.parse_args(argv)
@@ -115,7 +117,8 @@ def main(argv=None) -> dict:
         for codec in args.codecs.split(","):
             cfg = json.dumps(CODECS[codec])
             idx = {s: os.path.join(root, "indexes", f"{size}-{codec}-{s}") for s in sides}
-            builds = {s: child(code, ["build", bundle, idx[s], cfg, 0], args.threads)["build_s"]
+            builds = {s: (float("nan") if args.reuse and os.path.exists(os.path.join(idx[s], "manifest.json"))
+                          else child(code, ["build", bundle, idx[s], cfg, 0], args.threads)["build_s"])
                       for s, code in sides.items()}
             rounds = {s: [] for s in sides}
             ids = {}

@@ -216,6 +216,47 @@ def test_stage4_random(m, codes_dtype, norms_kind):
         assert ((sl >= 0).sum()) == len(u)
 
 
+@needs_numba
+@pytest.mark.parametrize("C", [47, 203, 1000])  # (one column: BLAS runs a gemv, summed otherwise)
+def test_scores_product_is_the_batched_blas_product(C):
+    """Q·Cᵀ by the kernel: fused multiply-adds over the dimensions in order, so each row's
+    scores do not depend on its batch, and equal a BLAS sgemm that sums in that order (torch's
+    MKL on a batch of rows: what the replaced pipeline and tests/reference_search.py use)."""
+    rng = np.random.default_rng(C)
+    S = rng.normal(size=(C, 128)).astype(np.float32)
+    CT = np.ascontiguousarray(S.T)
+    batch = rng.normal(size=(40, 128)).astype(np.float32)
+    want = (torch.from_numpy(batch) @ torch.from_numpy(S).T).numpy()
+    for rows in (slice(0, 40), slice(0, 1), slice(3, 5), slice(7, 14)):
+        Q = np.ascontiguousarray(batch[rows])
+        out = np.full((len(Q), C), np.nan, np.float32)
+        assert K.scores_product(Q, CT, out, 0, C)
+        assert same(out, want[rows])
+        split = np.full_like(out, np.nan)  # disjoint column ranges (as threads fill them)
+        cut = min(C, K.PRODUCT_ALIGN)
+        K.scores_product(Q, CT, split, cut, C)
+        K.scores_product(Q, CT, split, 0, cut)
+        assert same(split, out)
+
+
+@pytest.mark.parametrize("m", [1, 7, 8, 9, 33])
+def test_centroid_terms_fixed_order(m):
+    """Stage 4's centroid terms: float32 products added in order d = 0.. from 0, never fused, in
+    the kernel and in numpy alike (so the fallback gives the same bits); within rounding of BLAS."""
+    rng = np.random.default_rng(m)
+    C, dim = 300, 128
+    centroids = rng.normal(size=(C, dim)).astype(np.float32)
+    q = rng.normal(size=(m, dim)).astype(np.float32)
+    for U in (0, 1, 3, 4, 5, 57):
+        u = np.sort(rng.choice(C, U, replace=False)).astype(np.int64)
+        want = np.zeros((m, U), np.float32)
+        for d in range(dim):
+            want += q[:, d : d + 1] * centroids[u, d][None, :]
+        got = K.centroid_terms(q, centroids, u)
+        assert got.shape == (m, U) and same(got, want)
+        np.testing.assert_allclose(got, q @ centroids[u].T, rtol=0, atol=1e-4)
+
+
 def test_stage4_edge_cases():
     rng = np.random.default_rng(5)
     table, cs, slot, codes, residuals, norms, offsets = random_stage4(rng, 7, 16, 20, 100, [3, 0, 4], np.uint16, "f16")
@@ -285,14 +326,20 @@ def check_index(path, queries, nq):
         pos, offs = stages.expand_ranges(starts, st.doc_offsets[d4 + 1] - starts)
         want4 = stages.maxsim_scores(st.token_sims(q, pos), offs)
         assert same(K.exact_scores(q, st.codec, st.centroids, codes, residuals, norms, st.doc_offsets, d4,
-                                   st.norm_values), want4)
+                                   norm_values=st.norm_values), want4)
         cc = st.token_codes(pos)
         u, sl = K.used_centroids(cc, offs, np.arange(len(d4)), st.num_centroids)
-        cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(st.centroids, u, axis=0)).T).numpy()
+        cs = K.centroid_terms(q, st.centroids, u)
         gathered_norms = st.token_norms(pos) if norms is not None else None
-        got4 = K.exact_maxsim(st.codec.score_table(q).numpy(), cs, sl, cc, st.residuals.take(pos), gathered_norms,
-                              offs)
+        table = st.codec.score_table(q).numpy()
+        got4 = K.exact_maxsim(table, cs, sl, cc, st.residuals.take(pos), gathered_norms, offs)
         assert same(got4, want4)
+        # the centroid terms are summed in the kernels' own fixed order (not a BLAS's): within
+        # float32 rounding of the torch product the replaced pipeline used
+        cs_blas = (torch.from_numpy(q) @ torch.from_numpy(np.take(st.centroids, u, axis=0)).T).numpy()
+        np.testing.assert_allclose(cs, cs_blas, rtol=0, atol=1e-5)
+        blas4 = K.exact_maxsim(table, cs_blas, sl, cc, st.residuals.take(pos), gathered_norms, offs)
+        np.testing.assert_allclose(got4, blas4, rtol=0, atol=1e-5)
         checked += 1
     assert slot.min() == -1 and slot.max() == -1
     return checked
@@ -340,7 +387,7 @@ def test_kernels_from_two_threads(small_index, small_corpus):
             counts = st.dcell_offsets[docs + 1] - st.dcell_offsets[docs]
             a, _ = K.approx_maxsim_ivf(Re, stages.surviving(R, 0.5), docs, st.ivf, st.ivf_offsets, counts, slot)
             e = K.exact_scores(q, st.codec, st.centroids, codes, residuals, norms, st.doc_offsets, docs[:64],
-                               st.norm_values)
+                               norm_values=st.norm_values)
             out.append((a, e))
 
     serial = []
@@ -385,6 +432,8 @@ def all_kernels(seed=0):
     out.append(K.exact_maxsim(table, cs, sl, codes, residuals, norms, offsets))
     out.append(K.exact_maxsim_ranges(table, cs, sl, codes, residuals, None, offsets, np.array([1, 3])))
     out += list(K.used_centroids(codes, offsets, np.array([0, 2]), len(sl)))
+    out.append(K.centroid_terms(rng.normal(size=(m, 16)).astype(np.float32),
+                                 rng.normal(size=(200, 16)).astype(np.float32), np.array([3, 1, 150, 7, 9])))
     return out
 
 

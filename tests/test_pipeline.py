@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 import plaid
-from conftest import SMALL_INDEXER
+import plaid.search.kernels_cpu
+from conftest import SMALL_INDEXER, requires_msmarco
 from reference_search import RefIndex, reference_search
 
 #: benchmarks/run.py's sweep at k=10 (ncells, threshold, ndocs), plus the defaults at k=10 and k=100
@@ -86,6 +87,95 @@ def test_engines_agree_stage_by_stage(living, small_corpus, threshold):
     assert ran > 0  # stages 2 and 3 really narrowed
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_allclose(a.scores, b.scores, rtol=0, atol=1e-5)
+
+
+# -- the CPU engine's compiled query (stages 1-4 in one call) against the pipeline's stages ------------
+#: settings that exercise each branch: no stage 2 (few candidates), the inverted-file and the
+#: document side of stage 2, the pruning fallback (a threshold nothing reaches), ncells above the
+#: kernel's sorted buffer (np.partition), widening, k above ndocs // 4
+COMPILED_GRID = [(10, 1, 0.5, 256), (10, 2, 0.45, 1024), (10, 2, 0.9, 24), (10, 2, 0.0, 24), (10, 2, -1.0, 16),
+                 (5, 70, 0.5, 40), (10, 1, 0.3, 10), (100, 4, 0.4, 100)]
+
+
+def _staged_and_compiled(path, queries, settings, **searcher_kw):
+    s = plaid.Searcher(path, engine="numpy", centroid_precision="float32", **searcher_kw)
+    eng = s._state.engine
+    arrays = eng.query_arrays
+    assert arrays is not None or len(eng.codes.parts) > 1
+    for k, nc, th, nd in settings:
+        kw = dict(k=k, ncells=nc, centroid_score_threshold=th, ndocs=max(nd, k), trace=True)
+        eng.query_arrays = arrays
+        a = s.search(queries, **kw)
+        eng.query_arrays = None  # the pipeline's stages on the same engine's kernels
+        b = s.search(queries, **kw)
+        eng.query_arrays = arrays
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.scores, b.scores)
+        for ta, tb in zip(a.traces, b.traces):
+            for name in ("candidates", "stage2", "stage3"):
+                np.testing.assert_array_equal(getattr(ta, name), getattr(tb, name), err_msg=name)
+            assert ta.threshold == tb.threshold and ta.ncells == tb.ncells
+            assert set(ta.timings) == set(tb.timings)
+    return s
+
+
+@pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")
+def test_compiled_query_equals_the_stages(small_index, small_scalar_index, small_corpus, tmp_path):
+    _, queries = small_corpus
+    _staged_and_compiled(small_index, queries, COMPILED_GRID)
+    _staged_and_compiled(small_scalar_index, queries, COMPILED_GRID[:4])
+    # deleted documents (one segment: the compiled query skips them like the pipeline)
+    import shutil
+    path = str(tmp_path / "deleted")
+    shutil.copytree(small_index, path)
+    plaid.Index(path).delete(list(range(0, 600, 3)))
+    _staged_and_compiled(path, queries, COMPILED_GRID)
+
+
+@pytest.mark.msmarco
+@requires_msmarco
+@pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")
+def test_compiled_query_equals_the_stages_on_msmarco(msmarco, msmarco_default):
+    queries = [np.asarray(q, np.float32) for q in msmarco.queries]
+    _staged_and_compiled(msmarco_default, queries, [(k, *g) for k in (10, 100) for g in GRID if g[2] >= k]
+                         + COMPILED_GRID)
+
+
+_FALLBACK_CHILD = """
+import sys, warnings, numpy as np, plaid
+warnings.simplefilter("ignore")
+from plaid.search import kernels_cpu
+assert kernels_cpu.backend() == "numpy"
+path, qfile, out = sys.argv[1:4]
+qs = list(np.load(qfile, allow_pickle=True))
+res = [plaid.Searcher(path, centroid_precision="float32").search(qs, k=k) for k in (1, 10, 100)]
+np.savez(out, *[r.ids for r in res], *[r.scores for r in res])
+"""
+
+
+@pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")
+def test_numpy_fallback_gives_the_same_results(small_index, small_corpus, tmp_path):
+    """PLAID_NO_NUMBA=1 (a fresh process: the backend is chosen once): the pipeline's stages in
+    numpy and torch return the compiled query's ids and scores, bit for bit."""
+    import os
+    import subprocess
+    import sys
+
+    _, queries = small_corpus
+    qfile, out = str(tmp_path / "q.npy"), str(tmp_path / "out.npz")
+    arr = np.empty(len(queries), object)
+    arr[:] = [np.asarray(q, np.float32) for q in queries]
+    np.save(qfile, arr, allow_pickle=True)
+    env = dict(os.environ, PLAID_NO_NUMBA="1")
+    r = subprocess.run([sys.executable, "-c", _FALLBACK_CHILD, small_index, qfile, out], env=env,
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    got = np.load(out)
+    s = plaid.Searcher(small_index, centroid_precision="float32")
+    for j, k in enumerate((1, 10, 100)):
+        want = s.search(queries, k=k)
+        np.testing.assert_array_equal(got[f"arr_{j}"], want.ids)
+        np.testing.assert_array_equal(got[f"arr_{j + 3}"], want.scores)
 
 
 def test_reload_follows_a_commit_through_the_pipeline(tmp_path, small_corpus):

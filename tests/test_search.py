@@ -178,6 +178,9 @@ def test_search_params_are_used(small_index, small_corpus, monkeypatch):
 
     docs, queries = small_corpus
     s = plaid.Searcher(small_index)
+    # watched through the pipeline's stages in Python (the CPU engine's compiled query makes the
+    # same decisions: tests/test_pipeline.py::test_compiled_query_equals_the_stages)
+    s._state.engine.query_arrays = None
     seen = []
     real = pipeline.CellCuts.cells
     monkeypatch.setattr(pipeline.CellCuts, "cells", lambda self, nc: seen.append(nc) or real(self, nc))

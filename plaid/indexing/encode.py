@@ -48,8 +48,9 @@ READ_AHEAD = 1
 IVF_BLOCK = 1 << 22
 
 
-#: Bytes added to every free-space estimate: the manifest, .npy headers, the journal.
-SPACE_SLACK = 1 << 20
+#: Bytes added to every free-space estimate: the manifest, .npy headers (128 bytes each), the
+#: journal (a few kB in all; a 1 MB tmpfs must still hold a small index).
+SPACE_SLACK = 64 << 10
 #: Bytes per (centroid, document) pair in the inverted file's scratch file (two int32).
 PAIR_SCRATCH_BYTES = 8
 

@@ -19,7 +19,12 @@ from numba import types
 from numba.core import cgutils
 from numba.extending import intrinsic, models, register_model
 
-PRUNED_SCORE = np.float32(-9999.0)  # stages.PRUNED_SCORE (not imported: keeps this module torch-free)
+from . import params as _params
+
+PRUNED_SCORE = np.float32(_params.PRUNED_SCORE)
+#: Up to this ``ncells`` the k-th best score of a token is found with a small sorted buffer in one
+#: pass over its scores; above, by a quickselect (:func:`nth_largest`). Same value either way.
+KTH_BUFFER_MAX = 64
 
 jit = numba.njit(cache=True, nogil=True, fastmath=False)
 
@@ -125,6 +130,67 @@ def vadd(typingctx, a, b):
         return builder.fadd(args[0], args[1])
 
     return f32x8(a, b), codegen
+
+
+@intrinsic
+def vmul(typingctx, a, b):
+    """Lane-wise float32 ``a * b`` (rounded, never fused with a following add)."""
+    if a != f32x8 or b != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        return builder.fmul(args[0], args[1])
+
+    return f32x8(a, b), codegen
+
+
+def _shuffle(mask, doc):
+    def impl(typingctx, a, b):
+        if a != f32x8 or b != f32x8:
+            return None
+
+        def codegen(context, builder, sig, args):
+            return builder.shuffle_vector(args[0], args[1], ir.Constant(ir.VectorType(_I32, 8), list(mask)))
+
+        return f32x8(a, b), codegen
+
+    impl.__doc__ = doc
+    return intrinsic(impl)
+
+
+# lanes of a (0-7) and b (8-15): the AVX unpack / shuffle / permute2f128 steps of an 8x8 transpose
+vunpacklo = _shuffle((0, 8, 1, 9, 4, 12, 5, 13), "unpcklps")
+vunpackhi = _shuffle((2, 10, 3, 11, 6, 14, 7, 15), "unpckhps")
+vshuf_lo = _shuffle((0, 1, 8, 9, 4, 5, 12, 13), "shufps 0x44")
+vshuf_hi = _shuffle((2, 3, 10, 11, 6, 7, 14, 15), "shufps 0xEE")
+vhalves_lo = _shuffle((0, 1, 2, 3, 8, 9, 10, 11), "vperm2f128 0x20")
+vhalves_hi = _shuffle((4, 5, 6, 7, 12, 13, 14, 15), "vperm2f128 0x31")
+
+
+@intrinsic
+def cycles(typingctx):
+    """The CPU's cycle counter (``llvm.readcyclecounter``: rdtsc on x86; 0 where the target has
+    none): stage boundaries of :func:`search_query`, converted to seconds by the caller."""
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_I64, []), "llvm.readcyclecounter")
+        return builder.call(fn, [])
+
+    return types.int64(), codegen
+
+
+@intrinsic
+def vfma(typingctx, a, b, c):
+    """Lane-wise fused ``a * b + c`` (one rounding: ``llvm.fma``), as a BLAS sgemm kernel adds
+    each product of the dimensions' loop."""
+    if a != f32x8 or b != f32x8 or c != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        fn = cgutils.get_or_insert_function(builder.module, ir.FunctionType(_VTY, [_VTY] * 3), "llvm.fma.v8f32")
+        return builder.call(fn, args)
+
+    return f32x8(a, b, c), codegen
 
 
 @intrinsic
@@ -267,8 +333,137 @@ def token_sum(a, m, pairwise):
 
 
 # ------------------------------------------------------------------------------------------------
-# Stages 2-3
+# The query-centroid product
 # ------------------------------------------------------------------------------------------------
+#: Centroids per block of :func:`scores_product`: 48 columns of the [dim, C] matrix (24 KB at dim
+#: 128) stay in L1 while every 4-row group of the batch passes over them.
+PRODUCT_BLOCK = 48
+
+
+@jit
+def _product_tile(Q, CT, out, i0, i1, i2, i3, c, n0, n1, n2):
+    """``out[i, c:c + 24]`` for rows i0..i3 (4 x 3 registers of 8 lanes; ``n*`` lanes each)."""
+    zero = vsplat(np.float32(0.0))
+    a0 = zero
+    a1 = zero
+    a2 = zero
+    b0 = zero
+    b1 = zero
+    b2 = zero
+    e0 = zero
+    e1 = zero
+    e2 = zero
+    f0 = zero
+    f1 = zero
+    f2 = zero
+    for d in range(Q.shape[1]):
+        x0 = vload(CT, d, c, n0)
+        x1 = vload(CT, d, c + 8, n1)
+        x2 = vload(CT, d, c + 16, n2)
+        q = vsplat(Q[i0, d])
+        a0 = vfma(q, x0, a0)
+        a1 = vfma(q, x1, a1)
+        a2 = vfma(q, x2, a2)
+        q = vsplat(Q[i1, d])
+        b0 = vfma(q, x0, b0)
+        b1 = vfma(q, x1, b1)
+        b2 = vfma(q, x2, b2)
+        q = vsplat(Q[i2, d])
+        e0 = vfma(q, x0, e0)
+        e1 = vfma(q, x1, e1)
+        e2 = vfma(q, x2, e2)
+        q = vsplat(Q[i3, d])
+        f0 = vfma(q, x0, f0)
+        f1 = vfma(q, x1, f1)
+        f2 = vfma(q, x2, f2)
+    vstore(out, i0, c, n0, a0)
+    vstore(out, i0, c + 8, n1, a1)
+    vstore(out, i0, c + 16, n2, a2)
+    vstore(out, i1, c, n0, b0)
+    vstore(out, i1, c + 8, n1, b1)
+    vstore(out, i1, c + 16, n2, b2)
+    vstore(out, i2, c, n0, e0)
+    vstore(out, i2, c + 8, n1, e1)
+    vstore(out, i2, c + 16, n2, e2)
+    vstore(out, i3, c, n0, f0)
+    vstore(out, i3, c + 8, n1, f1)
+    vstore(out, i3, c + 16, n2, f2)
+
+
+@jit
+def _product_tile_full(Q, CT, out, i0, i1, i2, i3, c):
+    """:func:`_product_tile` with all 24 columns (constant lane counts: plain loads and stores)."""
+    zero = vsplat(np.float32(0.0))
+    a0 = zero
+    a1 = zero
+    a2 = zero
+    b0 = zero
+    b1 = zero
+    b2 = zero
+    e0 = zero
+    e1 = zero
+    e2 = zero
+    f0 = zero
+    f1 = zero
+    f2 = zero
+    for d in range(Q.shape[1]):
+        x0 = vload(CT, d, c, 8)
+        x1 = vload(CT, d, c + 8, 8)
+        x2 = vload(CT, d, c + 16, 8)
+        q = vsplat(Q[i0, d])
+        a0 = vfma(q, x0, a0)
+        a1 = vfma(q, x1, a1)
+        a2 = vfma(q, x2, a2)
+        q = vsplat(Q[i1, d])
+        b0 = vfma(q, x0, b0)
+        b1 = vfma(q, x1, b1)
+        b2 = vfma(q, x2, b2)
+        q = vsplat(Q[i2, d])
+        e0 = vfma(q, x0, e0)
+        e1 = vfma(q, x1, e1)
+        e2 = vfma(q, x2, e2)
+        q = vsplat(Q[i3, d])
+        f0 = vfma(q, x0, f0)
+        f1 = vfma(q, x1, f1)
+        f2 = vfma(q, x2, f2)
+    vstore(out, i0, c, 8, a0)
+    vstore(out, i0, c + 8, 8, a1)
+    vstore(out, i0, c + 16, 8, a2)
+    vstore(out, i1, c, 8, b0)
+    vstore(out, i1, c + 8, 8, b1)
+    vstore(out, i1, c + 16, 8, b2)
+    vstore(out, i2, c, 8, e0)
+    vstore(out, i2, c + 8, 8, e1)
+    vstore(out, i2, c + 16, 8, e2)
+    vstore(out, i3, c, 8, f0)
+    vstore(out, i3, c + 8, 8, f1)
+    vstore(out, i3, c + 16, 8, f2)
+
+
+@jit
+def scores_product(Q, CT, out, c_lo, c_hi):
+    """``out[:, c_lo:c_hi] = Q @ CT[:, c_lo:c_hi]``: each score the fused multiply-adds of the
+    dimensions in order d = 0, 1, ... from 0 (what a BLAS sgemm kernel computes for a row of a
+    batch: bit-identical to torch's float32 product on MKL from 3-4 rows). Q float32 [M, dim];
+    CT float32 [dim, C] (the scoring centroids transposed); out float32 [M, C]. Disjoint column
+    ranges can be filled by different threads."""
+    M = Q.shape[0]
+    last = M - 1
+    for cb in range(c_lo, c_hi, PRODUCT_BLOCK):
+        ce = min(cb + PRODUCT_BLOCK, c_hi)
+        for i in range(0, M, 4):  # a short last group repeats the last row (same values written)
+            i1 = min(i + 1, last)
+            i2 = min(i + 2, last)
+            i3 = min(i + 3, last)
+            for c in range(cb, ce, 24):
+                if c + 24 <= ce:
+                    _product_tile_full(Q, CT, out, i, i1, i2, i3, c)
+                else:
+                    r = ce - c
+                    _product_tile(Q, CT, out, i, i1, i2, i3, c, min(8, r), min(8, max(0, r - 8)),
+                                  min(8, max(0, r - 16)))
+
+
 # ------------------------------------------------------------------------------------------------
 # Stage 1
 # ------------------------------------------------------------------------------------------------
@@ -322,15 +517,102 @@ def _radix_sort(a, n):
     return out
 
 
+#: A stage-1 scan records, per query token, up to this many centroids (times the cut's rank,
+#: plus a margin) that may still be at or above its cut; more (many exact ties) and that token is
+#: scanned again against its final cut.
+PROBE_ROOM_PER_CELL = 4
+PROBE_ROOM_MARGIN = 64
+#: Stage 1 lists its sorted candidates by a scan of the N document flags when N is at most this
+#: many times their number, else by a radix sort of the ids (measured crossing over at ~16-32
+#: flags per candidate; a flag costs a branch, a sorted id four counting passes).
+FLAG_SCAN_RATIO = 16
+
+
+@jit
+def _probe_row(R, i, k, buf, rec):
+    """One pass over ``R[i]``: its k-th largest score (ties counted: the value ``torch.topk`` puts
+    at position k - 1) and every centroid scoring at least it. Keeps the k best in ``buf``
+    (descending) and records in ``rec`` each centroid at or above the running k-th best when
+    seen (a superset of the final ones: the cut only rises), filtered at the end. Returns (cut,
+    number of centroids in rec), the number -1 when rec overflowed (many exact ties: the caller
+    scans the row again)."""
+    C = R.shape[1]
+    room = rec.shape[0]
+    for j in range(k):
+        buf[j] = -np.inf
+    thr = buf[k - 1]
+    n = 0
+    for c0 in range(0, C, 8):
+        ln = min(8, C - c0)
+        bits = vge_mask(vload(R, i, c0, ln), thr)
+        if ln < 8:
+            bits &= (1 << ln) - 1
+        lane = 0
+        while bits:
+            if bits & 1:
+                c = c0 + lane
+                if n == room:  # forget what has fallen below the cut
+                    t = buf[k - 1]
+                    w = 0
+                    for p in range(n):
+                        if R[i, rec[p]] >= t:
+                            rec[w] = rec[p]
+                            w += 1
+                    n = w
+                    if n == room:
+                        return buf[k - 1], -1
+                rec[n] = c
+                n += 1
+                v = R[i, c]
+                if v > buf[k - 1]:
+                    j = k - 1
+                    while j > 0 and buf[j - 1] < v:
+                        buf[j] = buf[j - 1]
+                        j -= 1
+                    buf[j] = v
+            bits >>= 1
+            lane += 1
+        thr = buf[k - 1]
+    w = 0
+    for p in range(n):
+        if R[i, rec[p]] >= thr:
+            rec[w] = rec[p]
+            w += 1
+    return thr, w
+
+
+@jit
+def _cells_at_least(R, i, t, rec, n, seen):
+    """Append to ``rec`` (from n) every centroid c with ``R[i, c] >= t`` not in ``seen`` yet."""
+    C = R.shape[1]
+    for c0 in range(0, C, 8):
+        ln = min(8, C - c0)
+        bits = vge_mask(vload(R, i, c0, ln), t)
+        if ln < 8:
+            bits &= (1 << ln) - 1
+        lane = 0
+        while bits:
+            if bits & 1 and not seen[c0 + lane]:
+                seen[c0 + lane] = True
+                rec[n] = c0 + lane
+                n += 1
+            bits >>= 1
+            lane += 1
+    return n
+
+
 @jit
 def candidates(R, ncells, ivf, ivf_offsets, mark, kth, have_kth):
     """Stage 1: sorted distinct documents listed under the centroids that score at least some
     token's ``ncells``-th best score. R float32 [m, C]; mark bool [N] scratch, all False (left
     all False); kth float32 [m]: each token's ``ncells``-th best score, given (``have_kth``)
-    or found here (ncells <= 64; each token's minimum score when ncells >= C). Returns int64 [n]."""
+    or found here (ncells <= KTH_BUFFER_MAX, in the same pass that finds the centroids; each
+    token's minimum score when ncells >= C). Returns int64 [n]."""
     m, C = R.shape
     N = mark.shape[0]
-    cells = np.zeros(C, np.bool_)
+    seen = np.zeros(C, np.bool_)
+    cells = np.empty(C, np.int64)
+    nc = 0
     if ncells >= C:
         for i in range(m):
             lo = np.float32(np.inf)
@@ -338,40 +620,43 @@ def candidates(R, ncells, ivf, ivf_offsets, mark, kth, have_kth):
                 if R[i, c] < lo:
                     lo = R[i, c]
             kth[i] = lo
-        cells[:] = True
-    else:
-        if not have_kth:
-            buf = np.empty(ncells, np.float32)
-            for i in range(m):
-                kth[i] = _kth_largest(R, i, ncells, buf)
+        for c in range(C):
+            cells[c] = c
+        nc = C
+    elif have_kth:
         for i in range(m):
-            t = kth[i]
-            for c0 in range(0, C, 8):
-                ln = min(8, C - c0)
-                bits = vge_mask(vload(R, i, c0, ln), t)
-                if ln < 8:
-                    bits &= (1 << ln) - 1
-                lane = 0
-                while bits:
-                    if bits & 1:
-                        cells[c0 + lane] = True
-                    bits >>= 1
-                    lane += 1
+            nc = _cells_at_least(R, i, kth[i], cells, nc, seen)
+    else:
+        buf = np.empty(ncells, np.float32)
+        rec = np.empty(PROBE_ROOM_PER_CELL * ncells + PROBE_ROOM_MARGIN, np.int64)
+        for i in range(m):
+            t, r = _probe_row(R, i, ncells, buf, rec)
+            if r < 0:  # many ties at the cut: the cut is known, scan the row against it
+                t = _kth_largest(R, i, ncells, buf)
+                kth[i] = t
+                nc = _cells_at_least(R, i, t, cells, nc, seen)
+                continue
+            kth[i] = t
+            for p in range(r):
+                c = rec[p]
+                if not seen[c]:
+                    seen[c] = True
+                    cells[nc] = c
+                    nc += 1
     listed = 0
-    for c in range(C):
-        if cells[c]:
-            listed += ivf_offsets[c + 1] - ivf_offsets[c]
+    for p in range(nc):
+        listed += ivf_offsets[cells[p] + 1] - ivf_offsets[cells[p]]
     found = np.empty(min(listed, N), np.int64)
     n = 0
-    for c in range(C):
-        if cells[c]:
-            for p in range(ivf_offsets[c], ivf_offsets[c + 1]):
-                d = ivf[p]
-                if not mark[d]:
-                    mark[d] = True
-                    found[n] = d
-                    n += 1
-    if N <= 64 * n:  # a scan of the flags beats a sort
+    for p in range(nc):
+        c = cells[p]
+        for q in range(ivf_offsets[c], ivf_offsets[c + 1]):
+            d = ivf[q]
+            if not mark[d]:
+                mark[d] = True
+                found[n] = d
+                n += 1
+    if N <= FLAG_SCAN_RATIO * n:  # a scan of the flags beats a sort
         out = np.empty(n, np.int64)
         k = 0
         for d in range(N):
@@ -476,8 +761,23 @@ def approx_docs_strided(Re, keep, use_keep, docs, dcells, dcell_offsets, out, co
 @jit
 def approx_ivf(Re, keep, docs, ivf, ivf_offsets, cell_counts, slot, out, covered):
     """Inverted-file side of stage 2; leaves ``slot`` all -1 as found."""
-    m = Re.shape[0]
     C = Re.shape[1] - 1
+    kept = np.empty(C, np.int64)
+    nk = 0
+    for c in range(C):
+        if keep[c]:
+            kept[nk] = c
+            nk += 1
+    _approx_ivf(Re, kept[:nk], docs, ivf, ivf_offsets, cell_counts, slot, out, covered)
+
+
+@jit
+def _approx_ivf(R, kept, docs, ivf, ivf_offsets, cell_counts, slot, out, covered):
+    """:func:`approx_ivf` over the scores ``R`` (float32 [m, >= C], token-major) of the kept
+    centroids ``kept`` (int64, ascending): each one's column is max-ed into its listed
+    candidates' rows; ``PRUNED_SCORE`` for a candidate with fewer listed centroids than
+    ``cell_counts``."""
+    m = R.shape[0]
     n = docs.shape[0]
     W = (m + 7) // 8 * 8
     for d in range(n):
@@ -485,11 +785,10 @@ def approx_ivf(Re, keep, docs, ivf, ivf_offsets, cell_counts, slot, out, covered
     best = np.full((n, W), -np.inf, np.float32)
     listed = np.zeros(n, np.int64)
     col = np.zeros((1, W), np.float32)
-    for c in range(C):
-        if not keep[c]:
-            continue
+    for q in range(kept.shape[0]):
+        c = kept[q]
         for i in range(m):
-            col[0, i] = Re[i, c]
+            col[0, i] = R[i, c]
         for p in range(ivf_offsets[c], ivf_offsets[c + 1]):
             s = slot[ivf[p]]
             if s >= 0:
@@ -538,21 +837,186 @@ def used_centroids(codes, doc_offsets, docs, num_centroids, slot):
     return u, -1
 
 
-@jit
-def exact(table, cs, slot, codes, residuals, norm_mode, norms16, norms32, lut, doc_offsets, docs, out):
-    """Stage 4 of ``docs`` (tokens ``doc_offsets[d]:doc_offsets[d + 1]`` of the token arrays).
+#: 2**(e - 25) for float16 exponent field e (1..30; 0 reads 1: subnormals), so that a float16
+#: with mantissa field f is exactly ``(f + 1024 * (e > 0)) * _HALF_SCALE[e]`` in float32.
+_HALF_SCALE = np.array([2.0 ** (max(e, 1) - 25) for e in range(32)], np.float32)
 
-    table float32 [B * 256, m]; cs float32 [m, U]; slot int32 [C]; norm_mode 0 (no norms),
-    1 (``norms16``: float16 bit patterns, ``lut`` their values), 2 (``norms32``) or 3
-    (``norms16``: one-byte codes, ``lut`` their values, all valid). Returns -1,
-    or the position of the first token with an invalid centroid id, slot or norm (then ``out``
-    is not written).
-    """
+
+@jit
+def half_value(bits):
+    """The float32 value of float16 bit pattern ``bits`` (exact, like ``np.float16.astype``;
+    arithmetic, no 65536-entry table: a table lookup per token missed the cache)."""
+    h = np.int64(bits)
+    e = (h >> 10) & 31
+    f = h & 1023
+    v = np.float32(f + (1024 if e > 0 else 0)) * _HALF_SCALE[e]
+    if e == 31:
+        v = np.float32(np.inf) if f == 0 else np.float32(np.nan)
+    return -v if h & 0x8000 else v
+
+
+@jit
+def token_norms(norm_mode, norm_codes, norm_values, norm_table, doc_offsets, docs, out):
+    """The stored norms of the tokens of ``docs`` (in order) into ``out`` float32 [T]: the
+    divisors of their stage-4 scores. The one place that reads norms: mode 1, one-byte codes
+    looked up in a float32 table (``norm_table[norm_codes[t]]``); mode 2, float32
+    ``norm_values[t]``; mode 3, float16 norms as little-endian bytes ``norm_codes[2t:2t+2]``
+    (:func:`half_value`; ``norm_codes`` is uint8 in every mode: one compiled signature);
+    mode 0 (the index keeps raw vectors): 1 (dividing by it changes nothing). Returns -1, or the
+    position of the first token whose norm is not finite and positive (``checked_norms``).
+    One loop per mode: a mode test per token cost 4x the loop."""
+    k = 0
+    for d in range(docs.shape[0]):
+        lo = doc_offsets[docs[d]]
+        hi = doc_offsets[docs[d] + 1]
+        if norm_mode == 3:
+            for t in range(lo, hi):
+                out[k + t - lo] = half_value(np.int64(norm_codes[2 * t]) | (np.int64(norm_codes[2 * t + 1]) << 8))
+        elif norm_mode == 1:
+            for t in range(lo, hi):
+                out[k + t - lo] = norm_table[np.int64(norm_codes[t])]
+        elif norm_mode == 2:
+            for t in range(lo, hi):
+                out[k + t - lo] = norm_values[t]
+        else:
+            for t in range(lo, hi):
+                out[k + t - lo] = 1.0
+        for t in range(lo, hi):
+            v = out[k + t - lo]
+            if not (v > 0.0 and v < np.inf):
+                return t
+        k += hi - lo
+    return -1
+
+
+@jit
+def centroid_dots(q, centroids, u, U, csT):
+    """``csT[k, i] = sum_d q[i, d] * centroids[u[k], d]`` for k < U: float32 products added in
+    order d = 0, 1, ... from 0, never fused (``numpy``: ``acc += Cu[:, d:d+1] * q[:, d]``, the
+    fallback's order). q float32 [m, dim]; centroids float32 [C, dim]; u int64 [>= U]; csT float32
+    [>= U, W], W = m rounded up to 8 (lanes i >= m get 0). Eight centroids at a time (eight
+    independent add chains), eight query tokens per lane block."""
+    m, dim = q.shape
+    W = csT.shape[1]
+    qT = np.zeros((dim, W), np.float32)
+    for i in range(m):
+        for d in range(dim):
+            qT[d, i] = q[i, d]
+    zero = vsplat(np.float32(0.0))
+    last = U - 1
+    for o in range(0, W, 8):
+        k = 0
+        while k < U:  # a short last group repeats the last centroid (same value written twice)
+            c0 = u[k]
+            c1 = u[min(k + 1, last)]
+            c2 = u[min(k + 2, last)]
+            c3 = u[min(k + 3, last)]
+            c4 = u[min(k + 4, last)]
+            c5 = u[min(k + 5, last)]
+            c6 = u[min(k + 6, last)]
+            c7 = u[min(k + 7, last)]
+            a0 = zero
+            a1 = zero
+            a2 = zero
+            a3 = zero
+            a4 = zero
+            a5 = zero
+            a6 = zero
+            a7 = zero
+            for d in range(dim):
+                qv = vload(qT, d, o, 8)
+                a0 = vadd(a0, vmul(qv, vsplat(centroids[c0, d])))
+                a1 = vadd(a1, vmul(qv, vsplat(centroids[c1, d])))
+                a2 = vadd(a2, vmul(qv, vsplat(centroids[c2, d])))
+                a3 = vadd(a3, vmul(qv, vsplat(centroids[c3, d])))
+                a4 = vadd(a4, vmul(qv, vsplat(centroids[c4, d])))
+                a5 = vadd(a5, vmul(qv, vsplat(centroids[c5, d])))
+                a6 = vadd(a6, vmul(qv, vsplat(centroids[c6, d])))
+                a7 = vadd(a7, vmul(qv, vsplat(centroids[c7, d])))
+            vstore(csT, k, o, 8, a0)
+            vstore(csT, min(k + 1, last), o, 8, a1)
+            vstore(csT, min(k + 2, last), o, 8, a2)
+            vstore(csT, min(k + 3, last), o, 8, a3)
+            vstore(csT, min(k + 4, last), o, 8, a4)
+            vstore(csT, min(k + 5, last), o, 8, a5)
+            vstore(csT, min(k + 6, last), o, 8, a6)
+            vstore(csT, min(k + 7, last), o, 8, a7)
+            k += 8
+
+
+@jit
+def _exact_core(table, csT, crow, divisor, residuals, doc_offsets, docs, out):
+    """``out[d]`` = exact MaxSim of ``docs[d]``: per token and query token, the ``B`` table entries
+    of its residual bytes added in order from 0, then its centroid's score (row ``crow[k]`` of
+    ``csT``), then divided by ``divisor[k]`` (its norm, or 1); the max over the document's
+    tokens; the sum over query tokens in numpy's pairwise order. ``k`` counts the candidates'
+    tokens in order (``crow``, ``divisor``: one entry each, prepared by the caller, which also
+    validated them). Eight query tokens per lane block, four document tokens at a time
+    (independent add chains); -inf without tokens."""
     m = table.shape[1]
     B = residuals.shape[1]
+    W = csT.shape[1]
+    best = np.empty((1, W), np.float32)
+    zero = vsplat(np.float32(0.0))
+    ninf = vsplat(np.float32(-np.inf))
+    k0 = 0
+    for d in range(docs.shape[0]):
+        doc = docs[d]
+        lo = doc_offsets[doc]
+        hi = doc_offsets[doc + 1]
+        if hi <= lo:
+            out[d] = -np.inf
+            continue
+        last = hi - 1
+        for o in range(0, W, 8):
+            ln = min(8, m - o)
+            b = ninf
+            t0 = lo
+            while t0 < hi:  # a short last group repeats the last token: max is idempotent
+                t1 = min(t0 + 1, last)
+                t2 = min(t0 + 2, last)
+                t3 = min(t0 + 3, last)
+                a0 = zero
+                a1 = zero
+                a2 = zero
+                a3 = zero
+                for j in range(B):
+                    r = j * 256
+                    a0 = vadd(a0, vload(table, r + np.int64(residuals[t0, j]), o, ln))
+                    a1 = vadd(a1, vload(table, r + np.int64(residuals[t1, j]), o, ln))
+                    a2 = vadd(a2, vload(table, r + np.int64(residuals[t2, j]), o, ln))
+                    a3 = vadd(a3, vload(table, r + np.int64(residuals[t3, j]), o, ln))
+                k = k0 + t0 - lo
+                k1 = k0 + t1 - lo
+                k2 = k0 + t2 - lo
+                k3 = k0 + t3 - lo
+                a0 = vdivs(vadd(a0, vload(csT, crow[k], o, 8)), divisor[k])
+                a1 = vdivs(vadd(a1, vload(csT, crow[k1], o, 8)), divisor[k1])
+                a2 = vdivs(vadd(a2, vload(csT, crow[k2], o, 8)), divisor[k2])
+                a3 = vdivs(vadd(a3, vload(csT, crow[k3], o, 8)), divisor[k3])
+                b = vmax(b, vmax(vmax(a0, a1), vmax(a2, a3)))
+                t0 += 4
+            vstore(best, 0, o, 8, b)
+        out[d] = pairwise_sum(best[0], m)
+        k0 += hi - lo
+
+
+@jit
+def exact(table, cs, slot, codes, residuals, norm_mode, norm_codes, norm_values, norm_table, doc_offsets, docs, out):
+    """Stage 4 of ``docs`` (tokens ``doc_offsets[d]:doc_offsets[d + 1]`` of the token arrays) with
+    the centroid scores given: table float32 [B * 256, m]; cs float32 [m, U]; slot int32 [C];
+    norms as :func:`token_norms`. Returns -1, or the position of the first token with an invalid
+    centroid id, slot or norm (then ``out`` is not written)."""
+    m = table.shape[1]
     U = cs.shape[1]
     C = slot.shape[0]
     n = docs.shape[0]
+    T = 0
+    for d in range(n):
+        T += doc_offsets[docs[d] + 1] - doc_offsets[docs[d]]
+    crow = np.empty(T, np.int64)
+    divisor = np.empty(T, np.float32)
+    k = 0
     # validate every token read before scoring any (as checked_codes / checked_norms)
     for d in range(n):
         doc = docs[d]
@@ -563,135 +1027,388 @@ def exact(table, cs, slot, codes, residuals, norm_mode, norms16, norms32, lut, d
             u = slot[c]
             if u < 0 or u >= U:
                 return t
-            if norm_mode == 1:
-                bits = norms16[t]
-                if bits == 0 or bits >= 0x7C00:  # +0, negative (sign bit), inf or NaN
-                    return t
-            elif norm_mode == 2:
-                v = norms32[t]
-                if not (v > 0.0 and v < np.inf):
-                    return t
+            crow[k] = u
+            k += 1
+    bad = token_norms(norm_mode, norm_codes, norm_values, norm_table, doc_offsets, docs, divisor)
+    if bad >= 0:
+        return bad
     W = (m + 7) // 8 * 8
     csT = np.zeros((U, W), np.float32)  # centroid-major: one row per token's centroid
     for i in range(m):
         for k in range(U):
             csT[k, i] = cs[i, k]
-    best = np.empty((n, W), np.float32)
-    if m <= 8:
-        _exact_narrow(table, csT, slot, codes, residuals, norm_mode, norms16, norms32, lut, doc_offsets, docs, best)
-    else:
-        _exact_wide(table, csT, slot, codes, residuals, norm_mode, norms16, norms32, lut, doc_offsets, docs, best)
-    for d in range(n):
-        out[d] = pairwise_sum(best[d], m)
+    _exact_core(table, csT, crow, divisor, residuals, doc_offsets, docs, out)
     return -1
 
 
 @jit
-def _exact_narrow(table, csT, slot, codes, residuals, norm_mode, norms16, norms32, lut, doc_offsets, docs, best):
-    """Stage 4 for m <= 8 query tokens (one 8-lane block): two tokens at a time, independent add
-    chains (each in order j = 0..B-1). Writes best[d, :8] (the per-token maxima of doc d)."""
-    m = table.shape[1]
-    B = residuals.shape[1]
-    zero = vsplat(np.float32(0.0))
-    ninf = vsplat(np.float32(-np.inf))
-    for d in range(docs.shape[0]):
+def stage4(q, table, centroids, codes, residuals, norm_mode, norm_codes, norm_values, norm_table, doc_offsets, docs,
+           cslot, out):
+    """All of stage 4 after the byte table: the candidates' distinct centroids (first-seen order,
+    their ids and norms validated), their scores (:func:`centroid_dots`), the exact scores
+    (:func:`_exact_core`) into ``out`` float32 [n]. cslot: int32 [C] scratch, all -1 (left so).
+    Returns -1, or the position of the first token with an invalid centroid id or norm (then
+    ``out`` is not written)."""
+    m = q.shape[0]
+    C = cslot.shape[0]
+    n = docs.shape[0]
+    T = 0
+    for d in range(n):
+        T += doc_offsets[docs[d] + 1] - doc_offsets[docs[d]]
+    u = np.empty(min(C, T), np.int64)
+    crow = np.empty(T, np.int64)
+    divisor = np.empty(T, np.float32)
+    U = 0
+    k = 0
+    bad = -1
+    for d in range(n):
         doc = docs[d]
-        hi = doc_offsets[doc + 1]
-        t = doc_offsets[doc]
-        b = ninf
-        while t < hi:
-            t2 = t + 1 if t + 1 < hi else t  # an odd last token counts twice: max is idempotent
-            a1 = zero
-            a2 = zero
-            for j in range(B):
-                a1 = vadd(a1, vload(table, j * 256 + np.int64(residuals[t, j]), 0, m))
-                a2 = vadd(a2, vload(table, j * 256 + np.int64(residuals[t2, j]), 0, m))
-            a1 = vadd(a1, vload(csT, slot[np.int64(codes[t])], 0, 8))
-            a2 = vadd(a2, vload(csT, slot[np.int64(codes[t2])], 0, 8))
-            if norm_mode == 1 or norm_mode == 3:
-                a1 = vdivs(a1, lut[norms16[t]])
-                a2 = vdivs(a2, lut[norms16[t2]])
-            elif norm_mode == 2:
-                a1 = vdivs(a1, norms32[t])
-                a2 = vdivs(a2, norms32[t2])
-            b = vmax(vmax(b, a1), a2)
-            t += 2
-        vstore(best, d, 0, 8, b)
+        for t in range(doc_offsets[doc], doc_offsets[doc + 1]):
+            c = np.int64(codes[t])
+            if c < 0 or c >= C:
+                bad = t
+                break
+            if cslot[c] < 0:
+                cslot[c] = U
+                u[U] = c
+                U += 1
+            crow[k] = cslot[c]
+            k += 1
+        if bad >= 0:
+            break
+    if bad < 0:
+        bad = token_norms(norm_mode, norm_codes, norm_values, norm_table, doc_offsets, docs, divisor)
+    if bad < 0:
+        W = (m + 7) // 8 * 8
+        csT = np.empty((U, W), np.float32)
+        centroid_dots(q, centroids, u, U, csT)
+        _exact_core(table, csT, crow, divisor, residuals, doc_offsets, docs, out)
+    for k in range(U):
+        cslot[u[k]] = -1
+    return bad
 
 
 @jit
-def _exact_wide(table, csT, slot, codes, residuals, norm_mode, norms16, norms32, lut, doc_offsets, docs, best):
-    """Stage 4 for m > 8: groups of 32 query tokens (four 8-lane blocks, masked where the group
-    has fewer), one pass over the tokens per group (two at a time), each table row read whole."""
-    m = table.shape[1]
-    B = residuals.shape[1]
-    W = best.shape[1]
-    zero = vsplat(np.float32(0.0))
-    ninf = vsplat(np.float32(-np.inf))
-    for g in range(0, m, 32):
-        l0 = min(8, max(0, m - g))
-        l1 = min(8, max(0, m - g - 8))
-        l2 = min(8, max(0, m - g - 16))
-        l3 = min(8, max(0, m - g - 24))
-        w1 = 8 if g + 8 < W else 0  # blocks beyond W: no lanes (nothing read or written)
-        w2 = 8 if g + 16 < W else 0
-        w3 = 8 if g + 24 < W else 0
-        for d in range(docs.shape[0]):
-            doc = docs[d]
-            b0 = ninf
-            b1 = ninf
-            b2 = ninf
-            b3 = ninf
-            hi = doc_offsets[doc + 1]
-            t = doc_offsets[doc]
-            while t < hi:  # two tokens at a time: 8 independent add chains
-                t2 = t + 1 if t + 1 < hi else t
-                a0 = zero
-                a1 = zero
-                a2 = zero
-                a3 = zero
-                c0 = zero
-                c1 = zero
-                c2 = zero
-                c3 = zero
-                for j in range(B):
-                    r = j * 256 + np.int64(residuals[t, j])
-                    q = j * 256 + np.int64(residuals[t2, j])
-                    a0 = vadd(a0, vload(table, r, g, l0))
-                    a1 = vadd(a1, vload(table, r, g + 8, l1))
-                    a2 = vadd(a2, vload(table, r, g + 16, l2))
-                    a3 = vadd(a3, vload(table, r, g + 24, l3))
-                    c0 = vadd(c0, vload(table, q, g, l0))
-                    c1 = vadd(c1, vload(table, q, g + 8, l1))
-                    c2 = vadd(c2, vload(table, q, g + 16, l2))
-                    c3 = vadd(c3, vload(table, q, g + 24, l3))
-                u = slot[np.int64(codes[t])]
-                a0 = vadd(a0, vload(csT, u, g, 8))
-                a1 = vadd(a1, vload(csT, u, g + 8, w1))
-                a2 = vadd(a2, vload(csT, u, g + 16, w2))
-                a3 = vadd(a3, vload(csT, u, g + 24, w3))
-                u = slot[np.int64(codes[t2])]
-                c0 = vadd(c0, vload(csT, u, g, 8))
-                c1 = vadd(c1, vload(csT, u, g + 8, w1))
-                c2 = vadd(c2, vload(csT, u, g + 16, w2))
-                c3 = vadd(c3, vload(csT, u, g + 24, w3))
-                if norm_mode != 0:
-                    nv = norms32[t] if norm_mode == 2 else lut[norms16[t]]
-                    a0 = vdivs(a0, nv)
-                    a1 = vdivs(a1, nv)
-                    a2 = vdivs(a2, nv)
-                    a3 = vdivs(a3, nv)
-                    nv = norms32[t2] if norm_mode == 2 else lut[norms16[t2]]
-                    c0 = vdivs(c0, nv)
-                    c1 = vdivs(c1, nv)
-                    c2 = vdivs(c2, nv)
-                    c3 = vdivs(c3, nv)
-                b0 = vmax(vmax(b0, a0), c0)
-                b1 = vmax(vmax(b1, a1), c1)
-                b2 = vmax(vmax(b2, a2), c2)
-                b3 = vmax(vmax(b3, a3), c3)
-                t += 2
-            vstore(best, d, g, 8, b0)
-            vstore(best, d, g + 8, w1, b1)
-            vstore(best, d, g + 16, w2, b2)
-            vstore(best, d, g + 24, w3, b3)
+def centroid_terms(q, centroids, u):
+    """float32 [m, U]: :func:`centroid_dots` of the centroids ``u`` (int64 [U]), query-token-major."""
+    m = q.shape[0]
+    U = u.shape[0]
+    csT = np.empty((U, (m + 7) // 8 * 8), np.float32)
+    centroid_dots(q, centroids, u, U, csT)
+    cs = np.empty((m, U), np.float32)
+    for k in range(U):
+        for i in range(m):
+            cs[i, k] = csT[k, i]
+    return cs
+
+
+# ------------------------------------------------------------------------------------------------
+# One query, stages 1-4 (the pipeline's policy, compiled: see plaid.search.pipeline)
+# ------------------------------------------------------------------------------------------------
+widen = jit(_params.widen)
+
+
+@jit
+def nth_largest(vals, n):
+    """The n-th largest of ``vals`` (float32 1-D, 1 <= n <= len; ties counted), by quickselect on
+    a copy (written out: numba's np.partition took ~8 s to compile)."""
+    a = vals.copy()
+    lo = 0
+    hi = a.shape[0] - 1
+    k = n - 1  # position in descending order
+    while lo < hi:
+        mid = (lo + hi) >> 1  # median of three as the pivot
+        x, y, z = a[lo], a[mid], a[hi]
+        if (x >= y) == (y >= z):
+            pivot = y
+        elif (y >= x) == (x >= z):
+            pivot = x
+        else:
+            pivot = z
+        i = lo
+        j = hi
+        while i <= j:  # Hoare partition, descending
+            while a[i] > pivot:
+                i += 1
+            while a[j] < pivot:
+                j -= 1
+            if i <= j:
+                t = a[i]
+                a[i] = a[j]
+                a[j] = t
+                i += 1
+                j -= 1
+        if k <= j:
+            hi = j
+        elif k >= i:
+            lo = i
+        else:
+            return a[k]
+    return a[k]
+
+
+@jit
+def select_top(scores, n):
+    """Indices (ascending) of the ``n`` largest ``scores`` (n < len), exact ties at the n-th kept
+    by lower index: the set ``pipeline.top_n(scores, n)`` returns, sorted."""
+    N = scores.shape[0]
+    kth = nth_largest(scores, n)
+    above = 0
+    for i in range(N):
+        if scores[i] > kth:
+            above += 1
+    ties = n - above
+    out = np.empty(n, np.int64)
+    k = 0
+    for i in range(N):
+        s = scores[i]
+        if s > kth:
+            out[k] = i
+            k += 1
+        elif s == kth and ties > 0:
+            ties -= 1
+            out[k] = i
+            k += 1
+    return out
+
+
+#: Up to this many hits, :func:`rank_top` orders them by insertion; above, by radix sort.
+RANK_INSERTION_MAX = 64
+
+
+@jit
+def rank_top(scores, n):
+    """``pipeline.top_n(scores, n)``: indices of the ``n`` best, best first, ties by lower index.
+    Each hit's key is its score's bits mapped to an ascending unsigned order (of -score, with
+    -0.0 read as 0.0 as numpy compares them) above its index, so that sorting the keys is
+    numpy's stable argsort of -scores."""
+    idx = np.arange(scores.shape[0]) if n >= scores.shape[0] else select_top(scores, n)
+    h = idx.shape[0]
+    neg = np.empty(h, np.float32)
+    for i in range(h):
+        neg[i] = -scores[idx[i]] + np.float32(0.0)  # + 0.0: -0.0 -> 0.0
+    bits = neg.view(np.int32)
+    keys = np.empty(h, np.int64)
+    for i in range(h):
+        b = np.int64(bits[i])
+        u = (~b) & 0xFFFFFFFF if b < 0 else b | 0x80000000  # float order as unsigned order
+        keys[i] = (u << 31) | i  # h < 2**31
+    if h <= RANK_INSERTION_MAX:
+        for i in range(1, h):
+            v = keys[i]
+            j = i - 1
+            while j >= 0 and keys[j] > v:
+                keys[j + 1] = keys[j]
+                j -= 1
+            keys[j + 1] = v
+    else:
+        keys = _radix_sort64(keys, h)
+    out = np.empty(h, np.int64)
+    for i in range(h):
+        out[i] = idx[keys[i] & 0x7FFFFFFF]
+    return out
+
+
+@jit
+def _radix_sort64(a, n):
+    """``a[:n]`` (int64 >= 0) sorted ascending: 8 stable counting passes of 8 bits (a pass whose
+    byte is the same for all is skipped)."""
+    out = a[:n].copy()
+    tmp = np.empty(n, np.int64)
+    cnt = np.empty(257, np.int64)
+    for shift in range(0, 64, 8):
+        cnt[:] = 0
+        for i in range(n):
+            cnt[((out[i] >> shift) & 255) + 1] += 1
+        if cnt[((out[0] >> shift) & 255) + 1] == n:
+            continue
+        for b in range(256):
+            cnt[b + 1] += cnt[b]
+        for i in range(n):
+            v = out[i]
+            b = (v >> shift) & 255
+            tmp[cnt[b]] = v
+            cnt[b] += 1
+        out, tmp = tmp, out
+    return out
+
+
+@jit
+def transpose_colmax(R, T, colmax):
+    """``T[c, i] = R[i, c]`` (row C all ``PRUNED_SCORE``: the table :func:`approx_docs` reads)
+    and ``colmax[0, c] = R[:, c].max()`` (:func:`stages.surviving`'s column maxima) in one pass
+    over R: blocks of 8 x 8 transposed in registers. R float32 [m, C]; T float32 [C + 1, W]
+    (W = m rounded up to 8; lanes i >= m hold copies, never read); colmax float32 [1, C]."""
+    m, C = R.shape
+    last = m - 1
+    for o in range(0, m, 8):
+        for c0 in range(0, C, 8):
+            ln = min(8, C - c0)
+            r0 = vload(R, o, c0, ln)
+            r1 = vload(R, min(o + 1, last), c0, ln)  # rows past m repeat the last one
+            r2 = vload(R, min(o + 2, last), c0, ln)
+            r3 = vload(R, min(o + 3, last), c0, ln)
+            r4 = vload(R, min(o + 4, last), c0, ln)
+            r5 = vload(R, min(o + 5, last), c0, ln)
+            r6 = vload(R, min(o + 6, last), c0, ln)
+            r7 = vload(R, min(o + 7, last), c0, ln)
+            mx = vmax(vmax(vmax(r0, r1), vmax(r2, r3)), vmax(vmax(r4, r5), vmax(r6, r7)))
+            if o > 0:
+                mx = vmax(vload(colmax, 0, c0, ln), mx)
+            vstore(colmax, 0, c0, ln, mx)
+            t0 = vunpacklo(r0, r1)
+            t1 = vunpackhi(r0, r1)
+            t2 = vunpacklo(r2, r3)
+            t3 = vunpackhi(r2, r3)
+            t4 = vunpacklo(r4, r5)
+            t5 = vunpackhi(r4, r5)
+            t6 = vunpacklo(r6, r7)
+            t7 = vunpackhi(r6, r7)
+            u0 = vshuf_lo(t0, t2)
+            u1 = vshuf_hi(t0, t2)
+            u2 = vshuf_lo(t1, t3)
+            u3 = vshuf_hi(t1, t3)
+            u4 = vshuf_lo(t4, t6)
+            u5 = vshuf_hi(t4, t6)
+            u6 = vshuf_lo(t5, t7)
+            u7 = vshuf_hi(t5, t7)
+            vstore(T, c0, o, 8, vhalves_lo(u0, u4))
+            if ln > 1:
+                vstore(T, c0 + 1, o, 8, vhalves_lo(u1, u5))
+            if ln > 2:
+                vstore(T, c0 + 2, o, 8, vhalves_lo(u2, u6))
+            if ln > 3:
+                vstore(T, c0 + 3, o, 8, vhalves_lo(u3, u7))
+            if ln > 4:
+                vstore(T, c0 + 4, o, 8, vhalves_hi(u0, u4))
+            if ln > 5:
+                vstore(T, c0 + 5, o, 8, vhalves_hi(u1, u5))
+            if ln > 6:
+                vstore(T, c0 + 6, o, 8, vhalves_hi(u2, u6))
+            if ln > 7:
+                vstore(T, c0 + 7, o, 8, vhalves_hi(u3, u7))
+    for i in range(m):
+        T[C, i] = PRUNED_SCORE
+
+
+@jit
+def search_query(R, q, table, centroids, ivf, ivf_offsets, dcells, dcell_offsets, doc_offsets, codes, residuals,
+                 norm_mode, norm_codes, norm_values, norm_table, alive, use_alive, k, ncells, threshold, n2, n3,
+                 mark, slot, cslot, ticks):
+    """Stages 1-4 of one query in one call: what ``pipeline.search_query`` decides (no subset),
+    with the same results and trace.
+
+    R float32 [m, C] the query's centroid scores; q float32 [m, dim]; table float32 [B * 256, m]
+    (``codec.score_table(q)``); the index's arrays (centroids float32 [C, dim], the inverted file
+    and its transpose, doc_offsets, the single segment's codes, residuals and norms as
+    :func:`token_norms`); alive bool [N] (``use_alive``); budgets k, ncells, threshold (float64,
+    compared in float32 as numpy does), n2, n3; scratch mark bool [N] all False, slot int32 [N]
+    and cslot int32 [C] all -1 (left so); ticks int64 [5] receives the cycle counter at the
+    start and after each stage. Returns (ids int64 [<= k], scores float32, candidates int64 [n]
+    sorted, final ncells, threshold used, stage-2 survivors and stage-3 survivors as sorted
+    indices into the candidates, status: -1, or the position of an invalid token).
+    """
+    m, C = R.shape
+    none = np.empty(0, np.int64)
+    ticks[0] = cycles()
+    # -- stage 1: candidates, ncells widened while there are fewer than n2 ------------------------
+    kth = np.empty(m, np.float32)
+    nc = ncells
+    while True:
+        given = KTH_BUFFER_MAX < nc < C
+        if given:
+            for i in range(m):
+                kth[i] = nth_largest(R[i], nc)
+        docs = candidates(R, nc, ivf, ivf_offsets, mark, kth, given)
+        if use_alive:
+            n = 0
+            for d in range(docs.shape[0]):
+                if alive[docs[d]]:
+                    docs[n] = docs[d]
+                    n += 1
+            docs = docs[:n]
+        if docs.shape[0] >= n2 or nc >= C:
+            break
+        nc = widen(nc, C)
+    floor = np.float64(kth.min())  # the lowest score among the probed cells (R.min() once all are)
+    ticks[1] = cycles()
+    n = docs.shape[0]
+    if n == 0:
+        ticks[2] = ticks[3] = ticks[4] = ticks[1]
+        return none, np.empty(0, np.float32), docs, nc, threshold, none, none, -1
+    # -- stage 2: pruned approximate MaxSim, keep n2 (the fallback when too few are covered) ------
+    thr = threshold
+    W = (m + 7) // 8 * 8
+    ReT = np.empty((0, W), np.float32)
+    colmax = np.empty((1, 0), np.float32)
+    if n > n3:  # stage 2 or 3 runs: R centroid-major (the rows they read) and its column maxima
+        ReT = np.empty((C + 1, W), np.float32)
+        colmax = np.empty((1, C), np.float32)
+        transpose_colmax(R, ReT, colmax)
+    if n <= n2:
+        sel = np.arange(n)
+    else:
+        counts = np.empty(n, np.int64)
+        total = 0
+        for d in range(n):
+            counts[d] = dcell_offsets[docs[d] + 1] - dcell_offsets[docs[d]]
+            total += counts[d]
+        keep = np.empty(C, np.bool_)
+        kept = np.empty(C, np.int64)
+        approx = np.empty(n, np.float32)
+        covered = np.empty(n, np.bool_)
+        scored = False
+        for attempt in range(2):
+            t32 = np.float32(thr)  # numpy compares float32 scores with the threshold in float32
+            listed = 0
+            nk = 0
+            for c in range(C):
+                keep[c] = colmax[0, c] >= t32
+                if keep[c]:
+                    kept[nk] = c
+                    nk += 1
+                    listed += ivf_offsets[c + 1] - ivf_offsets[c]
+            if attempt == 0 and listed < n2:  # too few listed to cover n2: no need to score
+                n_covered = listed
+            else:
+                if listed <= total:  # the shorter side: the kept centroids' lists
+                    _approx_ivf(R, kept[:nk], docs, ivf, ivf_offsets, counts, slot, approx, covered)
+                else:  # the candidates' centroids
+                    approx_docs(ReT, m, keep, True, docs, dcells, dcell_offsets, approx, covered)
+                scored = True
+                n_covered = 0
+                for d in range(n):
+                    if covered[d]:
+                        n_covered += 1
+            if attempt == 1 or n_covered >= n2:
+                break
+            lowered = min(thr, floor)
+            redo = lowered < threshold or not scored
+            thr = lowered
+            if not redo:
+                break
+        sel = select_top(approx, n2)
+    ticks[2] = cycles()
+    # -- stage 3: approximate MaxSim over every centroid, keep n3 ---------------------------------
+    if sel.shape[0] > n3:
+        d3 = docs[sel]
+        approx3 = np.empty(d3.shape[0], np.float32)
+        covered3 = np.empty(d3.shape[0], np.bool_)
+        approx_docs(ReT, m, _NO_KEEP, False, d3, dcells, dcell_offsets, approx3, covered3)
+        sel3 = sel[select_top(approx3, n3)]
+    else:
+        sel3 = sel
+    ticks[3] = cycles()
+    # -- stage 4: exact MaxSim, keep k ------------------------------------------------------------
+    d4 = docs[sel3]
+    exact4 = np.empty(d4.shape[0], np.float32)
+    bad = stage4(q, table, centroids, codes, residuals, norm_mode, norm_codes, norm_values, norm_table, doc_offsets,
+                 d4, cslot, exact4)
+    if bad >= 0:
+        return none, np.empty(0, np.float32), docs, nc, thr, sel, sel3, bad
+    top = rank_top(exact4, k)
+    ticks[4] = cycles()
+    return d4[top], exact4[top], docs, nc, thr, sel, sel3, -1
+
+
+_NO_KEEP = np.zeros(1, np.bool_)

@@ -1,14 +1,20 @@
-"""The CPU engine: per-query kernels over one committed generation, in numpy (and torch for the
-products). What each stage decides is in :mod:`plaid.search.pipeline`; this module only computes.
+"""The CPU engine: per-query kernels over one committed generation (compiled, :mod:`kernels_cpu`;
+numpy and torch under its fallback). What each stage decides is in :mod:`plaid.search.pipeline`;
+this module only computes. With the compiled kernels a query without a subset on a one-segment
+index runs stages 1-4 in one call (:meth:`CPUEngine.search_one`); otherwise the pipeline calls
+the per-stage methods below.
 
 State prepared from the store's snapshot: centroids (float32 [C, dim]) and their unit-norm scoring
 copy (float32 or bfloat16), the inverted file (int32 [P], int64 [C + 1]) and its transpose (each
-document's distinct centroids: uint16 [P] up to 65,536 centroids, else int32; int64 [N + 1]), document offsets, tombstones; the
-per-token arrays (centroid ids, residual codes, norms) stay memory-mapped unless ``load_all``.
+document's distinct centroids: uint16 [P] up to 65,536 centroids, else int32; int64 [N + 1]),
+document offsets, tombstones, the norm table (format 3: float32 [256]); the per-token arrays
+(centroid ids, residual codes, norms) stay memory-mapped unless ``load_all``.
 """
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional, Tuple
 
 import numpy as np
@@ -19,7 +25,8 @@ from ..errors import IndexCorruptError
 from ..store import Snapshot, checked_codes, checked_norms
 from . import kernels_cpu as K
 from . import stages
-from .pipeline import QueryScores, alive_mask, scoring_centroids
+from .params import Budgets
+from .pipeline import Hits, QueryScores, Trace, alive_mask, scoring_centroids
 
 __all__ = ["CPUEngine"]
 
@@ -42,6 +49,13 @@ class _Scratch(threading.local):
         buf = self.__dict__.get("slot")
         if buf is None or len(buf) != n:
             buf = self.__dict__["slot"] = np.full(n, -1, np.int32)
+        return buf
+
+    def cslots(self, n: int) -> np.ndarray:
+        """int32 [C] all -1: stage 4's centroid -> column map."""
+        buf = self.__dict__.get("cslot")
+        if buf is None or len(buf) != n:
+            buf = self.__dict__["cslot"] = np.full(n, -1, np.int32)
         return buf
 
 
@@ -83,12 +97,77 @@ class CPUEngine:
         self.scoring = torch.from_numpy(scoring_centroids(self.centroids, self.normalized)).to(
             torch.bfloat16 if precision == "bfloat16" else torch.float32)
         self._scratch = _Scratch()
+        self._scoring_t: Optional[np.ndarray] = None  # float32 [dim, C], the kernel's product reads it
+        # numba's start-up and the two kernels a search runs load in the background meanwhile
+        K.warmup(self.codes.dtype, background=True, search_only=True)
+        # stages 1-4 of a query in one compiled call read one segment's token arrays in place
+        self.query_arrays: Optional[K.QueryArrays] = None
+        if len(self.codes.parts) == 1:
+            self.query_arrays = K.QueryArrays(
+                self.centroids, self.ivf, self.ivf_offsets, self.dcells, self.dcell_offsets, self.doc_offsets,
+                self.codes.parts[0], self.residuals.parts[0], self.norms.parts[0] if self.norms is not None else None,
+                self.alive, self.norm_values)
+
+    # -- stages 1-4 in one call ------------------------------------------------------------------
+    def search_one(self, q: np.ndarray, R: np.ndarray, b: Budgets, trace: Optional[Trace]) -> Optional[Hits]:
+        """The whole pipeline for one query (no subset) in one compiled call that releases the GIL
+        (:func:`kernels_cpu.search_query`: the same decisions, ids, scores and trace as the
+        pipeline's stages), or None where it does not apply (several segments, the numpy
+        fallback): then the pipeline runs its stages on this engine's kernels."""
+        if self.query_arrays is None:
+            return None
+        clock = time.perf_counter
+        t0 = clock()
+        q = np.ascontiguousarray(q, np.float32)
+        table = self.codec.score_table(q).numpy()
+        sc = self._scratch
+        t1 = clock()
+        try:
+            r = K.search_query(R, q, table, self.query_arrays, b.k, b.ncells, b.threshold, b.n2, b.n3,
+                               sc.marks(self.num_documents), sc.slots(self.num_documents), sc.cslots(self.num_centroids))
+        except IndexCorruptError as e:
+            raise IndexCorruptError(f"{self.snapshot.path}: index files {self.codes_file}"
+                                    f"{', ' + self.norms_file if self.norms_file else ''}: {e}") from None
+        if r is None:
+            return None
+        ids, scores, docs, nc, threshold, sel2, sel3, ticks = r
+        if trace is not None and len(docs):
+            t2 = clock()
+            trace.candidates, trace.ncells, trace.threshold = docs, int(nc), float(threshold)
+            trace.stage2, trace.stage3 = docs[sel2], docs[sel3]
+            # the kernel's cycle counts, scaled to the call's wall time; the byte table is stage 4's
+            span = int(ticks[4] - ticks[0])
+            per = (t2 - t1) / span if span > 0 else 0.0
+            d = np.diff(ticks) * per
+            trace.timings.update(stage1_candidates=float(d[0]), stage2_prune=float(d[1]), stage3_rank=float(d[2]),
+                                 stage4_exact=float(d[3]) + (t1 - t0))
+        return ids, scores
 
     # -- stage 1 ---------------------------------------------------------------------------------
-    def centroid_scores(self, Qcat: np.ndarray) -> np.ndarray:
-        """float32 [sum_m, dim] -> float32 [sum_m, C] (one product for the whole batch)."""
-        Q = torch.from_numpy(np.ascontiguousarray(Qcat, np.float32))
-        return (Q.to(self.scoring.dtype) @ self.scoring.T).float().numpy()
+    def centroid_scores(self, Qcat: np.ndarray, pool: Optional[ThreadPoolExecutor] = None,
+                        threads: int = 1) -> np.ndarray:
+        """float32 [sum_m, dim] -> float32 [sum_m, C] (one product for the whole batch).
+
+        float32 scores come from the compiled kernel (:func:`kernels_cpu.scores_product`), its
+        column range split over ``threads`` tasks of ``pool``: the search's threads compute the
+        product too (torch's own thread count plays no part). bfloat16 scores, and float32 ones
+        under the numpy fallback, come from torch's product (equal bits in float32 where its
+        BLAS sums in order, as MKL does from 3-4 rows)."""
+        Q = np.ascontiguousarray(Qcat, np.float32)
+        if self.scoring.dtype == torch.float32 and K.backend() == "numba":
+            if self._scoring_t is None:
+                self._scoring_t = np.ascontiguousarray(self.scoring.numpy().T)
+            C = self.num_centroids
+            out = np.empty((len(Q), C), np.float32)
+            parts = max(1, min(int(threads), -(-C // K.PRODUCT_ALIGN))) if pool is not None else 1
+            step = -(-C // (parts * K.PRODUCT_ALIGN)) * K.PRODUCT_ALIGN
+            ranges = [(lo, min(lo + step, C)) for lo in range(0, C, step)]
+            others = [pool.submit(K.scores_product, Q, self._scoring_t, out, lo, hi) for lo, hi in ranges[1:]]
+            done = K.scores_product(Q, self._scoring_t, out, *ranges[0])  # the first range here
+            done = all([f.result() for f in others]) and done
+            if done:
+                return out
+        return (torch.from_numpy(Q).to(self.scoring.dtype) @ self.scoring.T).float().numpy()
 
     def candidates(self, S: QueryScores, cells: np.ndarray) -> np.ndarray:
         starts = self.ivf_offsets[cells]
@@ -145,8 +224,8 @@ class CPUEngine:
                              f"{self.snapshot.path}: index files {self.codes_file}")
 
     def token_norms(self, pos: np.ndarray) -> np.ndarray:
-        """Stored norms of the tokens at ``pos``: float32 [t] from one-byte codes, or float16 [t]
-        (format 2) checked finite and positive."""
+        """Stored norms of the tokens at ``pos``: float32 [t] from one-byte codes (format 3), or
+        float16 [t] (format 2) checked finite and positive."""
         if self.norm_values is not None:
             return self.norm_values[self.norms.take(pos)]
         return checked_norms(self.norms.take(pos), f"{self.snapshot.path}: index files {self.norms_file}")
@@ -166,8 +245,7 @@ class CPUEngine:
         u = np.flatnonzero(used)
         slot = np.empty(self.num_centroids, np.int32)
         slot[u] = np.arange(len(u), dtype=np.int32)
-        # [m, u] orientation: torch's float32 product with few columns is 3x slower the other way
-        cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(self.centroids, u, axis=0)).T).numpy()
+        cs = K.centroid_terms(q, self.centroids, u)  # [m, U], in the kernels' fixed order
         sims += cs.take(slot[cc], axis=1).T
         if self.normalized:  # float16 -> float32 through torch: 4x faster than numpy's cast
             sims /= torch.from_numpy(self.token_norms(pos)).float().numpy()[:, None]
@@ -182,14 +260,15 @@ class CPUEngine:
             if len(self.codes.parts) == 1:
                 norms = self.norms.parts[0] if self.norms is not None else None
                 return K.exact_scores(q, self.codec, self.centroids, self.codes.parts[0], self.residuals.parts[0],
-                                      norms, self.doc_offsets, docs, self.norm_values)
+                                      norms, self.doc_offsets, docs, self._scratch.cslots(self.num_centroids),
+                                      self.norm_values)
             starts = self.doc_offsets[docs]
             pos, offs = stages.expand_ranges(starts, self.doc_offsets[docs + 1] - starts)
             cc = self.token_codes(pos)
-            norms = self.token_norms(pos) if self.normalized else None  # values, float16 or float32
+            norms = self.token_norms(pos) if self.normalized else None  # values: float32 or float16
             u, slot = K.used_centroids(cc, offs, np.arange(len(docs), dtype=np.int64), self.num_centroids)
             table = self.codec.score_table(q).numpy()
-            cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(self.centroids, u, axis=0)).T).numpy()
+            cs = K.centroid_terms(q, self.centroids, u)
             return K.exact_maxsim(table, cs, slot, cc, self.residuals.take(pos), norms, offs)
         except IndexCorruptError as e:
             raise IndexCorruptError(f"{self.snapshot.path}: index files {self.codes_file}"

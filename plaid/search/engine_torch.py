@@ -93,7 +93,7 @@ class TorchEngine:
         return self.norm_values_t[n.long()] if self.norm_values_t is not None else n.float()
 
     # -- stage 1 ---------------------------------------------------------------------------------
-    def centroid_scores(self, Qcat: np.ndarray) -> np.ndarray:
+    def centroid_scores(self, Qcat: np.ndarray, pool=None, threads: int = 1) -> np.ndarray:
         Q = torch.from_numpy(np.ascontiguousarray(Qcat, np.float32)).to(self.device)
         return (Q.to(self.scoring_t.dtype) @ self.scoring_t.T).float().cpu().numpy()
 

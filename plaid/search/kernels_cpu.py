@@ -14,15 +14,22 @@ tokens:
   through the codec's per-query table (asymmetric distance computation), over gathered tokens;
 * :func:`exact_maxsim_ranges` — the same reading the per-token arrays (memory-mapped or not) in
   place by each candidate's token range, validating the centroid ids and norms it reads;
-* :func:`exact_scores` — all of stage 4 for one query (table, centroids used, product, kernel).
+* :func:`centroid_terms` — stage 4's centroid terms ``q @ centroids[u].T`` in one fixed
+  summation order (the kernel's and numpy's alike);
+* :func:`exact_scores` — all of stage 4 for one query (table, centroids used, their scores, kernel);
+* :func:`search_query` — stages 1-4 of one query in ONE call (over :class:`QueryArrays`): the
+  pipeline's decisions compiled, so that a query's work runs without the GIL from its centroid
+  scores to its hits (numba only; the fallback runs the pipeline's stages).
 
 **Equality.** Results are bit-identical to the numpy path: the same float32 operations in the
 same order. Stages 2-3 sum the per-token maxima sequentially over query tokens i = 0..m-1, as
 numpy's ``[m, n].sum(0)`` does (but numpy's pairwise order when ``n == 1``: the array is then a
 single contiguous column); stage 4 adds the ``code_bytes`` table entries in order from 0 (as
 ``embedding_bag``), then the centroid score, divides by the norm (IEEE division), and sums the
-per-token maxima in numpy's pairwise order (``[n, m].sum(1)``). ``tests/test_kernels_cpu.py``
-compares with ``==``.
+per-token maxima in numpy's pairwise order (``[n, m].sum(1)``). Stage 4's centroid terms are
+float32 products added in order over the dimensions (:func:`centroid_terms`: no BLAS, so the
+kernel and the fallback agree bit for bit; within ~1e-6 of a BLAS product).
+``tests/test_kernels_cpu.py`` compares with ``==``.
 
 **Compilation.** Importing this module imports neither numba nor compiles anything. The first
 call imports :mod:`plaid.search._kernels_numba` (numba), and each kernel compiles on its first
@@ -53,8 +60,9 @@ import torch
 from ..errors import IndexCorruptError
 from . import stages
 
-__all__ = ["backend", "reset", "warmup", "candidates", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf", "used_centroids",
-           "exact_maxsim", "exact_maxsim_ranges", "exact_scores"]
+__all__ = ["backend", "reset", "warmup", "candidates", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf",
+           "used_centroids", "centroid_terms", "scores_product", "exact_maxsim", "exact_maxsim_ranges", "exact_scores", "QueryArrays",
+           "search_query"]
 
 _NEG_INF = np.float32(-np.inf)
 
@@ -105,7 +113,8 @@ def reset() -> None:
 # the arguments each kernel writes; every other array is passed read-only, so that one compiled
 # specialisation serves in-memory and memory-mapped (read-only) inputs alike
 _OUTPUTS = {"candidates": (4, 5), "transpose_table": (1,), "approx_docs": (7, 8), "approx_docs_strided": (6, 7),
-            "approx_ivf": (6, 7, 8), "used_centroids": (4,), "exact": (11,)}
+            "approx_ivf": (6, 7, 8), "used_centroids": (4,), "exact": (11,), "stage4": (11, 12),
+            "centroid_terms": (), "scores_product": (2,), "search_query": (22, 23, 24, 25)}
 
 
 def _ro(a):
@@ -134,18 +143,21 @@ def _run(name: str, *args):
         return None
 
 
-def warmup(codes_dtype=np.uint16, background: bool = False):
-    """Decide the backend and compile (or load from numba's cache) every kernel for the argument
+def warmup(codes_dtype=np.uint16, background: bool = False, search_only: bool = False):
+    """Decide the backend and compile (or load from numba's cache) the kernels for the argument
     types a search uses, on tiny inputs, so that the first search pays none of it.
 
     codes_dtype: the index's centroid-id dtype (uint16, or int32 above 65536 centroids);
-    background: run in a daemon thread and return it (else run here and return None). A process
-    that searches soon after opening an index can start this first: numba's own start-up (its
-    import, ~0.2 s, and its first use, ~0.5 s, then ~10 ms per cached kernel) then overlaps the
-    opening.
+    background: run in a daemon thread and return it (else run here and return None);
+    search_only: only the two kernels a search of a one-segment index runs (the query-centroid
+    product and :func:`search_query`), not the per-stage ones. A process that searches soon
+    after opening an index can start this first (the CPU engine does, in the background, when
+    it opens an index): numba's own start-up (its import, ~0.2 s, its first use, ~0.3 s, then
+    ~10 ms per cached kernel) then overlaps the opening.
     """
     if background:
-        t = threading.Thread(target=warmup, args=(codes_dtype,), name="plaid-kernels-warmup", daemon=True)
+        t = threading.Thread(target=warmup, args=(codes_dtype, False, search_only), name="plaid-kernels-warmup",
+                             daemon=True)
         t.start()
         return t
     if backend() != "numba":
@@ -155,22 +167,35 @@ def warmup(codes_dtype=np.uint16, background: bool = False):
     Re = stages.centroid_table(rng.random((m, C), dtype=np.float32))
     ivf = np.array([0, 1, 2, 0], np.int32)
     ivf_offsets = np.array([0, 1, 2, 3, 4, 4, 4, 4, 4], np.int64)
-    dcells, dcell_offsets = stages.doc_cells(ivf, ivf_offsets, N)
+    # uint16 cells: what a searcher holds up to 65,536 centroids (stages.doc_cells(narrow=True))
+    dcells, dcell_offsets = stages.doc_cells(ivf, ivf_offsets, N, narrow=True)
     docs = np.arange(N, dtype=np.int64)
+    codes = np.array([0, 1, 2], codes_dtype)
+    offsets = np.arange(N + 1, dtype=np.int64)
+    table = rng.random((256, m), dtype=np.float32)
+    dim = 4
+    cents = rng.random((C, dim), dtype=np.float32)
+    q = rng.random((m, dim), dtype=np.float32)
+    # the CPU engine's two calls (one-byte, float16 norms and none give the same argument types)
+    scores_product(q, np.ascontiguousarray(cents.T), np.empty((m, C), np.float32), 0, C)
+    arrays = QueryArrays(cents, ivf, ivf_offsets, dcells, dcell_offsets, offsets, codes, np.zeros((N, 1), np.uint8),
+                         np.zeros(N, np.uint8), None, norm_values=np.ones(256, np.float32))
+    search_query(Re[:, :C].copy(), q, table, arrays, 2, 1, 0.5, 2, 1, np.zeros(N, bool), np.full(N, -1, np.int32),
+                 np.full(C, -1, np.int32))
+    if search_only:
+        return None
     keep = rng.random(C) < 0.5
     counts = dcell_offsets[1:] - dcell_offsets[:-1]
     candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(N, bool))
     candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(1000, bool))  # the sorting branch
-    for cells in (dcells, dcells.astype(np.uint16)):  # int32, and uint16 (up to 65,536 centroids)
+    for cells in (dcells, dcells.astype(np.int32)):  # uint16, and int32 (above 65,536 centroids)
         approx_maxsim_docs(Re, keep, docs, cells, dcell_offsets, ReT=centroid_table_t(Re))
         approx_maxsim_docs(Re, keep, docs[:1], cells, dcell_offsets)  # few entries: the strided kernel
     approx_maxsim_ivf(Re, keep, docs, ivf, ivf_offsets, counts, np.full(N, -1, np.int32))
-    codes = np.array([0, 1, 2], codes_dtype)
-    offsets = np.arange(N + 1, dtype=np.int64)
     u, slot = used_centroids(codes, offsets, docs, C)
-    table = rng.random((256, m), dtype=np.float32)
     exact_maxsim(table, rng.random((m, len(u)), dtype=np.float32), slot, codes, np.zeros((N, 1), np.uint8),
                  np.ones(N, np.float16), offsets)
+    centroid_terms(q, cents, u)
     return None
 
 
@@ -266,7 +291,7 @@ def approx_maxsim_docs(Re: np.ndarray, keep: Optional[np.ndarray], docs: np.ndar
     if ReT is not None and (ReT.shape[0] != C1 or ReT.shape[1] < m):
         raise ValueError(f"ReT has shape {ReT.shape}, expected [{C1}, >= {m}]")
     docs = np.ascontiguousarray(docs, np.int64)
-    dcells = np.ascontiguousarray(dcells, dcells.dtype if dcells.dtype == np.uint16 else np.int32)  # no copy of uint16
+    dcells = _cells_arg(dcells)  # no copy of uint16
     dcell_offsets = np.ascontiguousarray(dcell_offsets, np.int64)
     n = len(docs)
     out = np.empty(n, np.float32)
@@ -349,34 +374,35 @@ def used_centroids(codes: np.ndarray, doc_offsets: np.ndarray, docs: np.ndarray,
     return u, slot
 
 
-_HALF_LUT: Optional[np.ndarray] = None
-_NO16 = np.zeros(1, np.uint16)
+_NO8 = np.zeros(1, np.uint8)
 _NO32 = np.zeros(1, np.float32)
 
 
-def _half_lut() -> np.ndarray:
-    """float32 [65536]: the value of every float16 bit pattern (exact)."""
-    global _HALF_LUT
-    if _HALF_LUT is None:
-        _HALF_LUT = np.arange(65536, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-    return _HALF_LUT
-
-
 def _norm_args(norms, values=None):
-    """(mode, uint16 bits or uint8 codes, float32 values, lut): mode 0 no norms, 1 float16,
-    2 float32, 3 one-byte codes into ``values`` (float32 [256], checked when the index opened)."""
+    """The stored norms as the kernels read them (the one place that interprets them; see
+    ``_kernels_numba.token_norms``): (mode, codes uint8, values float32, table float32) — mode 0
+    no norms; 1 one-byte codes (format 3) looked up in ``values`` (float32 [256], the index's
+    ``norm_values``, checked when it opened); 2 float32 values; 3 float16 norms (format 2), their
+    bytes (little-endian bit patterns, two per token) decoded exactly in the kernel. The codes
+    argument is uint8 in every mode: one compiled signature serves every index."""
     if norms is None:
-        return 0, _NO16, _NO32, _NO32
+        return 0, _NO8, _NO32, _NO32
     norms = np.asarray(norms)
     if values is not None:
         if norms.dtype != np.uint8:
             raise ValueError("stage 4: norm codes must be uint8 when norm values are given")
-        return 3, np.ascontiguousarray(norms), _NO32, np.ascontiguousarray(values, np.float32)
+        return 1, np.ascontiguousarray(norms), _NO32, np.ascontiguousarray(values, np.float32)
     if norms.dtype == np.uint8:
         raise ValueError("stage 4: one-byte norm codes need their norm values")
     if norms.dtype == np.float16:
-        return 1, np.ascontiguousarray(norms).view(np.uint16), _NO32, _half_lut()
-    return 2, _NO16, np.ascontiguousarray(norms, np.float32), _NO32
+        return 3, np.ascontiguousarray(norms, "<f2").view(np.uint8), _NO32, _NO32
+    return 2, _NO8, np.ascontiguousarray(norms, np.float32), _NO32
+
+
+def _cells_arg(dcells):
+    """The transposed inverted file as the kernels take it: uint16 as it is (no copy), else int32."""
+    dcells = np.asarray(dcells)
+    return np.ascontiguousarray(dcells, np.uint16 if dcells.dtype == np.uint16 else np.int32)
 
 
 def _codes_arg(codes):
@@ -405,8 +431,7 @@ def exact_maxsim(table: np.ndarray, cs: np.ndarray, slot: np.ndarray, codes: np.
     the query's scores of the U centroids the tokens use (``q @ centroids[u].T``: one BLAS product,
     outside); slot: int32 [C], centroid id -> column of ``cs`` (:func:`used_centroids`); codes:
     uint16/int32 [t], residuals: uint8 [t, code_bytes], norms: float16/float32 [t], or uint8
-    codes [t] into ``norm_values`` (float32 [256]), or None: the candidates' tokens; offsets:
-    int64 [n + 1] delimiting each candidate's tokens. Returns
+    codes [t] into ``norm_values`` (float32 [256]), or None: the candidates' tokens; offsets: int64 [n + 1] delimiting each candidate's tokens. Returns
     float32 [n]: ``sum_i max_t (sum_j table[j*256 + r_tj, i] + cs[i, slot[c_t]]) / norm_t``.
 
     Bit-identical to ``stages.maxsim_scores(Searcher._stage4_sims(...), offsets)``. Raises
@@ -446,9 +471,9 @@ def exact_maxsim_ranges(table: np.ndarray, cs: np.ndarray, slot: np.ndarray, cod
         lo, hi = doc_offsets[docs], doc_offsets[docs + 1]
         if int(lo.min()) < 0 or int(hi.max()) > len(codes):
             raise ValueError("stage 4: the documents' token ranges run past the token arrays")
-    mode, n16, n32, lut = _norm_args(norms, norm_values)
+    mode, n8, n32, lut = _norm_args(norms, norm_values)
     out = np.empty(len(docs), np.float32)
-    r = _run("exact", table, cs, slot, codes, residuals, mode, n16, n32, lut, doc_offsets, docs, out) \
+    r = _run("exact", table, cs, slot, codes, residuals, mode, n8, n32, lut, doc_offsets, docs, out) \
         if len(docs) else (-1,)
     if r is None:
         starts = doc_offsets[docs]
@@ -459,23 +484,147 @@ def exact_maxsim_ranges(table: np.ndarray, cs: np.ndarray, slot: np.ndarray, cod
     return out
 
 
+def centroid_terms(q: np.ndarray, centroids: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Stage 4's centroid terms: float32 [m, U], ``q @ centroids[u].T`` summed in one fixed order.
+
+    q: float32 [m, dim]; centroids: float32 [C, dim] (raw); u: int64 [U] centroid ids. Each score
+    is the float32 products ``q[i, d] * c[d]`` added in order d = 0, 1, ... from 0, never fused,
+    by the kernel and by numpy alike: a query's scores depend on neither the batch nor the BLAS
+    (within ~1e-6 of a float32 BLAS product)."""
+    q = np.ascontiguousarray(q, np.float32)
+    u = np.ascontiguousarray(u, np.int64)
+    r = _run("centroid_terms", q, np.ascontiguousarray(centroids, np.float32), u)
+    if r is not None:
+        return r[0]
+    return _np_centroid_terms(q, centroids, u)
+
+
+#: Column ranges of :func:`scores_product` handed to different threads start at multiples of
+#: this (the kernel's block of centroids).
+PRODUCT_ALIGN = 48
+
+
+def scores_product(Q: np.ndarray, CT: np.ndarray, out: np.ndarray, c_lo: int, c_hi: int) -> bool:
+    """The query-centroid scores ``out[:, c_lo:c_hi] = Q @ CT[:, c_lo:c_hi]`` by the compiled
+    kernel (fused multiply-adds over the dimensions in order: a row's scores do not depend on
+    the batch; equal to a BLAS sgemm that sums in that order, as MKL's does). Q: float32
+    [M, dim] C-contiguous; CT: float32 [dim, C] (the scoring centroids transposed); out: float32
+    [M, C] C-contiguous, written in place (disjoint ranges from different threads). Returns
+    False when the numpy fallback is in use (the caller multiplies with torch instead)."""
+    if backend() != "numba":
+        return False
+    return _run("scores_product", Q, CT, out, int(c_lo), int(c_hi)) is not None
+
+
 def exact_scores(q: np.ndarray, codec, centroids: np.ndarray, codes: np.ndarray, residuals: np.ndarray,
                  norms: Optional[np.ndarray], doc_offsets: np.ndarray, docs: np.ndarray,
-                 norm_values: Optional[np.ndarray] = None) -> np.ndarray:
+                 cslot: Optional[np.ndarray] = None, norm_values: Optional[np.ndarray] = None) -> np.ndarray:
     """All of stage 4 for one query, reading the token arrays in place.
 
     q: float32 [m, dim]; codec: the index's :class:`~plaid.codecs.ResidualCodec`; centroids:
     float32 [C, dim] (raw); codes, residuals, norms, doc_offsets, docs: as
-    :func:`exact_maxsim_ranges`. Builds the ADC table, finds the centroids used
-    (:func:`used_centroids`), scores them with one float32 torch product ([m, U], as the numpy
-    engine) and runs the kernel. Returns float32 [n], bit-identical to
-    ``stages.maxsim_scores(Searcher._stage4_sims(...))``.
+    :func:`exact_maxsim_ranges` (``norm_values``: float32 [256] when ``norms`` are one-byte
+    codes); cslot: optional int32 [C] scratch, all -1 (left so). Builds the
+    ADC table (``codec.score_table``), finds the centroids used, scores them
+    (:func:`centroid_terms`' order) and runs the kernel. Returns float32 [n], bit-identical to
+    :func:`exact_maxsim_ranges` over ``centroid_terms(q, centroids, u)``. Raises
+    :class:`IndexCorruptError` for a token whose centroid id or norm is invalid.
     """
     q = np.ascontiguousarray(q, np.float32)
     table = codec.score_table(q).numpy()
-    u, slot = used_centroids(codes, doc_offsets, docs, len(centroids))
-    cs = (torch.from_numpy(q) @ torch.from_numpy(np.take(centroids, u, axis=0)).T).numpy()
-    return exact_maxsim_ranges(table, cs, slot, codes, residuals, norms, doc_offsets, docs, norm_values)
+    docs = np.ascontiguousarray(docs, np.int64)
+    doc_offsets = np.ascontiguousarray(doc_offsets, np.int64)
+    codes = _codes_arg(codes)
+    residuals = np.ascontiguousarray(residuals)
+    C = len(centroids)
+    _check_stage4(table, np.zeros((len(q), 0), np.float32), np.zeros(C, np.int32), residuals, len(codes), norms)
+    if len(docs):
+        if int(docs.min()) < 0 or int(docs.max()) + 1 >= len(doc_offsets):
+            raise ValueError("stage 4: docs outside doc_offsets")
+        if int(doc_offsets[docs].min()) < 0 or int(doc_offsets[docs + 1].max()) > len(codes):
+            raise ValueError("stage 4: the documents' token ranges run past the token arrays")
+    mode, ncodes, nvalues, ntable = _norm_args(norms, norm_values)
+    out = np.empty(len(docs), np.float32)
+    if cslot is None:
+        cslot = np.full(C, -1, np.int32)
+    r = _run("stage4", q, table, np.ascontiguousarray(centroids, np.float32), codes, residuals, mode, ncodes, nvalues,
+             ntable, doc_offsets, docs, cslot, out)
+    if r is None:
+        u, slot = used_centroids(codes, doc_offsets, docs, C)
+        return exact_maxsim_ranges(table, centroid_terms(q, centroids, u), slot, codes, residuals, norms,
+                                   doc_offsets, docs, norm_values)
+    if r[0] >= 0:
+        raise IndexCorruptError(f"stage 4: token {r[0]}: centroid id or norm invalid (id {int(codes[r[0]])})")
+    return out
+
+
+# -- stages 1-4 of one query ----------------------------------------------------------------------------
+class QueryArrays:
+    """The index arrays :func:`search_query` reads, checked and converted once per generation.
+
+    centroids float32 [C, dim] (raw); ivf int32 [P], ivf_offsets int64 [C + 1]; dcells uint16 or
+    int32 [P], dcell_offsets int64 [N + 1] (the transpose, :func:`stages.doc_cells`); doc_offsets
+    int64 [N + 1]; codes uint16/int32 [T], residuals uint8 [T, code_bytes], norms uint8 codes
+    into ``norm_values`` (float32 [256]), float16/float32 [T], or None (ONE segment's token
+    arrays, memory-mapped or not: read in place); alive bool [N] or None.
+    """
+
+    def __init__(self, centroids, ivf, ivf_offsets, dcells, dcell_offsets, doc_offsets, codes, residuals, norms,
+                 alive, norm_values=None):
+        residuals = np.asarray(residuals)
+        if residuals.dtype != np.uint8 or residuals.ndim != 2:
+            raise ValueError("residuals must be uint8 [T, code_bytes]")
+        C, N = len(ivf_offsets) - 1, len(doc_offsets) - 1
+        if len(centroids) != C or len(dcell_offsets) != N + 1 or len(codes) != len(residuals) \
+                or (norms is not None and len(norms) != len(codes)) or (alive is not None and len(alive) != N):
+            raise ValueError("QueryArrays: inconsistent array sizes")
+        mode, ncodes, nvalues, ntable = _norm_args(norms, norm_values)
+        use_alive = alive is not None
+        self.num_centroids, self.num_documents = C, N
+        self.args = tuple(_ro(a) if isinstance(a, np.ndarray) else a for a in (
+            np.ascontiguousarray(centroids, np.float32), np.ascontiguousarray(ivf, np.int32),
+            np.ascontiguousarray(ivf_offsets, np.int64), _cells_arg(dcells),
+            np.ascontiguousarray(dcell_offsets, np.int64), np.ascontiguousarray(doc_offsets, np.int64),
+            _codes_arg(codes), np.ascontiguousarray(residuals), mode, ncodes, nvalues, ntable,
+            np.ascontiguousarray(alive, np.bool_) if use_alive else _NO_ALIVE, use_alive))
+
+
+_NO_ALIVE = np.ones(1, np.bool_)
+
+
+def search_query(R: np.ndarray, q: np.ndarray, table: np.ndarray, arrays: QueryArrays, k: int, ncells: int,
+                 threshold: float, n2: int, n3: int, mark: np.ndarray, slot: np.ndarray, cslot: np.ndarray):
+    """Stages 1-4 of one query in one compiled call (no subset): what
+    :func:`plaid.search.pipeline.search_query` decides, with the same ids, scores and trace.
+
+    R: float32 [m, C] the query's centroid scores; q: float32 [m, dim]; table: float32
+    [code_bytes * 256, m] (``codec.score_table(q)``); arrays: :class:`QueryArrays`; k, ncells,
+    threshold, n2, n3: the budgets (:class:`plaid.search.params.Budgets`); scratch (one set per
+    thread): mark bool [N] all False, slot int32 [N] and cslot int32 [C] all -1 (left so).
+    Returns None when the numpy fallback is in use (run the pipeline's stages instead), else
+    (ids int64 [<= k], scores float32 [<= k], candidates int64 [n] sorted, final ncells,
+    threshold used, stage-2 and stage-3 survivors as sorted int64 indices into the candidates,
+    ticks int64 [5]: the cycle counter at the start and after each stage). Raises
+    :class:`IndexCorruptError` for an invalid token centroid id or norm.
+    """
+    if backend() != "numba":
+        return None
+    ticks = np.zeros(5, np.int64)
+    # arrays.args are read-only already: call the kernel without _run's per-argument conversion
+    args = (_ro(R), _ro(q), _ro(table), *arrays.args, int(k), int(ncells), float(threshold), int(n2), int(n3), mark,
+            slot, cslot, ticks)
+    try:
+        ids, scores, docs, nc, thr, sel2, sel3, bad = _nb.search_query(*args)
+    except MemoryError:
+        raise
+    except Exception:  # a compile failure: _run falls back (one warning) and says so
+        r = _run("search_query", *args)
+        if r is None:
+            return None
+        ids, scores, docs, nc, thr, sel2, sel3, bad = r[0]
+    if bad >= 0:
+        raise IndexCorruptError(f"stage 4: token {bad}: centroid id or norm invalid")
+    return ids, scores, docs, nc, thr, sel2, sel3, ticks
 
 
 # -- numpy fallbacks (the reference semantics, vectorised; used when numba is unavailable) ---------
@@ -495,6 +644,17 @@ def _np_approx_docs(Re, keep, docs, dcells, dcell_offsets):
     out[nonempty] = scores
     covered[nonempty] = True if keep is None else stages.covered_documents(cells, keep, offs)
     return out, covered
+
+
+def _np_centroid_terms(q, centroids, u):
+    """:func:`centroid_terms` in numpy: the same products added in the same order."""
+    CuT = np.ascontiguousarray(np.take(np.asarray(centroids, np.float32), u, axis=0).T)  # [dim, U]
+    acc = np.zeros((q.shape[0], len(u)), np.float32)
+    prod = np.empty_like(acc)
+    for d in range(q.shape[1]):
+        np.multiply.outer(q[:, d], CuT[d], out=prod)
+        acc += prod
+    return acc
 
 
 def _np_exact(table, cs, slot, codes, residuals, norms, pos, offsets, norm_values=None):

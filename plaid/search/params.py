@@ -97,9 +97,9 @@ class SearchParams:
         Candidates kept by stage 2 (at least ``k``); stage 3 keeps ``ndocs // 4`` (at least
         ``k``). None: by ``k``.
     threads : int or None, default None
-        Worker threads over the queries of a batch (stages 1-4 of different queries run in
-        parallel; the batch's query-centroid product is one BLAS call before them). None: the
-        searcher's setting (``Searcher(num_threads=...)``, by default torch's thread count).
+        Threads of the search: they share the batch's query-centroid product, then run stages
+        1-4 of different queries in parallel. None: the searcher's setting
+        (``Searcher(num_threads=...)``, by default torch's thread count).
 
     Raises :class:`InvalidInputError` naming the field for a value out of range (ncells < 1,
     ndocs < k, a NaN or infinite threshold, threads < 1, ...).

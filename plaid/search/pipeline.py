@@ -18,6 +18,13 @@ For each query, with the budgets of :class:`plaid.search.params.Budgets`:
 A subset of at most ``small_subset`` documents skips stages 1-3 (exact within it). Ranks break
 ties by the lower document id (:func:`top_n`), in every stage.
 
+The CPU engine runs this sequence for a query without a subset in ONE compiled call
+(``engine.search_one``, :func:`plaid.search.kernels_cpu.search_query`): a transcription of
+these functions, needed so that a query's work holds no GIL and threads scale; it decides
+exactly what they decide (tests/test_pipeline.py compares ids, scores, candidates, survivors,
+threshold and ncells with these functions on the same engine). A change of policy here must be
+made there too; the torch engine and the numpy fallback run the functions below.
+
 The engines (:mod:`plaid.search.engine_cpu`, :mod:`plaid.search.engine_torch`) provide the
 kernels — how a stage is computed — and never decide anything a stage decides. Arrays crossing
 this module are numpy: ``R`` float32 [m, C] (one query's centroid scores, token-major), document
@@ -49,8 +56,10 @@ class Engine(Protocol):
     num_live: int
     alive: Optional[np.ndarray]  # bool [N] (None: nothing deleted)
 
-    def centroid_scores(self, Qcat: np.ndarray) -> np.ndarray:
-        """float32 [sum_m, dim] query tokens -> float32 [sum_m, C] scores against the centroids."""
+    def centroid_scores(self, Qcat: np.ndarray, pool: Optional[ThreadPoolExecutor] = None,
+                        threads: int = 1) -> np.ndarray:
+        """float32 [sum_m, dim] query tokens -> float32 [sum_m, C] scores against the centroids
+        (an engine may spread the product over ``threads`` tasks of ``pool``)."""
 
     def candidates(self, S: "QueryScores", cells: np.ndarray) -> np.ndarray:
         """Sorted distinct ids (int64) of the documents listed under ``cells`` (int64, sorted)."""
@@ -66,6 +75,11 @@ class Engine(Protocol):
 
     def exact_scores(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
         """Stage 4: exact MaxSim of query ``q`` float32 [m, dim] with ``docs``: float32 [n]."""
+
+    # optional: ``search_one(q, R, b, trace) -> Optional[Hits]``, all four stages of a query
+    # without a subset at once, deciding exactly what this module's stages decide (the CPU
+    # engine's compiled transcription of them, checked against them by tests/test_pipeline.py);
+    # None: run the stages here.
 
 
 def alive_mask(deleted: np.ndarray, num_documents: int) -> Optional[np.ndarray]:
@@ -237,6 +251,11 @@ def search_query(engine: Engine, q: np.ndarray, R: np.ndarray, b: Budgets, subse
         if len(subset) <= b.small_subset:  # small subset: exact within it
             return stage4_exact(engine, q, subset, b.k)
         nc = scaled_ncells(nc, len(subset), engine.num_live, engine.num_centroids)
+    else:
+        one = getattr(engine, "search_one", None)  # the same stages compiled into one call
+        hits = one(q, R, b, trace) if one is not None else None
+        if hits is not None:
+            return hits
     clock = time.perf_counter
     t0 = clock()
     S = QueryScores(R)
@@ -260,10 +279,11 @@ def search_query(engine: Engine, q: np.ndarray, R: np.ndarray, b: Budgets, subse
 def search_batch(engine: Engine, queries: List[np.ndarray], b: Budgets,
                  subsets: Optional[List[np.ndarray]] = None, traces: Optional[List[Trace]] = None,
                  pool: Optional[ThreadPoolExecutor] = None) -> List[Hits]:
-    """Every query of a batch: one query-centroid product, then each query's stages, in ``pool``
-    when given (the kernels release the GIL where they can). Returns one ``Hits`` per query."""
+    """Every query of a batch: one query-centroid product (the engine may spread it over
+    ``pool``'s ``b.threads`` threads), then each query's stages, in ``pool`` when given (the
+    kernels release the GIL). Returns one ``Hits`` per query."""
     t0 = time.perf_counter()
-    R_all = engine.centroid_scores(np.concatenate(queries))
+    R_all = engine.centroid_scores(np.concatenate(queries), pool, b.threads)
     if traces is not None:  # the batch's one product, shared out by query tokens
         dt = time.perf_counter() - t0
         total = sum(len(q) for q in queries)

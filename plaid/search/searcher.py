@@ -109,10 +109,13 @@ class Searcher:
         one used on GPU). "auto" picks by device. Both run the same pipeline
         (:mod:`plaid.search.pipeline`): they differ in how a stage is computed, never in what it keeps.
     num_threads : int or None, default None
-        Worker threads over the queries of a batch (None: ``torch.get_num_threads()``). The
-        batch's query-centroid product runs first, on torch's threads; then each worker runs
-        one query's stages, so BLAS and the workers do not oversubscribe the cores.
-        ``SearchParams(threads=...)`` overrides it per call.
+        Threads a search uses (None: ``torch.get_num_threads()``, usually the cores). On the
+        CPU engine they first share the batch's query-centroid product (by ranges of
+        centroids), then run one query each at a time, every query's stages 1-4 in one compiled
+        call that releases the GIL; nothing else runs meanwhile, so the cores are not
+        oversubscribed (torch's own threads take no part, except under the numpy fallback or
+        with bfloat16 centroid scores, where the product is torch's). A single query uses them
+        for its product. ``SearchParams(threads=...)`` overrides it per call.
     """
 
     def __init__(self, path, *, device: Union[str, torch.device] = "cpu", load_all: bool = False,
