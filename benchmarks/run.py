@@ -82,9 +82,18 @@ def engine_specs(quick: bool = False) -> List[dict]:
     some = [_plaid_setting(1, 0.5, 256), _plaid_setting(2, 0.5, 256), _plaid_setting(2, 0.45, 1024),
             _plaid_setting(4, 0.4, 4096), _k100()]
     return [
-        {"engine": "plaid", "key": "plaid-pq32", "config": {"codec": "pq", "pq_m": 32}, "settings": full},
-        {"engine": "plaid", "key": "plaid-pq16", "config": {"codec": "pq", "pq_m": 16}, "settings": some},
-        {"engine": "plaid", "key": "plaid-pq64", "config": {"codec": "pq", "pq_m": 64}, "settings": some},
+        # the presets (format 3: rotated PQ of 16 / 34 / 64 bytes at 128-d), the former default
+        # (PQ 32 bytes, no rotation), token pooling with the default codec
+        {"engine": "plaid", "key": "plaid-balanced", "config": {}, "settings": full},
+        {"engine": "plaid", "key": "plaid-compact", "config": {"preset": "compact"}, "settings": some},
+        {"engine": "plaid", "key": "plaid-accurate", "config": {"preset": "accurate"}, "settings": some},
+        {"engine": "plaid", "key": "plaid-pool2", "config": {"pool_factor": 2}, "settings": some},
+        {"engine": "plaid", "key": "plaid-pq32", "config": {"codec": "pq", "pq_m": 32, "pq_rotation": False},
+         "settings": some},
+        {"engine": "plaid", "key": "plaid-pq16", "config": {"codec": "pq", "pq_m": 16, "pq_rotation": False},
+         "settings": some},
+        {"engine": "plaid", "key": "plaid-pq64", "config": {"codec": "pq", "pq_m": 64, "pq_rotation": False},
+         "settings": some},
         {"engine": "plaid", "key": "plaid-scalar2", "config": {"codec": "scalar", "nbits": 2}, "settings": some},
         {"engine": "exhaustive", "key": "exhaustive", "config": {},
          "settings": [{"label": "k10 exact", "k": 10, "params": {}}, {"label": "k100 exact", "k": 100, "params": {}}]},

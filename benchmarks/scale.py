@@ -46,11 +46,11 @@ import corpora  # noqa: E402
 import run  # noqa: E402
 
 DEFAULT_RESULTS = os.path.join(HERE, "results")
-#: The configurations: the default Indexer, the most accurate codec (PQ with 64 bytes a token),
-#: and colbert-ai (2-bit residuals) as the peer.
+#: The configurations: the default Indexer (preset balanced), the most accurate preset (rotated
+#: PQ, 64 bytes a token at 128-d), and colbert-ai (2-bit residuals) as the peer.
 CONFIGS: Dict[str, dict] = {
     "default": {"engine": "plaid", "key": "scale-default", "config": {}},
-    "accurate": {"engine": "plaid", "key": "scale-accurate", "config": {"pq_m": 64}},
+    "accurate": {"engine": "plaid", "key": "scale-accurate", "config": {"preset": "accurate"}},
     "peer": {"engine": "colbert", "key": "scale-colbert-nbits2", "config": {"nbits": 2}},
 }
 #: Search settings: k=10 with the engine's defaults (plaid's by k; colbert-ai's (1, 0.5, 256)).

@@ -57,6 +57,22 @@ def array_fingerprint(path: str) -> Dict[str, tuple]:
     return {n: (e["file"], e["dtype"], tuple(e["shape"]), e["bytes"], e["crc32"]) for n, e in arrays.items()}
 
 
+#: Tie tolerance of recall against exhaustive MaxSim: a returned document counts when its exact
+#: score is at least the k-th exact score minus this.
+TIE_TOL = 1e-4
+
+
+def recall_at_10(data, ids: np.ndarray) -> float:
+    """Recall@10 of ``ids`` (int [nq, >= 10], -1 padded) against exhaustive MaxSim on ``data``
+    (:class:`MsMarco`), tie-tolerant (:data:`TIE_TOL`)."""
+    kth = data.kth_score(10)
+    hits = 0
+    for q in range(len(data.queries)):
+        ret = ids[q][ids[q] >= 0][:10]
+        hits += int(np.sum(data.exact[q, ret] >= kth[q] - TIE_TOL))
+    return hits / (10 * len(data.queries))
+
+
 def folder_bytes(path: str) -> int:
     """Bytes of every file in the index folder (the whole folder, manifest included)."""
     return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))

@@ -162,7 +162,8 @@ def test_msmarco_merged_results_equal_searching_the_shards_in_turn(msmarco_shard
 def test_msmarco_sharded_recall_matches_one_index(msmarco_searcher, msmarco, msmarco_default):
     sharded = recall_at(msmarco_searcher.search(msmarco.queries, k=10).ids, msmarco.exact, 10)
     whole = recall_at(plaid.Searcher(msmarco_default).search(msmarco.queries, k=10).ids, msmarco.exact, 10)
-    assert abs(sharded - whole) <= 0.01, (sharded, whole)
+    # each shard keeps its own candidate budget: a sharded search may find more, never much less
+    assert sharded >= whole - 0.01, (sharded, whole)
     assert sharded > 0.9
 
 

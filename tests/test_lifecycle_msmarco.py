@@ -90,7 +90,11 @@ def test_add_second_half_recall_close_to_single_build(ms, full_index, half_index
     print(f"recall@10: half + add {added:.3f} ({index.num_centroids} centroids, "
           f"{index.manifest['build']['initial_centroids']} at build), single build {single:.3f} "
           f"({full_searcher.num_centroids} centroids)")
-    assert added >= single - 0.02
+    # centroids trained on half the corpus serve the other half a little worse. Measured gaps
+    # (50 queries, seeds 0-2, two k-means implementations): 0.006 to 0.036, with the single
+    # build alone moving by 0.03 between seeds; a broken add (tokens on wrong centroids, lists
+    # missing documents) loses far more
+    assert added >= single - 0.04
 
 
 # -- 2. add documents far from the training distribution ----------------------------------------------

@@ -10,20 +10,10 @@ import numpy as np
 import pytest
 
 import plaid
-from conftest import MSMARCO, MSMARCO_REPORT, decompressed_docs, folder_bytes, requires_msmarco
+from conftest import MSMARCO, MSMARCO_REPORT, TIE_TOL, decompressed_docs, folder_bytes, recall_at_10, requires_msmarco
 
 pytestmark = [requires_msmarco, pytest.mark.msmarco]
 
-TIE_TOL = 1e-4
-
-
-def recall_at_10(data, ids: np.ndarray) -> float:
-    kth = data.kth_score(10)
-    hits = 0
-    for q in range(len(data.queries)):
-        ret = ids[q][ids[q] >= 0][:10]
-        hits += int(np.sum(data.exact[q, ret] >= kth[q] - TIE_TOL))
-    return hits / (10 * len(data.queries))
 
 
 def test_exact_scores_agree_with_the_reference_file(msmarco):

@@ -31,6 +31,17 @@ REOPEN = textwrap.dedent("""
 """)
 
 
+def assert_same_scores(child: np.ndarray, here: np.ndarray, engine: str) -> None:
+    """The numpy engine's scores bit for bit (its kernels sum in a fixed order); the torch
+    engine's within float32 rounding: its stage-4 centroid products are BLAS calls, whose last
+    bit may depend on the thread count and on the buffers' alignment in each process (MKL without
+    its reproducibility mode)."""
+    if engine == "numpy":
+        np.testing.assert_array_equal(child, here)
+    else:
+        np.testing.assert_allclose(child, here, rtol=1e-6, atol=1e-6)
+
+
 def search_in_fresh_process(tmp_path, index_paths, queries):
     """Open every index in one new Python process, search ``queries`` with both engines there."""
     qfile, ofile = tmp_path / "queries.npz", tmp_path / "results.npz"
@@ -69,7 +80,7 @@ def test_reopened_in_a_fresh_process_gives_identical_results(request, fresh_proc
     for engine in ("numpy", "torch"):
         res = plaid.Searcher(path, engine=engine).search(queries, k=10)
         np.testing.assert_array_equal(child[f"{n}_{engine}_ids"], res.ids)
-        np.testing.assert_array_equal(child[f"{n}_{engine}_scores"], res.scores)  # bit for bit
+        assert_same_scores(child[f"{n}_{engine}_scores"], res.scores, engine)
         assert (res.ids >= 0).all()
     assert meta[n]["verify"] == [] and meta[n]["num_documents"] == len(small_corpus[0])
     assert meta[n]["info"] == json.loads(json.dumps(plaid.Index(path).info()))
@@ -89,7 +100,7 @@ def test_fresh_process_round_trip_of_a_just_built_index(tmp_path, just_built, mi
     assert meta[0]["doc_ids"] == [[names[i] for i in row] for row in child["0_torch_ids"]]
     torch_res = plaid.Searcher(path, engine="torch").search(queries, k=10)
     np.testing.assert_array_equal(child["0_torch_ids"], torch_res.ids)
-    np.testing.assert_array_equal(child["0_torch_scores"], torch_res.scores)
+    assert_same_scores(child["0_torch_scores"], torch_res.scores, "torch")
 
 
 def test_doc_ids_round_trip(tmp_path, mini_corpus):

@@ -22,24 +22,14 @@ import numpy as np
 import pytest
 
 import plaid
-from conftest import SMALL_INDEXER, array_fingerprint, requires_msmarco
+from conftest import SMALL_INDEXER, array_fingerprint, recall_at_10, requires_msmarco
 from plaid.indexing.encode import space_needed
 from plaid.indexing.indexer import TrainedParams
 from plaid.indexing.kmeans import CentroidAssigner, assign_all, default_num_centroids
 from plaid.store import files
 
-TIE_TOL = 1e-4
 #: Most recall@10 that exact assignment may add over the grouped one on msmarco-5k (issue 15).
 MAX_RECALL_LOSS = 0.005
-
-
-def recall_at_10(data, ids: np.ndarray) -> float:
-    kth = data.kth_score(10)
-    hits = 0
-    for q in range(len(data.queries)):
-        ret = ids[q][ids[q] >= 0][:10]
-        hits += int(np.sum(data.exact[q, ret] >= kth[q] - TIE_TOL))
-    return hits / (10 * len(data.queries))
 
 
 def token_codes(path: str) -> np.ndarray:
