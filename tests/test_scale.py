@@ -133,16 +133,18 @@ def test_add_refused_up_front_when_the_disk_is_too_small(tmp_path, monkeypatch, 
 
 # -- an interrupted build -------------------------------------------------------------------------------
 CHILD = textwrap.dedent("""
-    import sys, time
+    import sys, threading, time
     import numpy as np
     import plaid
     import plaid.indexing.encode as enc
     path, overwrite = sys.argv[1], sys.argv[2] == "1"
     docs = plaid.demo.synthetic_corpus(3000, dim=32, num_topics=32, seed=5, min_len=5, max_len=30)
     inner = enc._encode_chunk
+    said = threading.Lock()  # chunks are encoded by several threads: one line at a time
     def slow(*a, **k):  # encoding made slow, and announced: the parent kills us during it
         out = inner(*a, **k)
-        print("encoding", flush=True)
+        with said:
+            print("encoding", flush=True)
         time.sleep(0.2)
         return out
     enc._encode_chunk = slow

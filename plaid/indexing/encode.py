@@ -35,12 +35,9 @@ from ..store import IndexWriter
 from ..store.manifest import UINT16_CENTROIDS, UINT16_DOCUMENTS
 from .kmeans import CentroidAssigner, num_workers, worker_pool
 
-__all__ = ["warn_empty", "encode_segment", "InvertedFileBuilder", "space_needed", "NORM_MIN", "NORM_MAX",
-           "READ_AHEAD", "SPACE_SLACK", "ivf_dtype"]
+__all__ = ["warn_empty", "encode_segment", "InvertedFileBuilder", "space_needed", "READ_AHEAD", "SPACE_SLACK",
+           "ivf_dtype"]
 
-#: Decoded norms are kept within float16's normal range before they are coded: never 0 (a
-#: division by zero at search time) and never inf.
-NORM_MIN, NORM_MAX = 2.0**-14, 65504.0
 #: Chunks read and encoded ahead of the one being written, beyond one per worker: a worker
 #: never waits for the writer, and memory stays a few chunks (~100 MB each at 65,536 tokens).
 READ_AHEAD = 1
@@ -219,8 +216,8 @@ def _encode_chunk(corpus: Corpus, start: int, end: int, centroids: np.ndarray, a
     r = codec.encode(x)
     del x
     norm_codes = None
-    if norms is not None:  # one-byte codes of the decoded norms
-        norm_codes = norms.encode(np.clip(codec.decoded_norms(centroids, a, r), NORM_MIN, NORM_MAX))
+    if norms is not None:  # one-byte codes of the decoded norms (the table's values are all > 0)
+        norm_codes = norms.encode(codec.decoded_norms(centroids, a, r))
     n = end - start
     d = np.repeat(np.arange(n, dtype=np.int64), corpus.doclens[start:end])
     key = np.unique(a * n + d)  # (cell, doc) pairs, deduplicated, sorted by cell then doc
