@@ -224,18 +224,19 @@ def test_scores_product_is_the_batched_blas_product(C):
     MKL on a batch of rows: what the replaced pipeline and tests/reference_search.py use)."""
     rng = np.random.default_rng(C)
     S = rng.normal(size=(C, 128)).astype(np.float32)
-    CT = np.ascontiguousarray(S.T)
+    P = K.product_panels(S)
+    assert P.shape == (-(-C // 48) * 128, 48) and (P.reshape(-1, 128, 48).transpose(0, 2, 1).reshape(-1, 128)[:C] == S).all()
     batch = rng.normal(size=(40, 128)).astype(np.float32)
     want = (torch.from_numpy(batch) @ torch.from_numpy(S).T).numpy()
     for rows in (slice(0, 40), slice(0, 1), slice(3, 5), slice(7, 14)):
         Q = np.ascontiguousarray(batch[rows])
         out = np.full((len(Q), C), np.nan, np.float32)
-        assert K.scores_product(Q, CT, out, 0, C)
+        assert K.scores_product(Q, P, out, 0, C)
         assert same(out, want[rows])
         split = np.full_like(out, np.nan)  # disjoint column ranges (as threads fill them)
         cut = min(C, K.PRODUCT_ALIGN)
-        K.scores_product(Q, CT, split, cut, C)
-        K.scores_product(Q, CT, split, 0, cut)
+        K.scores_product(Q, P, split, cut, C)
+        K.scores_product(Q, P, split, 0, cut)
         assert same(split, out)
 
 

@@ -335,14 +335,18 @@ def token_sum(a, m, pairwise):
 # ------------------------------------------------------------------------------------------------
 # The query-centroid product
 # ------------------------------------------------------------------------------------------------
-#: Centroids per block of :func:`scores_product`: 48 columns of the [dim, C] matrix (24 KB at dim
-#: 128) stay in L1 while every 4-row group of the batch passes over them.
+#: Centroids per panel of :func:`scores_product`: the scoring centroids are stored as panels of
+#: 48 columns, each panel's [dim, 48] block contiguous (24 KB at dim 128: it stays in L1 while
+#: every 4-row group of the batch passes over it, and is read as one sequential stream; the
+#: [dim, C] row-major layout reads dim separate streams per block, 3x slower at 65,536 centroids
+#: where the matrix no longer fits the cache).
 PRODUCT_BLOCK = 48
 
 
 @jit
-def _product_tile(Q, CT, out, i0, i1, i2, i3, c, n0, n1, n2):
-    """``out[i, c:c + 24]`` for rows i0..i3 (4 x 3 registers of 8 lanes; ``n*`` lanes each)."""
+def _product_tile(Q, P, out, i0, i1, i2, i3, base, c, co, n0, n1, n2):
+    """``out[i, c:c + 24]`` for rows i0..i3 from panel rows ``base .. base + dim`` at column ``co``
+    (4 x 3 registers of 8 lanes; ``n*`` lanes each)."""
     zero = vsplat(np.float32(0.0))
     a0 = zero
     a1 = zero
@@ -357,9 +361,9 @@ def _product_tile(Q, CT, out, i0, i1, i2, i3, c, n0, n1, n2):
     f1 = zero
     f2 = zero
     for d in range(Q.shape[1]):
-        x0 = vload(CT, d, c, n0)
-        x1 = vload(CT, d, c + 8, n1)
-        x2 = vload(CT, d, c + 16, n2)
+        x0 = vload(P, base + d, co, n0)
+        x1 = vload(P, base + d, co + 8, n1)
+        x2 = vload(P, base + d, co + 16, n2)
         q = vsplat(Q[i0, d])
         a0 = vfma(q, x0, a0)
         a1 = vfma(q, x1, a1)
@@ -391,7 +395,7 @@ def _product_tile(Q, CT, out, i0, i1, i2, i3, c, n0, n1, n2):
 
 
 @jit
-def _product_tile_full(Q, CT, out, i0, i1, i2, i3, c):
+def _product_tile_full(Q, P, out, i0, i1, i2, i3, base, c, co):
     """:func:`_product_tile` with all 24 columns (constant lane counts: plain loads and stores)."""
     zero = vsplat(np.float32(0.0))
     a0 = zero
@@ -407,9 +411,9 @@ def _product_tile_full(Q, CT, out, i0, i1, i2, i3, c):
     f1 = zero
     f2 = zero
     for d in range(Q.shape[1]):
-        x0 = vload(CT, d, c, 8)
-        x1 = vload(CT, d, c + 8, 8)
-        x2 = vload(CT, d, c + 16, 8)
+        x0 = vload(P, base + d, co, 8)
+        x1 = vload(P, base + d, co + 8, 8)
+        x2 = vload(P, base + d, co + 16, 8)
         q = vsplat(Q[i0, d])
         a0 = vfma(q, x0, a0)
         a1 = vfma(q, x1, a1)
@@ -441,26 +445,29 @@ def _product_tile_full(Q, CT, out, i0, i1, i2, i3, c):
 
 
 @jit
-def scores_product(Q, CT, out, c_lo, c_hi):
-    """``out[:, c_lo:c_hi] = Q @ CT[:, c_lo:c_hi]``: each score the fused multiply-adds of the
+def scores_product(Q, P, out, c_lo, c_hi):
+    """``out[:, c_lo:c_hi] = Q @ S[c_lo:c_hi].T``: each score the fused multiply-adds of the
     dimensions in order d = 0, 1, ... from 0 (what a BLAS sgemm kernel computes for a row of a
     batch: bit-identical to torch's float32 product on MKL from 3-4 rows). Q float32 [M, dim];
-    CT float32 [dim, C] (the scoring centroids transposed); out float32 [M, C]. Disjoint column
-    ranges can be filled by different threads."""
+    P float32 [panels * dim, 48]: the scoring centroids S in panels (``P[b * dim + d, j]`` is
+    centroid ``48 b + j``'s coordinate d, zero past C); out float32 [M, C]; c_lo a multiple of
+    48. Disjoint column ranges can be filled by different threads."""
     M = Q.shape[0]
+    dim = Q.shape[1]
     last = M - 1
     for cb in range(c_lo, c_hi, PRODUCT_BLOCK):
         ce = min(cb + PRODUCT_BLOCK, c_hi)
+        base = (cb // PRODUCT_BLOCK) * dim
         for i in range(0, M, 4):  # a short last group repeats the last row (same values written)
             i1 = min(i + 1, last)
             i2 = min(i + 2, last)
             i3 = min(i + 3, last)
             for c in range(cb, ce, 24):
                 if c + 24 <= ce:
-                    _product_tile_full(Q, CT, out, i, i1, i2, i3, c)
+                    _product_tile_full(Q, P, out, i, i1, i2, i3, base, c, c - cb)
                 else:
                     r = ce - c
-                    _product_tile(Q, CT, out, i, i1, i2, i3, c, min(8, r), min(8, max(0, r - 8)),
+                    _product_tile(Q, P, out, i, i1, i2, i3, base, c, c - cb, min(8, r), min(8, max(0, r - 8)),
                                   min(8, max(0, r - 16)))
 
 

@@ -97,7 +97,7 @@ class CPUEngine:
         self.scoring = torch.from_numpy(scoring_centroids(self.centroids, self.normalized)).to(
             torch.bfloat16 if precision == "bfloat16" else torch.float32)
         self._scratch = _Scratch()
-        self._scoring_t: Optional[np.ndarray] = None  # float32 [dim, C], the kernel's product reads it
+        self._scoring_t: Optional[np.ndarray] = None  # the kernel's product reads it (K.product_panels)
         # numba's start-up and the two kernels a search runs load in the background meanwhile
         K.warmup(self.codes.dtype, background=True, search_only=True)
         # stages 1-4 of a query in one compiled call read one segment's token arrays in place
@@ -156,7 +156,7 @@ class CPUEngine:
         Q = np.ascontiguousarray(Qcat, np.float32)
         if self.scoring.dtype == torch.float32 and K.backend() == "numba":
             if self._scoring_t is None:
-                self._scoring_t = np.ascontiguousarray(self.scoring.numpy().T)
+                self._scoring_t = K.product_panels(self.scoring.numpy())
             C = self.num_centroids
             out = np.empty((len(Q), C), np.float32)
             parts = max(1, min(int(threads), -(-C // K.PRODUCT_ALIGN))) if pool is not None else 1

@@ -61,7 +61,7 @@ from ..errors import IndexCorruptError
 from . import stages
 
 __all__ = ["backend", "reset", "warmup", "candidates", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf",
-           "used_centroids", "centroid_terms", "scores_product", "exact_maxsim", "exact_maxsim_ranges", "exact_scores", "QueryArrays",
+           "used_centroids", "centroid_terms", "scores_product", "product_panels", "exact_maxsim", "exact_maxsim_ranges", "exact_scores", "QueryArrays",
            "search_query"]
 
 _NEG_INF = np.float32(-np.inf)
@@ -177,7 +177,7 @@ def warmup(codes_dtype=np.uint16, background: bool = False, search_only: bool = 
     cents = rng.random((C, dim), dtype=np.float32)
     q = rng.random((m, dim), dtype=np.float32)
     # the CPU engine's two calls (one-byte, float16 norms and none give the same argument types)
-    scores_product(q, np.ascontiguousarray(cents.T), np.empty((m, C), np.float32), 0, C)
+    scores_product(q, product_panels(cents), np.empty((m, C), np.float32), 0, C)
     arrays = QueryArrays(cents, ivf, ivf_offsets, dcells, dcell_offsets, offsets, codes, np.zeros((N, 1), np.uint8),
                          np.zeros(N, np.uint8), None, norm_values=np.ones(256, np.float32))
     search_query(Re[:, :C].copy(), q, table, arrays, 2, 1, 0.5, 2, 1, np.zeros(N, bool), np.full(N, -1, np.int32),
@@ -500,20 +500,39 @@ def centroid_terms(q: np.ndarray, centroids: np.ndarray, u: np.ndarray) -> np.nd
 
 
 #: Column ranges of :func:`scores_product` handed to different threads start at multiples of
-#: this (the kernel's block of centroids).
+#: this (the kernel's panel of centroids).
 PRODUCT_ALIGN = 48
 
 
-def scores_product(Q: np.ndarray, CT: np.ndarray, out: np.ndarray, c_lo: int, c_hi: int) -> bool:
-    """The query-centroid scores ``out[:, c_lo:c_hi] = Q @ CT[:, c_lo:c_hi]`` by the compiled
+def product_panels(scoring: np.ndarray) -> np.ndarray:
+    """The scoring centroids (float32 [C, dim]) in the layout :func:`scores_product` reads:
+    float32 [ceil(C / 48) * dim, 48], panel b holding centroids 48 b .. 48 b + 47 transposed
+    (``P[b * dim + d, j] = scoring[48 b + j, d]``), zero past C. Each panel is one contiguous
+    24 KB block (dim 128): read as a single stream, where the [dim, C] transpose needs dim."""
+    S = np.asarray(scoring, np.float32)
+    C, dim = S.shape
+    nb = -(-C // PRODUCT_ALIGN)
+    padded = np.zeros((nb * PRODUCT_ALIGN, dim), np.float32)
+    padded[:C] = S
+    return np.ascontiguousarray(padded.reshape(nb, PRODUCT_ALIGN, dim).transpose(0, 2, 1)).reshape(nb * dim,
+                                                                                                   PRODUCT_ALIGN)
+
+
+def scores_product(Q: np.ndarray, P: np.ndarray, out: np.ndarray, c_lo: int, c_hi: int) -> bool:
+    """The query-centroid scores ``out[:, c_lo:c_hi] = Q @ S[c_lo:c_hi].T`` by the compiled
     kernel (fused multiply-adds over the dimensions in order: a row's scores do not depend on
     the batch; equal to a BLAS sgemm that sums in that order, as MKL's does). Q: float32
-    [M, dim] C-contiguous; CT: float32 [dim, C] (the scoring centroids transposed); out: float32
-    [M, C] C-contiguous, written in place (disjoint ranges from different threads). Returns
-    False when the numpy fallback is in use (the caller multiplies with torch instead)."""
+    [M, dim] C-contiguous; P: the scoring centroids S as :func:`product_panels` lays them out;
+    out: float32 [M, C] C-contiguous, written in place (disjoint ranges from different threads);
+    c_lo a multiple of :data:`PRODUCT_ALIGN` (or the range empty). Returns False when the numpy
+    fallback is in use (the caller multiplies with torch instead)."""
     if backend() != "numba":
         return False
-    return _run("scores_product", Q, CT, out, int(c_lo), int(c_hi)) is not None
+    panels_cover = P.shape[1] == PRODUCT_ALIGN and P.shape[0] >= -(-c_hi // PRODUCT_ALIGN) * Q.shape[1]
+    aligned = c_lo == c_hi or c_lo % PRODUCT_ALIGN == 0
+    if not (0 <= c_lo <= c_hi <= out.shape[1] and aligned and panels_cover):
+        raise ValueError(f"scores_product: range [{c_lo}, {c_hi}) does not fit panels {P.shape} / out {out.shape}")
+    return _run("scores_product", Q, P, out, int(c_lo), int(c_hi)) is not None
 
 
 def exact_scores(q: np.ndarray, codec, centroids: np.ndarray, codes: np.ndarray, residuals: np.ndarray,
