@@ -333,10 +333,17 @@ def approx_maxsim_ivf(Re: np.ndarray, keep: np.ndarray, docs: np.ndarray, ivf: n
     docs = np.ascontiguousarray(docs, np.int64)
     out = np.empty(len(docs), np.float32)
     covered = np.empty(len(docs), np.bool_)
-    if len(docs) and _run("approx_ivf", Re, np.ascontiguousarray(keep, np.bool_), docs,
-                          np.ascontiguousarray(ivf, np.int32), np.ascontiguousarray(ivf_offsets, np.int64),
-                          np.ascontiguousarray(cell_counts, np.int64), slot, out, covered) is not None:
-        return out, covered
+    if len(docs) and backend() == "numba":
+        # the kernel takes the candidates ascending (a listed document's row is its rank)
+        order = None if np.all(docs[1:] > docs[:-1]) else np.argsort(docs, kind="stable")
+        counts = np.ascontiguousarray(cell_counts, np.int64)
+        sd, sc = (docs, counts) if order is None else (docs[order], counts[order])
+        o, cv = (out, covered) if order is None else (np.empty_like(out), np.empty_like(covered))
+        if _run("approx_ivf", Re, np.ascontiguousarray(keep, np.bool_), sd, np.ascontiguousarray(ivf, np.int32),
+                np.ascontiguousarray(ivf_offsets, np.int64), sc, slot, o, cv) is not None:
+            if order is not None:
+                out[order], covered[order] = o, cv
+            return out, covered
     if not len(docs):
         return out, covered
     return stages.pruned_maxsim(keep, Re, docs, ivf, ivf_offsets, cell_counts, slot, return_covered=True)
