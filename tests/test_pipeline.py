@@ -224,11 +224,20 @@ def test_search_params_defaults_budgets_and_use(small_index, small_corpus):
         s.search(queries, k=5, params=p)
 
 
-def test_threads_give_the_same_results(small_index, small_corpus):
+@pytest.mark.parametrize("split_macs", [None, 1])  # 1: the product split over the threads even for one query
+def test_threads_give_the_same_results(small_index, small_corpus, monkeypatch, split_macs):
+    from plaid.search import engine_cpu
+
+    if split_macs is not None:
+        monkeypatch.setattr(engine_cpu, "MIN_SPLIT_MACS", split_macs)
     _, queries = small_corpus
     one = plaid.Searcher(small_index, num_threads=1).search(queries, k=10)
-    two = plaid.Searcher(small_index, num_threads=2).search(queries, k=10)
+    two_s = plaid.Searcher(small_index, num_threads=2)
+    two = two_s.search(queries, k=10)
     np.testing.assert_array_equal(one.ids, two.ids)
     np.testing.assert_array_equal(one.scores, two.scores)
+    single = [two_s.search([q], k=10) for q in queries[:5]]
+    np.testing.assert_array_equal(np.concatenate([r.ids for r in single]), one.ids[:5])
+    np.testing.assert_array_equal(np.concatenate([r.scores for r in single]), one.scores[:5])
     with pytest.raises(plaid.InvalidInputError, match="num_threads"):
         plaid.Searcher(small_index, num_threads=0)
