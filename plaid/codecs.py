@@ -27,6 +27,7 @@ run it on any device.
 """
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
 import faiss
@@ -130,6 +131,32 @@ class ResidualCodec:
         raise NotImplementedError
 
 
+#: The compiled PQ encoder (:mod:`plaid._codecs_numba`), imported on first use; False once it
+#: could not be imported or compiled (then faiss encodes: the same codes, about 10x slower at
+#: sub-vectors of 2-5 dimensions, where faiss scores one vector at a time).
+_PQ_KERNEL = None
+
+
+def _pq_kernel():
+    global _PQ_KERNEL
+    if _PQ_KERNEL is None:
+        try:
+            from ._codecs_numba import pq_encode
+
+            _PQ_KERNEL = pq_encode
+        except Exception as e:  # ImportError, or a broken numba / llvmlite install
+            _pq_kernel_failed(e)
+    return _PQ_KERNEL or None
+
+
+def _pq_kernel_failed(e: BaseException) -> None:
+    global _PQ_KERNEL
+    if _PQ_KERNEL is not False:
+        _PQ_KERNEL = False
+        warnings.warn(f"plaid: compiled PQ encoder unavailable ({type(e).__name__}: {e}); encoding with faiss "
+                      "(same codes, slower)", RuntimeWarning, stacklevel=3)
+
+
 def allocate_widths(variances: np.ndarray, m: int, dim: int) -> Tuple[int, ...]:
     """Split ``dim`` dimensions, in order, into ``m`` contiguous sub-vectors of one byte each,
     giving more bytes per dimension where the variance is larger.
@@ -203,6 +230,7 @@ class PQCodec(ResidualCodec):
         self.rotation_matrix: np.ndarray | None = None  # float32 [dim, dim] when rotation
         self._rot64: np.ndarray | None = None
         self._pq = None
+        self._books_t = None  # (codebooks, float32 [m, W, 256]): what the compiled encoder reads
         self._table: torch.Tensor | None = None  # float32 [m * 256, W]
         self._shift: torch.Tensor | None = None
         self._np_table: np.ndarray | None = None
@@ -304,6 +332,17 @@ class PQCodec(ResidualCodec):
 
     def encode(self, residuals: np.ndarray) -> np.ndarray:
         z = self._to_layout(residuals)
+        kernel = _pq_kernel()
+        if kernel is not None:
+            books = self.codebooks
+            if self._books_t is None or self._books_t[0] is not books:
+                self._books_t = (books, np.ascontiguousarray(books.transpose(0, 2, 1), dtype=np.float32))
+            out = np.empty((len(z), self.m), np.uint8)
+            try:
+                kernel(z, self._books_t[1], out)
+                return out
+            except Exception as e:  # a compile failure: faiss from now on (the same nearest sub-centroids)
+                _pq_kernel_failed(e)
         return self._faiss_pq().compute_codes(z).reshape(len(z), self.m)
 
     def to(self, device) -> "PQCodec":

@@ -45,6 +45,32 @@ def test_pq_table_scores_equal_dot_products_with_decoded_vectors(kw):
         assert codec.arrays()[name].dtype == dtype and codec.arrays()[name].shape == shape
 
 
+@pytest.mark.parametrize("kw", CODECS, ids=lambda kw: "-".join(f"{k}{v if not isinstance(v, list) else 'w'}" for k, v in kw.items()))
+def test_compiled_pq_encoder_gives_faiss_codes(kw, monkeypatch):
+    """The compiled encoder (plaid._codecs_numba) picks faiss's nearest sub-centroids, tie-free
+    data and padded layouts alike; without it (numba missing or failing) faiss encodes, with one
+    warning."""
+    import plaid.codecs as codecs
+
+    x = _residual_like(3000, seed=2)
+    codec = PQCodec(64, train_iters=3, **kw)
+    codec.train(x[:1000], seed=1)
+    z = codec._to_layout(x[1000:])
+    want = codec._faiss_pq().compute_codes(z).reshape(len(z), codec.m)
+    got = codec.encode(x[1000:])
+    assert codecs._PQ_KERNEL, "the compiled encoder was not used"
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.concatenate([codec.encode(x[1000:1001]), codec.encode(x[1001:])]), got)
+
+    def broken(*a):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(codecs, "_PQ_KERNEL", broken)
+    with pytest.warns(RuntimeWarning, match="compiled PQ encoder unavailable"):
+        np.testing.assert_array_equal(codec.encode(x[1000:]), want)
+    assert codecs._PQ_KERNEL is False
+
+
 def test_rotation_with_allocated_widths_beats_equal_widths_at_the_same_bytes():
     x = _residual_like(6000)
     errs = {}
