@@ -230,7 +230,7 @@ class PQCodec(ResidualCodec):
         self.rotation_matrix: np.ndarray | None = None  # float32 [dim, dim] when rotation
         self._rot64: np.ndarray | None = None
         self._pq = None
-        self._books_t = None  # (codebooks, float32 [m, W, 256]): what the compiled encoder reads
+        self._books_t: np.ndarray | None = None  # float32 [m, W, 256]: what the compiled encoder reads
         self._table: torch.Tensor | None = None  # float32 [m * 256, W]
         self._shift: torch.Tensor | None = None
         self._np_table: np.ndarray | None = None
@@ -319,6 +319,7 @@ class PQCodec(ResidualCodec):
         if self._layout is not None:  # padding columns are zero (all their points are); make it exact
             cb = cb * (self._layout < self.dim).reshape(self.m, 1, W)
         self.codebooks = np.ascontiguousarray(cb, dtype=np.float32)
+        self._books_t = None
         self._table = None
         self._sub_np = None
         self._np_table = None
@@ -334,12 +335,11 @@ class PQCodec(ResidualCodec):
         z = self._to_layout(residuals)
         kernel = _pq_kernel()
         if kernel is not None:
-            books = self.codebooks
-            if self._books_t is None or self._books_t[0] is not books:
-                self._books_t = (books, np.ascontiguousarray(books.transpose(0, 2, 1), dtype=np.float32))
+            if self._books_t is None:
+                self._books_t = np.ascontiguousarray(self.codebooks.transpose(0, 2, 1), dtype=np.float32)
             out = np.empty((len(z), self.m), np.uint8)
             try:
-                kernel(z, self._books_t[1], out)
+                kernel(z, self._books_t, out)
                 return out
             except Exception as e:  # a compile failure: faiss from now on (the same nearest sub-centroids)
                 _pq_kernel_failed(e)

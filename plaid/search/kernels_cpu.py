@@ -521,8 +521,8 @@ def product_panels(scoring: np.ndarray) -> np.ndarray:
     nb = -(-C // PRODUCT_ALIGN)
     padded = np.zeros((nb * PRODUCT_ALIGN, dim), np.float32)
     padded[:C] = S
-    return np.ascontiguousarray(padded.reshape(nb, PRODUCT_ALIGN, dim).transpose(0, 2, 1)).reshape(nb * dim,
-                                                                                                   PRODUCT_ALIGN)
+    panels = padded.reshape(nb, PRODUCT_ALIGN, dim).transpose(0, 2, 1)  # [nb, dim, 48]
+    return np.ascontiguousarray(panels).reshape(nb * dim, PRODUCT_ALIGN)
 
 
 def scores_product(Q: np.ndarray, P: np.ndarray, out: np.ndarray, c_lo: int, c_hi: int) -> bool:
