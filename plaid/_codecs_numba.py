@@ -1,4 +1,5 @@
-"""numba kernel of :meth:`plaid.codecs.PQCodec.encode` (imported on first use only).
+"""numba kernels of :mod:`plaid.codecs`: the PQ encoder (:meth:`PQCodec.encode`) and the rotation
+of query tokens (:meth:`PQCodec.query_layout`); imported on first use only.
 
 ``@njit(cache=True, nogil=True, fastmath=False)``: compiled on its first call (later processes
 load it from numba's cache), releasing the GIL so the build's worker threads encode chunks at
@@ -45,3 +46,24 @@ def pq_encode(z, books_t, out):
                     best = dist[k]
                     arg = k
             out[i, j] = arg
+
+
+@jit
+def rotate_rows(x, rot, out):
+    """``out[i] = float32(x[i] @ rot)`` with the products and sums in float64, added in order
+    k = 0 .. dim - 1 (unfused): rows do not depend on each other, and no BLAS thread runs.
+
+    x: float32 [n, dim]; rot: float64 [dim, dim]; out: float32 [n, dim].
+    """
+    n, dim = x.shape
+    acc = np.empty(dim, np.float64)
+    for i in range(n):
+        xv = np.float64(x[i, 0])
+        for j in range(dim):
+            acc[j] = xv * rot[0, j]
+        for k in range(1, dim):
+            xv = np.float64(x[i, k])
+            for j in range(dim):
+                acc[j] += xv * rot[k, j]
+        for j in range(dim):
+            out[i, j] = np.float32(acc[j])

@@ -88,21 +88,50 @@ class ResidualCodec:
         byte position (the residual is the concatenation over positions)."""
         raise NotImplementedError
 
-    def score_table(self, q: np.ndarray) -> torch.Tensor:
+    def score_table(self, q: np.ndarray, out: Optional[np.ndarray] = None) -> torch.Tensor:
         """Dot products of query tokens with every decodable byte, for scoring without decoding.
 
         q: float32 ``[m, dim]``. Returns float32 ``[code_bytes * 256, m]`` (CPU) whose row
         ``j * 256 + b`` holds ``<q_i, part j of a residual whose byte j is b>``; the residual score
-        of a token with codes ``c`` is ``sum_j table[j * 256 + c[j]]``.
+        of a token with codes ``c`` is ``sum_j table[j * 256 + c[j]]``. out: a C-contiguous float32
+        array of ``code_bytes * 256 * m`` elements to write the table into (the same values).
         """
+        q = np.asarray(q, np.float32)
+        if out is None:
+            out = np.empty(self.code_bytes * 256 * len(q), np.float32)
+        elif not out.flags.c_contiguous or out.dtype != np.float32 or out.size != self.code_bytes * 256 * len(q):
+            raise ValueError(f"score_table: out must be a C-contiguous float32 array of {self.code_bytes * 256 * len(q)}"
+                             " elements")
+        self.score_tables(q, np.array([len(q)]), out.reshape(-1))
+        return torch.from_numpy(out.reshape(self.code_bytes * 256, len(q)))
+
+    def score_tables(self, Q: np.ndarray, lens: np.ndarray, out: np.ndarray) -> None:
+        """:meth:`score_table` of several queries at once (the same values: a query's table does
+        not depend on the others), one after another in ``out``.
+
+        Q: float32 [sum lens, dim], the queries' tokens in order; lens: int [n] tokens per query;
+        out: float32 flat C-contiguous, ``code_bytes * 256 * sum(lens)`` elements: query i's
+        table ``[code_bytes * 256, lens[i]]`` at offset ``code_bytes * 256 * sum(lens[:i])``.
+        Queries of one length are computed in one stacked product (fewer numpy calls: on one
+        core with another search thread beside it, each call may hand the GIL over)."""
         t = self._sub_np
         if t is None:
             t = self._sub_np = np.ascontiguousarray(self.sub_tables(), dtype=np.float32)
         B, _, w = t.shape
-        q = self.query_layout(np.asarray(q, np.float32))
-        qs = np.ascontiguousarray(q.reshape(len(q), B, w).transpose(1, 2, 0))  # [B, w, m]
-        # numpy's stacked matmul: 3-6x faster than torch.bmm or einsum for these B tiny products
-        return torch.from_numpy(np.matmul(t, qs).reshape(B * 256, len(q)))
+        L = self.query_layout(np.asarray(Q, np.float32))  # [sum lens, B * w]; rows independent
+        lens = np.asarray(lens, np.int64)
+        if len(lens) and (lens == lens[0]).all():  # [n, B, w, m] -> [n, B, 256, m]: each query's block
+            n, m = len(lens), int(lens[0])
+            qs = np.ascontiguousarray(L.reshape(n, m, B, w).transpose(0, 2, 3, 1))
+            np.matmul(t, qs, out=out.reshape(n, B, 256, m))
+            return
+        row = off = 0
+        for m in lens.tolist():
+            qs = np.ascontiguousarray(L[row : row + m].reshape(m, B, w).transpose(1, 2, 0))  # [B, w, m]
+            # numpy's stacked matmul: 3-6x faster than torch.bmm or einsum for these B tiny products
+            np.matmul(t, qs, out=out[off : off + B * 256 * m].reshape(B, 256, m))
+            row += m
+            off += B * 256 * m
 
     def query_layout(self, q: np.ndarray) -> np.ndarray:
         """float32 [m, dim] query tokens as the sub-tables see them: [m, code_bytes * w]
@@ -135,6 +164,7 @@ class ResidualCodec:
 #: could not be imported or compiled (then faiss encodes: the same codes, about 10x slower at
 #: sub-vectors of 2-5 dimensions, where faiss scores one vector at a time).
 _PQ_KERNEL = None
+_ROT_KERNEL = None
 
 
 def _pq_kernel():
@@ -155,6 +185,28 @@ def _pq_kernel_failed(e: BaseException) -> None:
         _PQ_KERNEL = False
         warnings.warn(f"plaid: compiled PQ encoder unavailable ({type(e).__name__}: {e}); encoding with faiss "
                       "(same codes, slower)", RuntimeWarning, stacklevel=3)
+
+
+def _rot_kernel():
+    """The compiled query rotation (:func:`plaid._codecs_numba.rotate_rows`), or None (numba
+    missing or broken: one warning, then BLAS)."""
+    global _ROT_KERNEL
+    if _ROT_KERNEL is None:
+        try:
+            from ._codecs_numba import rotate_rows
+
+            _ROT_KERNEL = rotate_rows
+        except Exception as e:  # ImportError, or a broken numba / llvmlite install
+            _rot_kernel_failed(e)
+    return _ROT_KERNEL or None
+
+
+def _rot_kernel_failed(e: BaseException) -> None:
+    global _ROT_KERNEL
+    if _ROT_KERNEL is not False:
+        _ROT_KERNEL = False
+        warnings.warn(f"plaid: compiled query rotation unavailable ({type(e).__name__}: {e}); rotating with BLAS",
+                      RuntimeWarning, stacklevel=3)
 
 
 def allocate_widths(variances: np.ndarray, m: int, dim: int) -> Tuple[int, ...]:
@@ -265,11 +317,12 @@ class PQCodec(ResidualCodec):
         r = self._rot64.T if inverse else self._rot64
         return (np.asarray(x, np.float64) @ r).astype(np.float32)
 
-    def _to_layout(self, x: np.ndarray) -> np.ndarray:
-        """float32 [n, dim] -> [n, m * W]: rotated, cut into sub-vectors, zero-padded."""
+    def _to_layout(self, x: np.ndarray, rotate=None) -> np.ndarray:
+        """float32 [n, dim] -> [n, m * W]: rotated (by ``rotate``, default :meth:`_rotate`), cut into
+        sub-vectors, zero-padded."""
         x = np.ascontiguousarray(x, dtype=np.float32)
         if self.rotation_matrix is not None:
-            x = self._rotate(x)
+            x = (rotate or self._rotate)(x)
         if self._layout is None:
             return np.ascontiguousarray(x)
         ext = np.concatenate([x, np.zeros((len(x), 1), np.float32)], axis=1)
@@ -284,7 +337,25 @@ class PQCodec(ResidualCodec):
         return np.ascontiguousarray(z, dtype=np.float32)
 
     def query_layout(self, q: np.ndarray) -> np.ndarray:
-        return self._to_layout(q)
+        return self._to_layout(q, self._rotate_queries)
+
+    def _rotate_queries(self, x: np.ndarray) -> np.ndarray:
+        """:meth:`_rotate` for query tokens, by the compiled kernel (float64 sums in a fixed order:
+        the same float32 values but for a last-bit rounding once in ~10^8). BLAS runs a product of
+        a few hundred rows on its own threads, which keep spinning after it and took the core of
+        the search's other thread: a one-thread search used 2 cores, two threads searching parts
+        of 8 queries were slower than one."""
+        kernel = _rot_kernel()
+        if kernel is not None:
+            if self._rot64 is None:
+                self._rot64 = self.rotation_matrix.astype(np.float64)
+            out = np.empty(x.shape, np.float32)
+            try:
+                kernel(np.ascontiguousarray(x, np.float32), self._rot64, out)
+                return out
+            except Exception as e:  # a compile failure: BLAS from now on
+                _rot_kernel_failed(e)
+        return self._rotate(x)
 
     def train(self, residuals: np.ndarray, seed: int = 0) -> None:
         x = np.ascontiguousarray(residuals, dtype=np.float32)

@@ -71,6 +71,37 @@ def test_compiled_pq_encoder_gives_faiss_codes(kw, monkeypatch):
     assert codecs._PQ_KERNEL is False
 
 
+def test_query_rotation_is_compiled_and_equals_blas(monkeypatch):
+    """Query tokens are rotated by the compiled kernel (no BLAS: OpenBLAS's threads spin after a
+    product and took the other search thread's core), to the float32 values of the BLAS
+    rotation (float64 sums in another order: a last-bit difference at most, and rarely); its
+    rows do not depend on each other; without the kernel BLAS rotates, with one warning."""
+    import plaid.codecs as codecs
+
+    x = _residual_like(3000, seed=4)
+    codec = PQCodec(64, m=12, rotation=True, train_iters=2)
+    codec.train(x[:1000], seed=0)
+    q = x[1000:]
+    blas = codec._rotate(q)
+    got = codec._rotate_queries(q)
+    assert codecs._ROT_KERNEL, "the compiled rotation was not used"
+    ulps = np.abs(got.view(np.int32).astype(np.int64) - blas.view(np.int32).astype(np.int64))
+    assert ulps.max() <= 1 and (ulps == 0).mean() > 0.999, (ulps.max(), (ulps == 0).mean())
+    np.testing.assert_array_equal(np.concatenate([codec._rotate_queries(q[:7]), codec._rotate_queries(q[7:])]), got)
+    # the layout (and so the score tables) of queries never reaches BLAS's rotation
+    monkeypatch.setattr(codec, "_rotate", lambda *a, **k: pytest.fail("BLAS rotation used for queries"))
+    np.testing.assert_array_equal(codec.query_layout(q), codec._to_layout(q, lambda v: got))
+    monkeypatch.undo()
+
+    def broken(*a):
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(codecs, "_ROT_KERNEL", broken)
+    with pytest.warns(RuntimeWarning, match="compiled query rotation unavailable"):
+        np.testing.assert_array_equal(codec._rotate_queries(q), blas)
+    assert codecs._ROT_KERNEL is False
+
+
 def test_rotation_with_allocated_widths_beats_equal_widths_at_the_same_bytes():
     x = _residual_like(6000)
     errs = {}

@@ -98,7 +98,12 @@ COMPILED_GRID = [(10, 1, 0.5, 256), (10, 2, 0.45, 1024), (10, 2, 0.9, 24), (10, 
 
 
 def _staged_and_compiled(path, queries, settings, **searcher_kw):
+    """The compiled query (one call per query, with traces), the pipeline's stages, and groups of
+    queries in one compiled call (no traces: the whole batch on one thread, parts of 4 queries on
+    two) return the same ids and scores, bit for bit, and the same candidates at every stage."""
     s = plaid.Searcher(path, engine="numpy", centroid_precision="float32", **searcher_kw)
+    grouped = {t: plaid.Searcher(path, engine="numpy", centroid_precision="float32", num_threads=t, **searcher_kw)
+               for t in (1, 2)}
     eng = s._state.engine
     arrays = eng.query_arrays
     assert arrays is not None or len(eng.codes.parts) > 1
@@ -111,6 +116,10 @@ def _staged_and_compiled(path, queries, settings, **searcher_kw):
         eng.query_arrays = arrays
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.scores, b.scores)
+        for g in grouped.values():
+            c = g.search(queries, **dict(kw, trace=False))
+            np.testing.assert_array_equal(a.ids, c.ids)
+            np.testing.assert_array_equal(a.scores, c.scores)
         for ta, tb in zip(a.traces, b.traces):
             for name in ("candidates", "stage2", "stage3"):
                 np.testing.assert_array_equal(getattr(ta, name), getattr(tb, name), err_msg=name)
@@ -241,3 +250,29 @@ def test_threads_give_the_same_results(small_index, small_corpus, monkeypatch, s
     np.testing.assert_array_equal(np.concatenate([r.scores for r in single]), one.scores[:5])
     with pytest.raises(plaid.InvalidInputError, match="num_threads"):
         plaid.Searcher(small_index, num_threads=0)
+
+
+@pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")
+def test_a_one_thread_search_keeps_to_one_core(small_index, small_corpus):
+    """num_threads=1 means one core: no other thread of the process works during the search (a
+    BLAS product on the query path once ran on OpenBLAS's threads, which spin after it: a
+    one-thread search used two cores, and two search threads lost a core to them). Measured as
+    the CPU time of the process's other threads over the call's wall time (best of three, as
+    another test's leftover thread may wake meanwhile)."""
+    import resource
+    import time
+
+    _, queries = small_corpus
+    qs = queries * 8  # 240 queries: products of a few hundred rows, where OpenBLAS uses its threads
+    s = plaid.Searcher(small_index, num_threads=1)
+    s.search(qs, k=10)
+    shares = []
+    for _ in range(3):
+        r0, th0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
+        s.search(qs, k=10)
+        r1, th1, t1 = resource.getrusage(resource.RUSAGE_SELF), time.thread_time(), time.perf_counter()
+        process = (r1.ru_utime + r1.ru_stime) - (r0.ru_utime + r0.ru_stime)
+        shares.append((process - (th1 - th0)) / (t1 - t0))
+        if shares[-1] < 0.25:
+            break
+    assert min(shares) < 0.25, f"other threads worked {min(shares):.2f} s per second of a one-thread search"

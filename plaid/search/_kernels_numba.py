@@ -104,6 +104,21 @@ def vload(typingctx, arr, r, o, n):
 
 
 @intrinsic
+def vloadu(typingctx, arr, r, o):
+    """Lanes ``k < 8`` = ``arr[r, o + k]`` (float32 [., .], C order): a plain 8-lane load, for rows
+    known to hold ``o + 8`` columns (a masked load with a run-time mask is slower on some CPUs)."""
+    if not _f32_2d(arr) or arr.layout != "C":
+        return None
+
+    def codegen(context, builder, sig, args):
+        rv, ov = _intp(context, builder, sig, args, (1, 2))
+        ptr, _ = _lanes_ptr_mask(context, builder, sig.args[0], args[0], rv, ov, rv)
+        return builder.load(ptr, align=4)
+
+    return f32x8(arr, r, o), codegen
+
+
+@intrinsic
 def vstore(typingctx, arr, r, o, n, val):
     """``arr[r, o + k] = val[k]`` for lanes ``k < n``; writes nothing else."""
     if not _f32_2d(arr) or arr.layout != "C" or val != f32x8:
@@ -984,17 +999,19 @@ def centroid_dots(q, centroids, u, U, csT):
 
 
 @jit
-def _exact_core(table, csT, crow, divisor, residuals, doc_offsets, docs, out):
+def _exact_core(table, csT, crow, divisor, residuals, doc_offsets, docs, out, m):
     """``out[d]`` = exact MaxSim of ``docs[d]``: per token and query token, the ``B`` table entries
     of its residual bytes added in order from 0, then its centroid's score (row ``crow[k]`` of
     ``csT``), then divided by ``divisor[k]`` (its norm, or 1); the max over the document's
     tokens; the sum over query tokens in numpy's pairwise order. ``k`` counts the candidates'
     tokens in order (``crow``, ``divisor``: one entry each, prepared by the caller, which also
-    validated them). Eight query tokens per lane block, four document tokens at a time
+    validated them). ``m`` query tokens: the table's columns, or its first ``m`` when it is padded
+    to ``csT``'s width (then its rows are read with plain loads; the padding lanes are computed
+    and dropped). Eight query tokens per lane block, four document tokens at a time
     (independent add chains); -inf without tokens."""
-    m = table.shape[1]
     B = residuals.shape[1]
     W = csT.shape[1]
+    padded = table.shape[1] >= W
     best = np.empty((1, W), np.float32)
     zero = vsplat(np.float32(0.0))
     ninf = vsplat(np.float32(-np.inf))
@@ -1019,12 +1036,20 @@ def _exact_core(table, csT, crow, divisor, residuals, doc_offsets, docs, out):
                 a1 = zero
                 a2 = zero
                 a3 = zero
-                for j in range(B):
-                    r = j * 256
-                    a0 = vadd(a0, vload(table, r + np.int64(residuals[t0, j]), o, ln))
-                    a1 = vadd(a1, vload(table, r + np.int64(residuals[t1, j]), o, ln))
-                    a2 = vadd(a2, vload(table, r + np.int64(residuals[t2, j]), o, ln))
-                    a3 = vadd(a3, vload(table, r + np.int64(residuals[t3, j]), o, ln))
+                if padded:
+                    for j in range(B):
+                        r = j * 256
+                        a0 = vadd(a0, vloadu(table, r + np.int64(residuals[t0, j]), o))
+                        a1 = vadd(a1, vloadu(table, r + np.int64(residuals[t1, j]), o))
+                        a2 = vadd(a2, vloadu(table, r + np.int64(residuals[t2, j]), o))
+                        a3 = vadd(a3, vloadu(table, r + np.int64(residuals[t3, j]), o))
+                else:
+                    for j in range(B):
+                        r = j * 256
+                        a0 = vadd(a0, vload(table, r + np.int64(residuals[t0, j]), o, ln))
+                        a1 = vadd(a1, vload(table, r + np.int64(residuals[t1, j]), o, ln))
+                        a2 = vadd(a2, vload(table, r + np.int64(residuals[t2, j]), o, ln))
+                        a3 = vadd(a3, vload(table, r + np.int64(residuals[t3, j]), o, ln))
                 k = k0 + t0 - lo
                 k1 = k0 + t1 - lo
                 k2 = k0 + t2 - lo
@@ -1076,7 +1101,7 @@ def exact(table, cs, slot, codes, residuals, norm_mode, norm_codes, norm_values,
     for i in range(m):
         for k in range(U):
             csT[k, i] = cs[i, k]
-    _exact_core(table, csT, crow, divisor, residuals, doc_offsets, docs, out)
+    _exact_core(table, csT, crow, divisor, residuals, doc_offsets, docs, out, m)
     return -1
 
 
@@ -1121,7 +1146,7 @@ def stage4(q, table, centroids, codes, residuals, norm_mode, norm_codes, norm_va
         W = (m + 7) // 8 * 8
         csT = np.empty((U, W), np.float32)
         centroid_dots(q, centroids, u, U, csT)
-        _exact_core(table, csT, crow, divisor, residuals, doc_offsets, docs, out)
+        _exact_core(table, csT, crow, divisor, residuals, doc_offsets, docs, out, m)
     for k in range(U):
         cslot[u[k]] = -1
     return bad
@@ -1451,3 +1476,34 @@ def search_query(R, q, table, centroids, ivf, ivf_offsets, dcells, dcell_offsets
 
 
 _NO_KEEP = np.zeros(1, np.bool_)
+
+
+@jit
+def search_many(R, starts, Q, tables, table_offsets, widths, centroids, ivf, ivf_offsets, dcells, dcell_offsets,
+                doc_offsets, codes, residuals, norm_mode, norm_codes, norm_values, norm_table, alive, use_alive, k,
+                ncells, threshold, n2, n3, mark, slot, cslot, ids, scores, counts):
+    """:func:`search_query` for each query ``i < len(starts) - 1`` of a group, in one call: its rows
+    ``starts[i]:starts[i + 1]`` of R (float32 [sum m, C]) and Q (float32 [sum m, dim]), its byte
+    table ``tables[table_offsets[i]:table_offsets[i + 1]]`` (float32, flat) read as
+    ``[rows, widths[i]]``. Hits into ids int64 [n, >= k] and scores float32 [n, >= k] (the first
+    ``counts[i]`` of row i). Returns (-1, -1), or (query, position of its invalid token): then
+    the later queries are not searched."""
+    ticks = np.zeros(5, np.int64)
+    for i in range(starts.shape[0] - 1):
+        a = starts[i]
+        b = starts[i + 1]
+        lo = table_offsets[i]
+        hi = table_offsets[i + 1]
+        w = widths[i]
+        table = tables[lo:hi].reshape(((hi - lo) // w, w))
+        hid, hsc, docs, nc, thr, sel2, sel3, bad = search_query(
+            R[a:b], Q[a:b], table, centroids, ivf, ivf_offsets, dcells, dcell_offsets, doc_offsets, codes, residuals,
+            norm_mode, norm_codes, norm_values, norm_table, alive, use_alive, k, ncells, threshold, n2, n3, mark, slot,
+            cslot, ticks)
+        if bad >= 0:
+            return i, bad
+        counts[i] = hid.shape[0]
+        for j in range(hid.shape[0]):
+            ids[i, j] = hid[j]
+            scores[i, j] = hsc[j]
+    return -1, -1

@@ -15,7 +15,7 @@ from __future__ import annotations
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -125,7 +125,11 @@ class CPUEngine:
         clock = time.perf_counter
         t0 = clock()
         q = np.ascontiguousarray(q, np.float32)
-        table = self.codec.score_table(q).numpy()
+        # the byte table padded to whole 8-lane blocks of query tokens (zero tokens: zero columns),
+        # so stage 4 reads its rows with plain loads
+        pad = -len(q) % 8
+        table = self.codec.score_table(np.concatenate([q, np.zeros((pad, q.shape[1]), np.float32)]) if pad else q)
+        table = table.numpy()
         sc = self._scratch
         t1 = clock()
         try:
@@ -148,6 +152,63 @@ class CPUEngine:
             trace.timings.update(stage1_candidates=float(d[0]), stage2_prune=float(d[1]), stage3_rank=float(d[2]),
                                  stage4_exact=float(d[3]) + (t1 - t0))
         return ids, scores
+
+    def search_many(self, queries: List[np.ndarray], b: Budgets) -> Optional[List[Hits]]:
+        """:meth:`search_one` for a group of queries (no subsets, no traces): :meth:`prepare_many`
+        then :meth:`run_many`. None where it does not apply (several segments, the numpy
+        fallback, an empty query): then search them one by one."""
+        prepared = self.prepare_many(queries)
+        return None if prepared is None else self.run_many(prepared, b)
+
+    def prepare_many(self, queries: List[np.ndarray]) -> Optional[tuple]:
+        """The Python half of :meth:`search_many`: the group's tokens, offsets and byte tables
+        (each query's ``codec.score_table``, its query padded with zero tokens to whole 8-lane
+        blocks as in :meth:`search_one`), or None where the compiled group call does not apply."""
+        if self.query_arrays is None or not self.independent_rows or any(len(q) == 0 for q in queries):
+            return None
+        lens = np.array([len(q) for q in queries], np.int64)
+        starts = np.zeros(len(queries) + 1, np.int64)
+        np.cumsum(lens, out=starts[1:])
+        widths = -(-lens // 8) * 8
+        dim = queries[0].shape[1]
+        Q = np.empty((int(starts[-1]), dim), np.float32)
+        padded = np.zeros((int(widths.sum()), dim), np.float32)  # each query + zero tokens
+        row = 0
+        for i, q in enumerate(queries):
+            Q[starts[i] : starts[i + 1]] = q
+            padded[row : row + len(q)] = q
+            row += int(widths[i])
+        table_offsets = np.zeros(len(queries) + 1, np.int64)
+        np.cumsum(self.codec.code_bytes * 256 * widths, out=table_offsets[1:])
+        tables = np.empty(int(table_offsets[-1]), np.float32)
+        self.codec.score_tables(padded, widths, tables)
+        return Q, starts, tables, table_offsets, widths
+
+    def run_many(self, prepared: tuple, b: Budgets) -> Optional[List[Hits]]:
+        """The compiled half of :meth:`search_many` (the GIL released throughout): the group's
+        query-centroid product, then stages 1-4 of each query in one call
+        (:func:`kernels_cpu.search_many`)."""
+        Q, starts, tables, table_offsets, widths = prepared
+        R = self.centroid_scores(Q)
+        sc = self._scratch
+        try:
+            r = K.search_many(R, starts, Q, tables, table_offsets, widths, self.query_arrays, b.k, b.ncells,
+                              b.threshold, b.n2, b.n3, sc.marks(self.num_documents), sc.slots(self.num_documents),
+                              sc.cslots(self.num_centroids))
+        except IndexCorruptError as e:
+            raise IndexCorruptError(f"{self.snapshot.path}: index files {self.codes_file}"
+                                    f"{', ' + self.norms_file if self.norms_file else ''}: {e}") from None
+        if r is None:
+            return None
+        ids, scores, counts = r
+        return [(ids[i, : counts[i]], scores[i, : counts[i]]) for i in range(len(starts) - 1)]
+
+    @property
+    def independent_rows(self) -> bool:
+        """True when a query's row of :meth:`centroid_scores` does not depend on the other rows
+        of the call (the compiled float32 product; a BLAS product blocks by the number of rows),
+        so the pipeline may score queries in any grouping."""
+        return self.scoring.dtype == torch.float32 and K.backend() == "numba"
 
     # -- stage 1 ---------------------------------------------------------------------------------
     def centroid_scores(self, Qcat: np.ndarray, pool: Optional[ThreadPoolExecutor] = None,
