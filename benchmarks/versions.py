@@ -31,7 +31,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 import corpora  # noqa: E402
 
-CODECS = {"pq16": {"codec": "pq", "pq_m": 16}, "pq32": {"codec": "pq", "pq_m": 32},
+CODECS = {"default": {}, "pq16": {"codec": "pq", "pq_m": 16}, "pq32": {"codec": "pq", "pq_m": 32},
           "pq64": {"codec": "pq", "pq_m": 64}, "scalar2": {"codec": "scalar", "nbits": 2}}
 
 # Runs inside a revision's own code (PYTHONPATH = its tree): build, or time single queries.
@@ -91,7 +91,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="git revision to compare the working tree against")
     ap.add_argument("--sizes", default="5k")
-    ap.add_argument("--codecs", default="pq32", help=f"comma separated, of {', '.join(CODECS)}")
+    ap.add_argument("--codecs", default="default",
+                    help=f"comma separated, of {', '.join(CODECS)} (default: each revision's default Indexer)")
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--queries", type=int, default=200, help="queries timed per round (at most all)")
     ap.add_argument("--threads", type=int, default=2)
