@@ -27,6 +27,7 @@ run it on any device.
 """
 from __future__ import annotations
 
+import os
 import warnings
 from typing import Dict, Optional, Sequence, Tuple
 
@@ -102,8 +103,16 @@ class ResidualCodec:
         elif not out.flags.c_contiguous or out.dtype != np.float32 or out.size != self.code_bytes * 256 * len(q):
             raise ValueError(f"score_table: out must be a C-contiguous float32 array of {self.code_bytes * 256 * len(q)}"
                              " elements")
-        self.score_tables(q, np.array([len(q)]), out.reshape(-1))
-        return torch.from_numpy(out.reshape(self.code_bytes * 256, len(q)))
+        m = len(q)
+        w = -(-m // 8) * 8
+        if w == m:
+            self.score_tables(q, np.array([m]), out.reshape(-1))
+        else:  # computed as the search's padded tables are (the same product shape, so the same
+            # bits: numpy sends a one-column product to gemv, whose sums round unlike gemm's)
+            full = np.empty(self.code_bytes * 256 * w, np.float32)
+            self.score_tables(np.concatenate([q, np.zeros((w - m, q.shape[1]), np.float32)]), np.array([w]), full)
+            out.reshape(self.code_bytes * 256, m)[...] = full.reshape(self.code_bytes * 256, w)[:, :m]
+        return torch.from_numpy(out.reshape(self.code_bytes * 256, m))
 
     def score_tables(self, Q: np.ndarray, lens: np.ndarray, out: np.ndarray) -> None:
         """:meth:`score_table` of several queries at once (the same values: a query's table does
@@ -189,8 +198,11 @@ def _pq_kernel_failed(e: BaseException) -> None:
 
 def _rot_kernel():
     """The compiled query rotation (:func:`plaid._codecs_numba.rotate_rows`), or None (numba
-    missing or broken: one warning, then BLAS)."""
+    missing or broken: one warning, then BLAS; ``PLAID_NO_NUMBA`` set: BLAS, as the search's
+    kernels then run without numba, which is not even imported)."""
     global _ROT_KERNEL
+    if os.environ.get("PLAID_NO_NUMBA", "") not in ("", "0"):
+        return None
     if _ROT_KERNEL is None:
         try:
             from ._codecs_numba import rotate_rows

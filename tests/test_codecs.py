@@ -100,6 +100,10 @@ def test_query_rotation_is_compiled_and_equals_blas(monkeypatch):
     with pytest.warns(RuntimeWarning, match="compiled query rotation unavailable"):
         np.testing.assert_array_equal(codec._rotate_queries(q), blas)
     assert codecs._ROT_KERNEL is False
+    monkeypatch.undo()
+    monkeypatch.setenv("PLAID_NO_NUMBA", "1")  # the search's fallback keeps numba off the query path too
+    assert codecs._rot_kernel() is None
+    np.testing.assert_array_equal(codec._rotate_queries(q), blas)
 
 
 def test_rotation_with_allocated_widths_beats_equal_widths_at_the_same_bytes():

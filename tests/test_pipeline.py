@@ -141,6 +141,57 @@ def test_compiled_query_equals_the_stages(small_index, small_scalar_index, small
     _staged_and_compiled(path, queries, COMPILED_GRID)
 
 
+@pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")
+def test_one_token_queries_score_alike_on_every_path(small_index, small_scalar_index, small_corpus):
+    """A one-token query's byte table is one column: numpy computes such a product by another
+    BLAS routine (gemv), whose sums round otherwise; every path builds the table through the
+    same 8-column product, so the compiled, grouped, staged and subset paths give equal scores."""
+    docs, _ = small_corpus
+    rng = np.random.default_rng(11)
+    picks = [docs[i][rng.integers(len(docs[i]))] for i in rng.choice(len(docs), 40, replace=False)]
+    queries = [(p + rng.normal(0, 0.05, p.shape)).astype(np.float32)[None, :] for p in picks]
+    for path in (small_scalar_index, small_index):
+        s = _staged_and_compiled(path, queries, [(100, 2, 0.45, 1024), (10, 2, 0.5, 256)])
+        res = s.search(queries[:5], k=1)
+        for q, d, sc in zip(queries[:5], res.ids[:, 0], res.scores[:, 0]):
+            assert s.search([q], k=1, subset=[int(d)]).scores[0, 0] == sc
+
+
+def test_parts_spread_over_the_threads_and_stop_at_an_error(small_index, small_corpus, monkeypatch):
+    """Two threads: a batch of 4 queries runs as 2 parts of 2 (every thread gets work), 200
+    queries as parts of 8; a part that raises stops the other threads after their current part,
+    and the error reaches the caller."""
+    _, queries = small_corpus
+    s = plaid.Searcher(small_index, num_threads=2)
+    eng = s._state.engine
+    if not eng.independent_rows:
+        pytest.skip("the compiled product is not in use here")
+    sizes = []
+    run_many = eng.run_many
+
+    def counting(prepared, b):
+        sizes.append(len(prepared[1]) - 1)
+        return run_many(prepared, b)
+
+    monkeypatch.setattr(eng, "run_many", counting)
+    s.search(queries[:4], k=10)
+    assert sorted(sizes) == [2, 2]
+    sizes.clear()
+    many = (queries * 7)[:200]
+    s.search(many, k=10)
+    assert sorted(sizes) == [8] * 25
+
+    def failing(prepared, b):
+        sizes.append(len(prepared[1]) - 1)
+        raise plaid.IndexCorruptError("planted")
+
+    sizes.clear()
+    monkeypatch.setattr(eng, "run_many", failing)
+    with pytest.raises(plaid.IndexCorruptError, match="planted"):
+        s.search(many, k=10)
+    assert len(sizes) <= 3, f"{len(sizes)} parts ran after the first failed"
+
+
 @pytest.mark.msmarco
 @requires_msmarco
 @pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")

@@ -282,6 +282,9 @@ def search_query(engine: Engine, q: np.ndarray, R: np.ndarray, b: Budgets, subse
 #: 7-token query's product alone reads every centroid for 7 rows; eight share that read (parts of 4, 8
 #: and 16 measured 1.57x, 1.72x and 1.69x the one-thread throughput with two threads on msmarco-5k).
 THREAD_CHUNK = 8
+# (a batch of fewer than threads * 8 queries is cut into parts of ceil(n / threads), so that every
+# thread gets one; each thread holds its part's scores: 8 x m x C float32, 64 MiB for 32-token
+# queries at 65,536 centroids)
 
 
 def search_batch(engine: Engine, queries: List[np.ndarray], b: Budgets,
@@ -339,7 +342,8 @@ def _batch(engine: Engine, queries: List[np.ndarray], b: Budgets, subsets: Optio
 def _threaded_parts(engine: Engine, queries: List[np.ndarray], b: Budgets, subsets: Optional[List[np.ndarray]],
                     traces: Optional[List[Trace]], pool: ThreadPoolExecutor) -> List[Hits]:
     """Parts of :data:`THREAD_CHUNK` queries, each part's product and stages in one task at a time."""
-    n, step = len(queries), THREAD_CHUNK
+    n = len(queries)
+    step = max(1, min(THREAD_CHUNK, -(-n // b.threads)))  # every thread a part when n < threads * 8
     starts = np.concatenate([[0], np.cumsum([len(q) for q in queries])])
     compiled = traces is None and subsets is None and hasattr(engine, "prepare_many")
 
@@ -369,12 +373,22 @@ def _in_tasks(pool: ThreadPoolExecutor, threads: int, n: int, part, step: int) -
     task per part cost a queue hand-off and two context switches each); results in order."""
     out: list = [None] * n
     order = iter(range(0, n, step))  # next() on it holds the GIL: each part is taken once
+    stop = []  # non-empty once a task failed or the caller stopped waiting: take no more parts
 
     def worker() -> None:
-        for lo in order:
-            out[lo : lo + step] = part(lo)
+        try:
+            for lo in order:
+                if stop:
+                    return
+                out[lo : lo + step] = part(lo)
+        except BaseException:
+            stop.append(True)
+            raise
 
     tasks = [pool.submit(worker) for _ in range(min(threads, -(-n // step)))]
-    for t in tasks:
-        t.result()
+    try:
+        for t in tasks:
+            t.result()
+    finally:  # an exception here or in a task (or an interrupt): the other tasks end after their part
+        stop.append(True)
     return out

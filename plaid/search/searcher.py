@@ -87,7 +87,7 @@ class Searcher:
     batch_size : int, default 32
         Queries processed together (one query-centroid product per batch); bounds the memory of a
         call. Searches on several threads with the compiled CPU kernels take queries in parts of
-        8 instead (:func:`plaid.search.pipeline.search_batch`).
+        at most 8 per thread instead (:func:`plaid.search.pipeline.search_batch`).
     centroid_precision : {"auto", "float32", "bfloat16"}, default "auto"
         Precision of the query-centroid scores of stages 1-3 ("auto": float32). Stage 4 is
         always float32. bfloat16 halves the memory of the scoring copy of the centroids and,
