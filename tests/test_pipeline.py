@@ -158,9 +158,9 @@ def test_one_token_queries_score_alike_on_every_path(small_index, small_scalar_i
 
 
 def test_parts_spread_over_the_threads_and_stop_at_an_error(small_index, small_corpus, monkeypatch):
-    """Two threads: a batch of 4 queries runs as 2 parts of 2 (every thread gets work), 200
-    queries as parts of 8; a part that raises stops the other threads after their current part,
-    and the error reaches the caller."""
+    """Two threads: a batch of 4 queries runs as 4 parts of 1 and 50 as 7 parts of 7 and one of 1 (each
+    thread gets at least 4 parts), 200 queries as parts of 8; a part that raises stops the other
+    threads after their current part, and the error reaches the caller."""
     _, queries = small_corpus
     s = plaid.Searcher(small_index, num_threads=2)
     eng = s._state.engine
@@ -175,7 +175,10 @@ def test_parts_spread_over_the_threads_and_stop_at_an_error(small_index, small_c
 
     monkeypatch.setattr(eng, "run_many", counting)
     s.search(queries[:4], k=10)
-    assert sorted(sizes) == [2, 2]
+    assert sorted(sizes) == [1, 1, 1, 1]
+    sizes.clear()
+    s.search((queries * 2)[:50], k=10)
+    assert sorted(sizes) == [1] + [7] * 7
     sizes.clear()
     many = (queries * 7)[:200]
     s.search(many, k=10)

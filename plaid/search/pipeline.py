@@ -282,9 +282,11 @@ def search_query(engine: Engine, q: np.ndarray, R: np.ndarray, b: Budgets, subse
 #: 7-token query's product alone reads every centroid for 7 rows; eight share that read (parts of 4, 8
 #: and 16 measured 1.57x, 1.72x and 1.69x the one-thread throughput with two threads on msmarco-5k).
 THREAD_CHUNK = 8
-# (a batch of fewer than threads * 8 queries is cut into parts of ceil(n / threads), so that every
-# thread gets one; each thread holds its part's scores: 8 x m x C float32, 64 MiB for 32-token
-# queries at 65,536 centroids)
+#: ... or fewer, so that each thread gets at least this many parts (a batch of fewer than
+#: threads * 32 queries: parts of ceil(n / (4 * threads))): 50 queries in parts of 8 left one
+#: thread a part alone at the end. Each thread holds its part's scores: 8 x m x C float32, 64 MiB
+#: for 32-token queries at 65,536 centroids.
+PARTS_PER_THREAD = 4
 
 
 def search_batch(engine: Engine, queries: List[np.ndarray], b: Budgets,
@@ -343,7 +345,7 @@ def _threaded_parts(engine: Engine, queries: List[np.ndarray], b: Budgets, subse
                     traces: Optional[List[Trace]], pool: ThreadPoolExecutor) -> List[Hits]:
     """Parts of :data:`THREAD_CHUNK` queries, each part's product and stages in one task at a time."""
     n = len(queries)
-    step = max(1, min(THREAD_CHUNK, -(-n // b.threads)))  # every thread a part when n < threads * 8
+    step = max(1, min(THREAD_CHUNK, -(-n // (PARTS_PER_THREAD * b.threads))))
     starts = np.concatenate([[0], np.cumsum([len(q) for q in queries])])
     compiled = traces is None and subsets is None and hasattr(engine, "prepare_many")
 
