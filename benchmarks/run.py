@@ -436,6 +436,15 @@ def write_markdown(results: dict, path: str) -> None:
     lines += ["Corpora: " + "; ".join(f"{s}: {c['num_docs']:,} documents, {c['num_tokens']:,} tokens, "
                                       f"{c['num_queries']} queries ({c['kind']})"
                                       for s, c in sorted(results["corpora"].items(), key=lambda x: size_order(x[0]))), ""]
+    # runs merged from several invocations: say when each was measured (a shared machine drifts,
+    # so only figures of one date compare directly)
+    when: dict = {}
+    for r in results["runs"]:
+        when.setdefault(r.get("date", "?")[:16], []).append(f"{r['corpus']} {r['key']}")
+    if len(when) > 1:
+        lines += ["Measured in " + str(len(when)) + " runs: " + "; ".join(
+            f"{d}: {', '.join(sorted(keys, key=lambda k: (size_order(k.split()[0]), k)))}"
+            for d, keys in sorted(when.items())) + ".", ""]
     hl = headline(results)
     if hl:
         lines += ["## At recall@10 ≥ 0.95: each engine's fastest setting", "",
