@@ -169,56 +169,42 @@ class ResidualCodec:
         raise NotImplementedError
 
 
-#: The compiled PQ encoder (:mod:`plaid._codecs_numba`), imported on first use; False once it
-#: could not be imported or compiled (then faiss encodes: the same codes, about 10x slower at
-#: sub-vectors of 2-5 dimensions, where faiss scores one vector at a time).
-_PQ_KERNEL = None
-_ROT_KERNEL = None
+class _Compiled:
+    """A kernel of :mod:`plaid._codecs_numba`, imported on first use. ``fn``: None (not loaded
+    yet), the function, or False once it could not be imported or compiled (then the caller's
+    fallback computes the same result, after ONE warning ending in ``fallback``)."""
+
+    def __init__(self, name: str, what: str, fallback: str, honour_no_numba: bool = False):
+        self.name, self.what, self.fallback, self.honour_no_numba = name, what, fallback, honour_no_numba
+        self.fn = None
+
+    def get(self):
+        """The function, or None (use the fallback)."""
+        if self.honour_no_numba and os.environ.get("PLAID_NO_NUMBA", "") not in ("", "0"):
+            return None
+        if self.fn is None:
+            try:
+                from . import _codecs_numba
+
+                self.fn = getattr(_codecs_numba, self.name)
+            except Exception as e:  # ImportError, or a broken numba / llvmlite install
+                self.failed(e)
+        return self.fn or None
+
+    def failed(self, e: BaseException) -> None:
+        """Give up on the kernel (a compile failure on its first call): one warning."""
+        if self.fn is not False:
+            self.fn = False
+            warnings.warn(f"plaid: {self.what} unavailable ({type(e).__name__}: {e}); {self.fallback}",
+                          RuntimeWarning, stacklevel=3)
 
 
-def _pq_kernel():
-    global _PQ_KERNEL
-    if _PQ_KERNEL is None:
-        try:
-            from ._codecs_numba import pq_encode
-
-            _PQ_KERNEL = pq_encode
-        except Exception as e:  # ImportError, or a broken numba / llvmlite install
-            _pq_kernel_failed(e)
-    return _PQ_KERNEL or None
-
-
-def _pq_kernel_failed(e: BaseException) -> None:
-    global _PQ_KERNEL
-    if _PQ_KERNEL is not False:
-        _PQ_KERNEL = False
-        warnings.warn(f"plaid: compiled PQ encoder unavailable ({type(e).__name__}: {e}); encoding with faiss "
-                      "(same codes, slower)", RuntimeWarning, stacklevel=3)
-
-
-def _rot_kernel():
-    """The compiled query rotation (:func:`plaid._codecs_numba.rotate_rows`), or None (numba
-    missing or broken: one warning, then BLAS; ``PLAID_NO_NUMBA`` set: BLAS, as the search's
-    kernels then run without numba, which is not even imported)."""
-    global _ROT_KERNEL
-    if os.environ.get("PLAID_NO_NUMBA", "") not in ("", "0"):
-        return None
-    if _ROT_KERNEL is None:
-        try:
-            from ._codecs_numba import rotate_rows
-
-            _ROT_KERNEL = rotate_rows
-        except Exception as e:  # ImportError, or a broken numba / llvmlite install
-            _rot_kernel_failed(e)
-    return _ROT_KERNEL or None
-
-
-def _rot_kernel_failed(e: BaseException) -> None:
-    global _ROT_KERNEL
-    if _ROT_KERNEL is not False:
-        _ROT_KERNEL = False
-        warnings.warn(f"plaid: compiled query rotation unavailable ({type(e).__name__}: {e}); rotating with BLAS",
-                      RuntimeWarning, stacklevel=3)
+#: The compiled PQ encoder; without it faiss encodes: the same codes, about 10x slower at
+#: sub-vectors of 2-5 dimensions, where faiss scores one vector at a time.
+_PQ = _Compiled("pq_encode", "compiled PQ encoder", "encoding with faiss (same codes, slower)")
+#: The compiled query rotation; without it BLAS rotates (``PLAID_NO_NUMBA`` set: BLAS, as the
+#: search's kernels then run without numba, which is not even imported).
+_ROT = _Compiled("rotate_rows", "compiled query rotation", "rotating with BLAS", honour_no_numba=True)
 
 
 def allocate_widths(variances: np.ndarray, m: int, dim: int) -> Tuple[int, ...]:
@@ -357,7 +343,7 @@ class PQCodec(ResidualCodec):
         a few hundred rows on its own threads, which keep spinning after it and took the core of
         the search's other thread: a one-thread search used 2 cores, two threads searching parts
         of 8 queries were slower than one."""
-        kernel = _rot_kernel()
+        kernel = _ROT.get()
         if kernel is not None:
             if self._rot64 is None:
                 self._rot64 = self.rotation_matrix.astype(np.float64)
@@ -366,7 +352,7 @@ class PQCodec(ResidualCodec):
                 kernel(np.ascontiguousarray(x, np.float32), self._rot64, out)
                 return out
             except Exception as e:  # a compile failure: BLAS from now on
-                _rot_kernel_failed(e)
+                _ROT.failed(e)
         return self._rotate(x)
 
     def train(self, residuals: np.ndarray, seed: int = 0) -> None:
@@ -416,7 +402,7 @@ class PQCodec(ResidualCodec):
 
     def encode(self, residuals: np.ndarray) -> np.ndarray:
         z = self._to_layout(residuals)
-        kernel = _pq_kernel()
+        kernel = _PQ.get()
         if kernel is not None:
             if self._books_t is None:
                 self._books_t = np.ascontiguousarray(self.codebooks.transpose(0, 2, 1), dtype=np.float32)
@@ -425,7 +411,7 @@ class PQCodec(ResidualCodec):
                 kernel(z, self._books_t, out)
                 return out
             except Exception as e:  # a compile failure: faiss from now on (the same nearest sub-centroids)
-                _pq_kernel_failed(e)
+                _PQ.failed(e)
         return self._faiss_pq().compute_codes(z).reshape(len(z), self.m)
 
     def to(self, device) -> "PQCodec":

@@ -179,9 +179,9 @@ def serve(path: str, seed: int) -> None:
     import plaid  # noqa: F401  (imported once here; every forked writer inherits it)
     import plaid.indexing.index  # noqa: F401  (plaid loads its parts lazily: load them before forking)
     import plaid.search.searcher  # noqa: F401
-    from plaid.codecs import _pq_kernel
+    from plaid.codecs import _PQ
 
-    encode = _pq_kernel()  # the compiled PQ encoder: numba and its cached code, loaded before forking
+    encode = _PQ.get()  # the compiled PQ encoder: numba and its cached code, loaded before forking
     if encode is not None:
         encode(np.zeros((1, 8), np.float32), np.zeros((8, 1, 256), np.float32), np.zeros((1, 8), np.uint8))
 

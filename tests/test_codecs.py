@@ -58,17 +58,17 @@ def test_compiled_pq_encoder_gives_faiss_codes(kw, monkeypatch):
     z = codec._to_layout(x[1000:])
     want = codec._faiss_pq().compute_codes(z).reshape(len(z), codec.m)
     got = codec.encode(x[1000:])
-    assert codecs._PQ_KERNEL, "the compiled encoder was not used"
+    assert codecs._PQ.fn, "the compiled encoder was not used"
     np.testing.assert_array_equal(got, want)
     np.testing.assert_array_equal(np.concatenate([codec.encode(x[1000:1001]), codec.encode(x[1001:])]), got)
 
     def broken(*a):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(codecs, "_PQ_KERNEL", broken)
+    monkeypatch.setattr(codecs._PQ, "fn", broken)
     with pytest.warns(RuntimeWarning, match="compiled PQ encoder unavailable"):
         np.testing.assert_array_equal(codec.encode(x[1000:]), want)
-    assert codecs._PQ_KERNEL is False
+    assert codecs._PQ.fn is False
 
 
 def test_query_rotation_is_compiled_and_equals_blas(monkeypatch):
@@ -84,7 +84,7 @@ def test_query_rotation_is_compiled_and_equals_blas(monkeypatch):
     q = x[1000:]
     blas = codec._rotate(q)
     got = codec._rotate_queries(q)
-    assert codecs._ROT_KERNEL, "the compiled rotation was not used"
+    assert codecs._ROT.fn, "the compiled rotation was not used"
     ulps = np.abs(got.view(np.int32).astype(np.int64) - blas.view(np.int32).astype(np.int64))
     assert ulps.max() <= 1 and (ulps == 0).mean() > 0.999, (ulps.max(), (ulps == 0).mean())
     np.testing.assert_array_equal(np.concatenate([codec._rotate_queries(q[:7]), codec._rotate_queries(q[7:])]), got)
@@ -96,13 +96,13 @@ def test_query_rotation_is_compiled_and_equals_blas(monkeypatch):
     def broken(*a):
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(codecs, "_ROT_KERNEL", broken)
+    monkeypatch.setattr(codecs._ROT, "fn", broken)
     with pytest.warns(RuntimeWarning, match="compiled query rotation unavailable"):
         np.testing.assert_array_equal(codec._rotate_queries(q), blas)
-    assert codecs._ROT_KERNEL is False
+    assert codecs._ROT.fn is False
     monkeypatch.undo()
     monkeypatch.setenv("PLAID_NO_NUMBA", "1")  # the search's fallback keeps numba off the query path too
-    assert codecs._rot_kernel() is None
+    assert codecs._ROT.get() is None
     np.testing.assert_array_equal(codec._rotate_queries(q), blas)
 
 

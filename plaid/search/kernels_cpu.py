@@ -627,6 +627,19 @@ class QueryArrays:
 _NO_ALIVE = np.ones(1, np.bool_)
 
 
+def _run_prepared(name: str, args: tuple):
+    """Kernel ``name``'s result for ``args`` already read-only where they must be (no per-argument
+    conversion: the per-query calls), or None when the numpy fallback is (or has just become, on
+    a compile failure, with its one warning) in use."""
+    try:
+        return getattr(_nb, name)(*args)
+    except MemoryError:
+        raise
+    except Exception:  # a compile failure: _run falls back (one warning) and says so
+        r = _run(name, *args)
+        return None if r is None else r[0]
+
+
 def search_query(R: np.ndarray, q: np.ndarray, table: np.ndarray, arrays: QueryArrays, k: int, ncells: int,
                  threshold: float, n2: int, n3: int, mark: np.ndarray, slot: np.ndarray, cslot: np.ndarray):
     """Stages 1-4 of one query in one compiled call (no subset): what
@@ -648,15 +661,10 @@ def search_query(R: np.ndarray, q: np.ndarray, table: np.ndarray, arrays: QueryA
     # arrays.args are read-only already: call the kernel without _run's per-argument conversion
     args = (_ro(R), _ro(q), _ro(table), *arrays.args, int(k), int(ncells), float(threshold), int(n2), int(n3), mark,
             slot, cslot, ticks)
-    try:
-        ids, scores, docs, nc, thr, sel2, sel3, bad = _nb.search_query(*args)
-    except MemoryError:
-        raise
-    except Exception:  # a compile failure: _run falls back (one warning) and says so
-        r = _run("search_query", *args)
-        if r is None:
-            return None
-        ids, scores, docs, nc, thr, sel2, sel3, bad = r[0]
+    r = _run_prepared("search_query", args)
+    if r is None:
+        return None
+    ids, scores, docs, nc, thr, sel2, sel3, bad = r
     if bad >= 0:
         raise IndexCorruptError(f"stage 4: token {bad}: centroid id or norm invalid")
     return ids, scores, docs, nc, thr, sel2, sel3, ticks
@@ -688,15 +696,9 @@ def search_many(R: np.ndarray, starts: np.ndarray, Q: np.ndarray, tables: np.nda
             _ro(np.ascontiguousarray(table_offsets, np.int64)), _ro(np.ascontiguousarray(widths, np.int64)),
             *arrays.args, int(k), int(ncells), float(threshold), int(n2), int(n3), mark, slot, cslot, ids, scores,
             counts)
-    try:
-        r = _nb.search_many(*args)
-    except MemoryError:
-        raise
-    except Exception:  # a compile failure: _run falls back (one warning) and says so
-        r = _run("search_many", *args)
-        if r is None:
-            return None
-        r = r[0]
+    r = _run_prepared("search_many", args)
+    if r is None:
+        return None
     if r[1] >= 0:
         raise IndexCorruptError(f"stage 4: token {r[1]}: centroid id or norm invalid")
     return ids, scores, counts
