@@ -220,8 +220,11 @@ def _step(step: list):
             rc = main(list(step[1]))
         return {"rc": rc, "stdout": out.getvalue(), "stderr": err.getvalue()}
     if op == "warm":  # ["warm"]: compile (or load from numba's cache) the token-pooling kernel, which an
-        from plaid.indexing import pooling  # add to a pooled index runs: not within a case's time limit
+        from plaid.indexing import pooling  # add to a pooled index runs, and the search kernels for both
+        from plaid.search import kernels_cpu  # centroid-id widths (a planted int32 codes file makes a
 
+        for dtype in (np.uint16, np.int32):  # search compile them): not within a case's time limit
+            kernels_cpu.warmup(dtype)
         return pooling.backend()
     if op == "sleep":  # for testing the watchdog
         time.sleep(float(step[1]))

@@ -104,8 +104,10 @@ class CPUEngine:
             torch.bfloat16 if precision == "bfloat16" else torch.float32)
         self._scratch = _Scratch()
         self._scoring_t: Optional[np.ndarray] = None  # the kernel's product reads it (K.product_panels)
-        # numba's start-up and the two kernels a search runs load in the background meanwhile
-        K.warmup(self.codes.dtype, background=True, search_only=True)
+        # numba's start-up and the kernels a search runs load in the background meanwhile: with one
+        # segment the one-call query kernels, with several the per-stage ones
+        one_segment = len(self.codes.parts) == 1
+        K.warmup(self.codes.dtype, background=True, search_only=one_segment, one_call=one_segment)
         # stages 1-4 of a query in one compiled call read one segment's token arrays in place
         self.query_arrays: Optional[K.QueryArrays] = None
         if len(self.codes.parts) == 1:

@@ -144,21 +144,23 @@ def _run(name: str, *args):
         return None
 
 
-def warmup(codes_dtype=np.uint16, background: bool = False, search_only: bool = False):
+def warmup(codes_dtype=np.uint16, background: bool = False, search_only: bool = False, one_call: bool = True):
     """Decide the backend and compile (or load from numba's cache) the kernels for the argument
     types a search uses, on tiny inputs, so that the first search pays none of it.
 
     codes_dtype: the index's centroid-id dtype (uint16, or int32 above 65536 centroids);
     background: run in a daemon thread and return it (else run here and return None);
     search_only: only the kernels a search of a one-segment index runs (the query-centroid
-    product, :func:`search_query` and :func:`search_many`), not the per-stage ones. A process that searches soon
+    product, :func:`search_query` and :func:`search_many`), not the per-stage ones; one_call:
+    False leaves out :func:`search_query` and :func:`search_many` (an index of several segments
+    never runs them, and they are the longest to compile: ~15 s cold). A process that searches soon
     after opening an index can start this first (the CPU engine does, in the background, when
     it opens an index): numba's own start-up (its import, ~0.2 s, its first use, ~0.3 s, then
     ~10 ms per cached kernel) then overlaps the opening.
     """
     if background:
-        t = threading.Thread(target=warmup, args=(codes_dtype, False, search_only), name="plaid-kernels-warmup",
-                             daemon=True)
+        t = threading.Thread(target=warmup, args=(codes_dtype, False, search_only, one_call),
+                             name="plaid-kernels-warmup", daemon=True)
         t.start()
         return t
     if backend() != "numba":
@@ -181,10 +183,11 @@ def warmup(codes_dtype=np.uint16, background: bool = False, search_only: bool = 
     scores_product(q, product_panels(cents), np.empty((m, C), np.float32), 0, C)
     arrays = QueryArrays(cents, ivf, ivf_offsets, dcells, dcell_offsets, offsets, codes, np.zeros((N, 1), np.uint8),
                          np.zeros(N, np.uint8), None, norm_values=np.ones(256, np.float32))
-    search_query(Re[:, :C].copy(), q, table, arrays, 2, 1, 0.5, 2, 1, np.zeros(N, bool), np.full(N, -1, np.int32),
-                 np.full(C, -1, np.int32))
-    search_many(Re[:, :C].copy(), np.array([0, m]), q, table.ravel(), np.array([0, table.size]), np.array([m]), arrays,
-                2, 1, 0.5, 2, 1, np.zeros(N, bool), np.full(N, -1, np.int32), np.full(C, -1, np.int32))
+    if one_call:
+        search_query(Re[:, :C].copy(), q, table, arrays, 2, 1, 0.5, 2, 1, np.zeros(N, bool),
+                     np.full(N, -1, np.int32), np.full(C, -1, np.int32))
+        search_many(Re[:, :C].copy(), np.array([0, m]), q, table.ravel(), np.array([0, table.size]), np.array([m]),
+                    arrays, 2, 1, 0.5, 2, 1, np.zeros(N, bool), np.full(N, -1, np.int32), np.full(C, -1, np.int32))
     try:  # the codecs' query rotation (it warns and falls back to BLAS by itself where it fails)
         from .._codecs_numba import rotate_rows
 
