@@ -167,13 +167,13 @@ def test_parts_spread_over_the_threads_and_stop_at_an_error(small_index, small_c
     if not eng.independent_rows:
         pytest.skip("the compiled product is not in use here")
     sizes = []
-    run_many = eng.run_many
+    search_many = eng.search_many
 
-    def counting(prepared, b):
-        sizes.append(len(prepared[1]) - 1)
-        return run_many(prepared, b)
+    def counting(qs, b):
+        sizes.append(len(qs))
+        return search_many(qs, b)
 
-    monkeypatch.setattr(eng, "run_many", counting)
+    monkeypatch.setattr(eng, "search_many", counting)
     s.search(queries[:4], k=10)
     assert sorted(sizes) == [1, 1, 1, 1]
     sizes.clear()
@@ -184,12 +184,12 @@ def test_parts_spread_over_the_threads_and_stop_at_an_error(small_index, small_c
     s.search(many, k=10)
     assert sorted(sizes) == [8] * 25
 
-    def failing(prepared, b):
-        sizes.append(len(prepared[1]) - 1)
+    def failing(qs, b):
+        sizes.append(len(qs))
         raise plaid.IndexCorruptError("planted")
 
     sizes.clear()
-    monkeypatch.setattr(eng, "run_many", failing)
+    monkeypatch.setattr(eng, "search_many", failing)
     with pytest.raises(plaid.IndexCorruptError, match="planted"):
         s.search(many, k=10)
     assert len(sizes) <= 3, f"{len(sizes)} parts ran after the first failed"

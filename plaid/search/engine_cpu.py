@@ -138,8 +138,7 @@ class CPUEngine:
             r = K.search_query(R, q, table, self.query_arrays, b.k, b.ncells, b.threshold, b.n2, b.n3,
                                sc.marks(self.num_documents), sc.slots(self.num_documents), sc.cslots(self.num_centroids))
         except IndexCorruptError as e:
-            raise IndexCorruptError(f"{self.snapshot.path}: index files {self.codes_file}"
-                                    f"{', ' + self.norms_file if self.norms_file else ''}: {e}") from None
+            raise self._named(e) from None
         if r is None:
             return None
         ids, scores, docs, nc, threshold, sel2, sel3, ticks = r
@@ -156,16 +155,12 @@ class CPUEngine:
         return ids, scores
 
     def search_many(self, queries: List[np.ndarray], b: Budgets) -> Optional[List[Hits]]:
-        """:meth:`search_one` for a group of queries (no subsets, no traces): :meth:`prepare_many`
-        then :meth:`run_many`. None where it does not apply (several segments, the numpy
-        fallback, an empty query): then search them one by one."""
-        prepared = self.prepare_many(queries)
-        return None if prepared is None else self.run_many(prepared, b)
-
-    def prepare_many(self, queries: List[np.ndarray]) -> Optional[tuple]:
-        """The Python half of :meth:`search_many`: the group's tokens, offsets and byte tables
-        (each query's ``codec.score_table``, its query padded with zero tokens to whole 8-lane
-        blocks as in :meth:`search_one`), or None where the compiled group call does not apply."""
+        """:meth:`search_one` for a group of queries (no subsets, no traces): their byte tables
+        (each query's ``codec.score_table``, padded with zero tokens to whole 8-lane blocks as in
+        :meth:`search_one`, all in one stacked product), then their query-centroid product and
+        stages 1-4 of each in ONE compiled call (:func:`kernels_cpu.search_many`, the GIL released
+        once for the group). None where it does not apply (several segments, the numpy fallback,
+        an empty query): then search them one by one."""
         if self.query_arrays is None or not self.independent_rows or any(len(q) == 0 for q in queries):
             return None
         lens = np.array([len(q) for q in queries], np.int64)
@@ -184,13 +179,6 @@ class CPUEngine:
         np.cumsum(self.codec.code_bytes * 256 * widths, out=table_offsets[1:])
         tables = np.empty(int(table_offsets[-1]), np.float32)
         self.codec.score_tables(padded, widths, tables)
-        return Q, starts, tables, table_offsets, widths
-
-    def run_many(self, prepared: tuple, b: Budgets) -> Optional[List[Hits]]:
-        """The compiled half of :meth:`search_many` (the GIL released throughout): the group's
-        query-centroid product, then stages 1-4 of each query in one call
-        (:func:`kernels_cpu.search_many`)."""
-        Q, starts, tables, table_offsets, widths = prepared
         R = self.centroid_scores(Q)
         sc = self._scratch
         try:
@@ -198,12 +186,16 @@ class CPUEngine:
                               b.threshold, b.n2, b.n3, sc.marks(self.num_documents), sc.slots(self.num_documents),
                               sc.cslots(self.num_centroids))
         except IndexCorruptError as e:
-            raise IndexCorruptError(f"{self.snapshot.path}: index files {self.codes_file}"
-                                    f"{', ' + self.norms_file if self.norms_file else ''}: {e}") from None
+            raise self._named(e) from None
         if r is None:
             return None
         ids, scores, counts = r
-        return [(ids[i, : counts[i]], scores[i, : counts[i]]) for i in range(len(starts) - 1)]
+        return [(ids[i, : counts[i]], scores[i, : counts[i]]) for i in range(len(queries))]
+
+    def _named(self, e: IndexCorruptError) -> IndexCorruptError:
+        """A compiled query's invalid-token error, naming the index files it read."""
+        return IndexCorruptError(f"{self.snapshot.path}: index files {self.codes_file}"
+                                 f"{', ' + self.norms_file if self.norms_file else ''}: {e}")
 
     @property
     def independent_rows(self) -> bool:

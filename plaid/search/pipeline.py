@@ -298,8 +298,8 @@ def search_batch(engine: Engine, queries: List[np.ndarray], b: Budgets,
     Several queries with a ``pool`` and an engine whose product rows do not depend on the other
     rows of the call (``independent_rows``: the compiled CPU product): ``b.threads`` tasks, each
     taking the next :data:`THREAD_CHUNK` queries and running their product and stages (where the
-    engine's ``prepare_many`` / ``run_many`` apply: the byte tables in Python, then one compiled
-    call that releases the GIL for the part): no thread waits for a batch-wide product or for
+    engine's ``search_many`` applies: the byte tables in Python, then one compiled call that
+    releases the GIL for the part): no thread waits for a batch-wide product or for
     the end of a batch, and a query's scores are still in its core's cache when its stages read
     them. Otherwise, by batches of ``batch_size`` queries (it bounds the scores' memory): one
     product per batch (spread over the pool's threads where it is large: a single query at a
@@ -316,6 +316,27 @@ def search_batch(engine: Engine, queries: List[np.ndarray], b: Budgets,
     return out
 
 
+def _product(engine: Engine, queries: List[np.ndarray], traces: Optional[List[Trace]],
+             pool: Optional[ThreadPoolExecutor] = None, threads: int = 1) -> Tuple[np.ndarray, np.ndarray]:
+    """One query-centroid product for ``queries``: (R float32 [sum m, C], starts int64 [n + 1],
+    query i's rows ``starts[i]:starts[i + 1]``); its time shared out to ``traces`` by tokens."""
+    starts = np.concatenate([[0], np.cumsum([len(q) for q in queries])]).astype(np.int64)
+    t0 = time.perf_counter()
+    R = engine.centroid_scores(np.concatenate(queries), pool, threads)
+    if traces is not None:
+        dt = time.perf_counter() - t0
+        for q, t in zip(queries, traces):
+            t.timings["centroid_scores"] = dt * len(q) / int(starts[-1])
+    return R, starts
+
+
+def _stages(engine: Engine, queries: List[np.ndarray], b: Budgets, subsets: Optional[List[np.ndarray]],
+            traces: Optional[List[Trace]], R: np.ndarray, starts: np.ndarray, i: int) -> Hits:
+    """:func:`search_query` of query ``i`` of a group whose product is ``R`` (:func:`_product`)."""
+    return search_query(engine, queries[i], R[starts[i] : starts[i + 1]], b,
+                        None if subsets is None else subsets[i], None if traces is None else traces[i])
+
+
 def _batch(engine: Engine, queries: List[np.ndarray], b: Budgets, subsets: Optional[List[np.ndarray]],
            traces: Optional[List[Trace]], pool: Optional[ThreadPoolExecutor]) -> List[Hits]:
     """One batch: one product, then each query's stages (see :func:`search_batch`)."""
@@ -324,21 +345,10 @@ def _batch(engine: Engine, queries: List[np.ndarray], b: Budgets, subsets: Optio
         hits = engine.search_many(queries, b)
         if hits is not None:
             return hits
-    starts = np.concatenate([[0], np.cumsum([len(q) for q in queries])])
-    t0 = time.perf_counter()
-    R_all = engine.centroid_scores(np.concatenate(queries), pool, b.threads)
-    if traces is not None:  # the batch's one product, shared out by query tokens
-        dt = time.perf_counter() - t0
-        for q, t in zip(queries, traces):
-            t.timings["centroid_scores"] = dt * len(q) / int(starts[-1])
-
-    def one(i: int) -> Hits:
-        return search_query(engine, queries[i], R_all[starts[i] : starts[i + 1]], b,
-                            None if subsets is None else subsets[i], None if traces is None else traces[i])
-
+    R, starts = _product(engine, queries, traces, pool, b.threads)
     if pool is None or n == 1:
-        return [one(i) for i in range(n)]
-    return _in_tasks(pool, b.threads, n, lambda i: [one(i)], 1)
+        return [_stages(engine, queries, b, subsets, traces, R, starts, i) for i in range(n)]
+    return _in_tasks(pool, b.threads, n, lambda i: [_stages(engine, queries, b, subsets, traces, R, starts, i)], 1)
 
 
 def _threaded_parts(engine: Engine, queries: List[np.ndarray], b: Budgets, subsets: Optional[List[np.ndarray]],
@@ -346,25 +356,17 @@ def _threaded_parts(engine: Engine, queries: List[np.ndarray], b: Budgets, subse
     """Parts of :data:`THREAD_CHUNK` queries, each part's product and stages in one task at a time."""
     n = len(queries)
     step = max(1, min(THREAD_CHUNK, -(-n // (PARTS_PER_THREAD * b.threads))))
-    starts = np.concatenate([[0], np.cumsum([len(q) for q in queries])])
-    compiled = traces is None and subsets is None and hasattr(engine, "prepare_many")
+    compiled = traces is None and subsets is None and hasattr(engine, "search_many")
 
     def part(lo: int) -> List[Hits]:
         hi = min(n, lo + step)
         if compiled:
-            prepared = engine.prepare_many(queries[lo:hi])
-            hits = None if prepared is None else engine.run_many(prepared, b)
+            hits = engine.search_many(queries[lo:hi], b)
             if hits is not None:
                 return hits
-        t0 = time.perf_counter()
-        R = engine.centroid_scores(np.concatenate(queries[lo:hi]))
-        if traces is not None:
-            dt = time.perf_counter() - t0
-            for i in range(lo, hi):
-                traces[i].timings["centroid_scores"] = dt * len(queries[i]) / int(starts[hi] - starts[lo])
-        return [search_query(engine, queries[i], R[starts[i] - starts[lo] : starts[i + 1] - starts[lo]], b,
-                             None if subsets is None else subsets[i], None if traces is None else traces[i])
-                for i in range(lo, hi)]
+        qs, sub, tr = queries[lo:hi], None if subsets is None else subsets[lo:hi], None if traces is None else traces[lo:hi]
+        R, starts = _product(engine, qs, tr)
+        return [_stages(engine, qs, b, sub, tr, R, starts, i) for i in range(len(qs))]
 
     return _in_tasks(pool, b.threads, n, part, step)
 
