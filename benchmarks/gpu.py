@@ -1,0 +1,165 @@
+"""Search on a CUDA device against the CPU engine, on one index, in one process.
+
+For each search setting: single-query latency (each query alone, median and p90 over queries and
+rounds), batch throughput (``--batch`` queries in one call), recall@10 against exhaustive MaxSim
+(the dataset's ``exact_top100.tsv``, tie-tolerant), whether the device returns the CPU engine's
+ids and scores, and the pipeline's own per-stage timers (``search(trace=True)``) on the device.
+Rounds alternate the engines (a shared machine's speed drifts)::
+
+    python benchmarks/gpu.py --index DIR [--source MSMARCO_5K] [--out-dir FOLDER] [--rounds 3]
+
+``--source`` needs only the queries and the ground truth (``query_embeddings.f16.npy``,
+``query_lens.npy``, ``exact_top100.tsv``, ``doc_ids.txt``), not the document vectors. Writes
+``gpu.json`` and ``gpu.md`` to ``--out-dir`` (default: print only). Without a CUDA device it
+exits with a message (the CPU rows alone are ``benchmarks/threads.py``'s).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Dict, List
+
+import numpy as np
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_SOURCE = os.path.join(HERE, "..", "..", "shared", "data", "msmarco-5k")
+STAGES = ["centroid_scores", "stage1_candidates", "stage2_prune", "stage3_rank", "stage4_exact"]
+SETTINGS = {  # name: (k, search overrides)
+    "default k=10": (10, {}),
+    "ndocs=1024 k=10": (10, {"ndocs": 1024}),
+    "default k=100": (100, {}),
+}
+
+
+def load_queries(source: str) -> List[np.ndarray]:
+    """The queries as float32 [m_i, d] arrays."""
+    Q = np.load(os.path.join(source, "query_embeddings.f16.npy"))
+    qoff = np.concatenate([[0], np.cumsum(np.load(os.path.join(source, "query_lens.npy")))])
+    return [Q[qoff[i] : qoff[i + 1]].astype(np.float32) for i in range(len(qoff) - 1)]
+
+
+def load_truth(source: str) -> List[Dict[int, float]]:
+    """Per query (file order of query_ids.txt): {document position: exact MaxSim} of its exact top 100."""
+    with open(os.path.join(source, "doc_ids.txt")) as f:
+        pos = {line.strip(): i for i, line in enumerate(f) if line.strip()}
+    with open(os.path.join(source, "query_ids.txt")) as f:
+        qids = [line.strip() for line in f if line.strip()]
+    rows: Dict[str, Dict[int, float]] = {q: {} for q in qids}
+    with open(os.path.join(source, "exact_top100.tsv")) as f:
+        for line in f:
+            parts = line.split()
+            if len(parts) >= 4 and parts[0] in rows:
+                rows[parts[0]][pos[parts[1]]] = float(parts[3])
+    return [rows[q] for q in qids]
+
+
+def recall10(truth: List[Dict[int, float]], ids: np.ndarray, tol: float = 1e-4) -> float:
+    """Tie-tolerant recall@10: a returned document counts when its exact score is at least the
+    10th exact score minus ``tol`` (a document outside the exact top 100 cannot)."""
+    hits = 0
+    for t, row in zip(truth, ids):
+        kth = sorted(t.values(), reverse=True)[9] - tol
+        hits += sum(1 for d in row[:10].tolist() if d in t and t[d] >= kth)
+    return hits / (10 * len(ids))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--index", required=True)
+    ap.add_argument("--source", default=os.environ.get("PLAID_MSMARCO_5K", DEFAULT_SOURCE))
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=1000, help="queries in a batch call (the queries repeated)")
+    ap.add_argument("--cpu-threads", type=int, default=0, help="the CPU engine's threads (0: every core)")
+    ap.add_argument("--out-dir", default=None)
+    args = ap.parse_args(argv)
+    if args.rounds < 1 or args.batch < 1 or args.cpu_threads < 0:
+        ap.error("--rounds and --batch must be at least 1, --cpu-threads at least 0")
+    import torch
+
+    import plaid
+
+    if not torch.cuda.is_available():
+        sys.exit("gpu.py: torch sees no CUDA device")
+    threads = args.cpu_threads or os.cpu_count() or 1
+    queries, truth = load_queries(args.source), load_truth(args.source)
+    batch = (queries * (args.batch // len(queries) + 1))[: args.batch]
+    t0 = time.perf_counter()
+    gpu = plaid.Searcher(args.index, device="cuda", num_threads=threads)
+    load_s = time.perf_counter() - t0
+    engines = {"cpu 1 thread": plaid.Searcher(args.index, num_threads=1),
+               f"cpu {threads} threads": plaid.Searcher(args.index, num_threads=threads),
+               "cuda 1 thread": plaid.Searcher(args.index, device="cuda", num_threads=1),
+               f"cuda {threads} threads": gpu}
+    rows = []
+    for name, (k, kw) in SETTINGS.items():
+        for s in engines.values():  # warm: compiled kernels, CUDA context and allocator
+            s.search(batch[:64], k=k, **kw)
+            s.search(queries[0], k=k, **kw)
+        single: Dict[str, List[float]] = {e: [] for e in engines}
+        qps: Dict[str, List[float]] = {e: [] for e in engines}
+        for _ in range(args.rounds):
+            for e, s in engines.items():
+                for q in queries:
+                    t = time.perf_counter()
+                    s.search(q, k=k, **kw)
+                    single[e].append(time.perf_counter() - t)
+                t = time.perf_counter()
+                s.search(batch, k=k, **kw)
+                qps[e].append(len(batch) / (time.perf_counter() - t))
+        ref = engines["cpu 1 thread"].search(queries, k=k, **kw)
+        traces = [engines["cuda 1 thread"].search(q, k=k, trace=True, **kw).traces[0] for q in queries]  # one at a time
+        stage_ms = {st: 1e3 * statistics.median(t.timings.get(st, 0.0) for t in traces) for st in STAGES}
+        for e, s in engines.items():
+            res = ref if e == "cpu 1 thread" else s.search(queries, k=k, **kw)
+            lat = np.array(single[e]) * 1e3
+            rows.append({
+                "setting": name, "engine": e,
+                "single_ms_median": float(np.median(lat)), "single_ms_p90": float(np.percentile(lat, 90)),
+                "batch_qps": float(np.median(qps[e])),
+                "recall@10": recall10(truth, res.ids),
+                "ids_equal_cpu": float((res.ids == ref.ids).mean()),
+                "max_score_diff_cpu": float(np.abs(res.scores - ref.scores).max()),
+                "stage_ms": stage_ms if e == "cuda 1 thread" else None,
+            })
+            print(json.dumps(rows[-1]), flush=True)
+    out = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
+           "plaid": plaid.__version__, "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
+           "index": os.path.abspath(args.index), "num_documents": plaid.Index(args.index).num_documents,
+           "queries": len(queries), "batch": len(batch), "rounds": args.rounds, "cuda_load_s": load_s, "rows": rows}
+    if args.out_dir:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, "gpu.json"), "w") as f:
+            json.dump(out, f, indent=1)
+        with open(os.path.join(args.out_dir, "gpu.md"), "w") as f:
+            f.write(report(out))
+    print(report(out))
+    return out
+
+
+def report(out: dict) -> str:
+    """The markdown table of :func:`main`'s result."""
+    lines = [f"# Search on {out['gpu']} against the CPU engine ({out['date']})", "",
+             f"{out['num_documents']:,} documents, {out['queries']} queries; torch {out['torch']}, "
+             f"{out['cpu_cores']} CPU cores; batch = {out['batch']} queries in one call; medians over "
+             f"{out['rounds']} rounds. Loading the index onto the device: {out['cuda_load_s']:.2f} s.", "",
+             "| setting | engine | single query ms (median) | p90 | batch queries/s | recall@10 | ids = CPU's | max score diff |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        lines.append(f"| {r['setting']} | {r['engine']} | {r['single_ms_median']:.2f} | {r['single_ms_p90']:.2f} | "
+                     f"{r['batch_qps']:.0f} | {r['recall@10']:.3f} | {r['ids_equal_cpu']:.3f} | {r['max_score_diff_cpu']:.1e} |")
+    lines += ["", "Per-stage time of one query on the device, queries one at a time (ms, median; the "
+              "pipeline's own timers, host time around each stage's device work):", "",
+              "| setting | " + " | ".join(STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
+    for r in out["rows"]:
+        if r["stage_ms"]:
+            lines.append(f"| {r['setting']} | " + " | ".join(f"{r['stage_ms'][s]:.3f}" for s in STAGES) + " |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
