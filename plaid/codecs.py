@@ -35,6 +35,7 @@ import faiss
 import numpy as np
 import torch
 
+from . import _loading
 from .errors import InvalidInputError
 
 __all__ = ["ResidualCodec", "PQCodec", "ScalarCodec", "make_codec", "codec_from_manifest", "check_codec_params",
@@ -174,13 +175,14 @@ class _Compiled:
     yet), the function, or False once it could not be imported or compiled (then the caller's
     fallback computes the same result, after ONE warning ending in ``fallback``)."""
 
-    def __init__(self, name: str, what: str, fallback: str, honour_no_numba: bool = False):
-        self.name, self.what, self.fallback, self.honour_no_numba = name, what, fallback, honour_no_numba
+    def __init__(self, name: str, what: str, fallback: str, search_path: bool = False):
+        self.name, self.what, self.fallback, self.search_path = name, what, fallback, search_path
         self.fn = None
 
     def get(self):
-        """The function, or None (use the fallback)."""
-        if self.honour_no_numba and os.environ.get("PLAID_NO_NUMBA", "") not in ("", "0"):
+        """The function, or None (use the fallback). A search-path kernel is not used with
+        ``PLAID_NO_NUMBA`` set, nor while numba is loading in the background (``plaid._loading``)."""
+        if self.search_path and (_loading.busy() or os.environ.get("PLAID_NO_NUMBA", "") not in ("", "0")):
             return None
         if self.fn is None:
             try:
@@ -204,7 +206,7 @@ class _Compiled:
 _PQ = _Compiled("pq_encode", "compiled PQ encoder", "encoding with faiss (same codes, slower)")
 #: The compiled query rotation; without it BLAS rotates (``PLAID_NO_NUMBA`` set: BLAS, as the
 #: search's kernels then run without numba, which is not even imported).
-_ROT = _Compiled("rotate_rows", "compiled query rotation", "rotating with BLAS", honour_no_numba=True)
+_ROT = _Compiled("rotate_rows", "compiled query rotation", "rotating with BLAS", search_path=True)
 
 
 def allocate_widths(variances: np.ndarray, m: int, dim: int) -> Tuple[int, ...]:

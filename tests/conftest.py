@@ -27,6 +27,19 @@ MSMARCO_FILES = ("doc_embeddings.f16.npy", "doclens.npy", "doc_ids.txt", "query_
 #: Small test indexes: quiet, PQ with 16 sub-quantisers (dim 64 is divisible by it).
 SMALL_INDEXER = dict(show_progress=False, pq_m=16)
 
+
+@pytest.fixture(scope="session", autouse=True)
+def _compiled_kernels_loaded():
+    """Load (or compile, with a cold cache) every CPU kernel once, before the first test: a
+    Searcher's background warmup then has nothing left to do (uint16 centroid ids), so no test searches while numba is
+    still loading (which runs the numpy kernels: the same results, other timings and threads).
+    test_kernels_cpu.py tests that window itself."""
+    from plaid.search import kernels_cpu as K
+
+    K.warmup(np.uint16)  # the small test indexes' centroid ids
+    K.wait()
+    yield
+
 #: Figures measured by test_msmarco.py (config -> metrics), printed at the end of the session.
 MSMARCO_REPORT: Dict[str, dict] = {}
 

@@ -499,3 +499,53 @@ def test_warmup(fresh_backend):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert K.warmup() is None and K.backend() == "numpy"
+
+
+# -- while numba loads in the background ------------------------------------------------------------
+class _Spy:
+    """Stands in for the numba kernel module: records which kernels were looked up."""
+
+    def __init__(self, real):
+        self.real, self.used = real, []
+
+    def __getattr__(self, name):
+        self.used.append(name)
+        return getattr(self.real, name)
+
+
+@needs_numba
+@pytest.mark.parametrize("threads", [1, 2])
+def test_searches_run_the_numpy_kernels_while_numba_loads(small_index, small_corpus, monkeypatch, threads):
+    """While a background warmup runs (a fresh process: numba's start-up ~0.5-1 s, a cold compile
+    ~20 s), a search in another thread looks up no compiled kernel, so it never waits on numba's
+    compiler lock, and returns the compiled search's ids and scores bit for bit. Once the loader
+    is done, searches use the kernels again."""
+    from plaid import _loading
+    from plaid import codecs
+
+    _, queries = small_corpus
+    s = plaid.Searcher(small_index, centroid_precision="float32", num_threads=threads)
+    want = [s.search(queries, k=k) for k in (1, 10, 100)]
+    want_one = s.search(queries[3], k=10)
+    spy = _Spy(K._nb)
+    monkeypatch.setattr(K, "_nb", spy)
+    rot = codecs._ROT.get()
+    rotations = []
+    if rot is not None:
+        monkeypatch.setattr(codecs._ROT, "fn", lambda *a: rotations.append(1) or rot(*a))
+    release = threading.Event()
+    t = _loading.start(lambda: release.wait(60), "test-loader")
+    try:
+        assert not K.ready() and K.backend() == "numba"
+        got = [s.search(queries, k=k) for k in (1, 10, 100)]
+        got_one = s.search(queries[3], k=10)
+        assert spy.used == [] and rotations == []
+    finally:
+        release.set()
+        t.join()
+    for a, b in zip(want + [want_one], got + [got_one]):
+        np.testing.assert_array_equal(a.ids, b.ids)
+        np.testing.assert_array_equal(a.scores, b.scores)
+    assert K.wait() and K.ready()
+    s.search(queries, k=10)
+    assert spy.used  # the compiled kernels again

@@ -202,7 +202,7 @@ class CPUEngine:
         """True when a query's row of :meth:`centroid_scores` does not depend on the other rows
         of the call (the compiled float32 product; a BLAS product blocks by the number of rows),
         so the pipeline may score queries in any grouping."""
-        return self.scoring.dtype == torch.float32 and K.backend() == "numba"
+        return self.scoring.dtype == torch.float32 and K.ready()
 
     # -- stage 1 ---------------------------------------------------------------------------------
     def centroid_scores(self, Qcat: np.ndarray, pool: Optional[ThreadPoolExecutor] = None,
@@ -215,7 +215,7 @@ class CPUEngine:
         under the numpy fallback, come from torch's product (equal bits in float32 where its
         BLAS sums in order, as MKL does from 3-4 rows)."""
         Q = np.ascontiguousarray(Qcat, np.float32)
-        if self.scoring.dtype == torch.float32 and K.backend() == "numba":
+        if self.scoring.dtype == torch.float32 and K.ready():
             if self._scoring_t is None:
                 self._scoring_t = K.product_panels(self.scoring.numpy())
             C = self.num_centroids

@@ -57,6 +57,7 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from .. import _loading
 from ..errors import IndexCorruptError
 from . import stages
 
@@ -103,11 +104,26 @@ def backend() -> str:
 
 
 def reset() -> None:
-    """Forget the backend choice and the warning: the next call decides again (for tests)."""
+    """Forget the backend choice, the warning and which warmups were done: the next call decides
+    again (for tests)."""
     global _backend, _warned
     with _lock:
         _backend = None
         _warned = False
+        _warmed.clear()
+
+
+def ready() -> bool:
+    """True when this thread may run the compiled kernels now: the backend is numba and no
+    background :func:`warmup` is still loading them (else a search runs the numpy kernels, the
+    same results, rather than wait ~0.5-1 s for numba's start-up or ~20 s for a cold compile).
+    Decides the backend when nothing is loading."""
+    return not _loading.busy() and backend() == "numba"
+
+
+def wait(timeout: Optional[float] = None) -> bool:
+    """Wait for the background warmups started so far (:func:`warmup`); True when none is left."""
+    return _loading.wait(timeout)
 
 
 # the arguments each kernel writes; every other array is passed read-only, so that one compiled
@@ -129,7 +145,7 @@ def _ro(a):
 def _run(name: str, *args):
     """``(result,)`` of numba kernel ``name``, or None when the numpy fallback is (or has just
     become, the kernel failing to compile) in use."""
-    if backend() != "numba":
+    if not ready():
         return None
     outs = _OUTPUTS[name]
     args = [a if i in outs else _ro(a) for i, a in enumerate(args)]
@@ -153,18 +169,32 @@ def warmup(codes_dtype=np.uint16, background: bool = False, search_only: bool = 
     search_only: only the kernels a search of a one-segment index runs (the query-centroid
     product, :func:`search_query` and :func:`search_many`), not the per-stage ones; one_call:
     False leaves out :func:`search_query` and :func:`search_many` (an index of several segments
-    never runs them, and they are the longest to compile: ~15 s cold). A process that searches soon
-    after opening an index can start this first (the CPU engine does, in the background, when
-    it opens an index): numba's own start-up (its import, ~0.2 s, its first use, ~0.3 s, then
-    ~10 ms per cached kernel) then overlaps the opening.
+    never runs them, and they are the longest to compile: ~15 s cold). The CPU engine starts
+    this in the background when it opens an index: numba's own start-up (its import, ~0.3 s, its
+    first use, ~0.4 s, then ~10 ms per cached kernel) overlaps the opening, and searches made
+    meanwhile run the numpy kernels (:func:`ready`) instead of waiting for it. A warmup already
+    done for the same arguments returns at once (no thread).
     """
+    dt = np.dtype(codes_dtype).str
+    parts = {("query", dt)} | ({("one_call", dt)} if one_call else set()) | (set() if search_only else {("stages", dt)})
+    if parts <= _warmed:
+        return None
     if background:
-        t = threading.Thread(target=warmup, args=(codes_dtype, False, search_only, one_call),
-                             name="plaid-kernels-warmup", daemon=True)
-        t.start()
-        return t
+        return _loading.start(lambda: warmup(codes_dtype, False, search_only, one_call), "plaid-kernels-warmup")
     if backend() != "numba":
         return None
+    _warm(codes_dtype, search_only, one_call)
+    _warmed.update(parts)
+    return None
+
+
+#: What the warmups done have loaded: ("query" | "one_call" | "stages", codes dtype) (:func:`_warm`'s
+#: three parts); a warmup that needs nothing more returns at once
+_warmed: set = set()
+
+
+def _warm(codes_dtype, search_only: bool, one_call: bool) -> None:
+    """:func:`warmup`'s calls of every kernel on tiny inputs."""
     rng = np.random.default_rng(0)
     C, N, m = 8, 3, 2
     Re = stages.centroid_table(rng.random((m, C), dtype=np.float32))
@@ -310,7 +340,7 @@ def approx_maxsim_docs(Re: np.ndarray, keep: Optional[np.ndarray], docs: np.ndar
     covered = np.empty(n, np.bool_)
     kp = _NO_KEEP if keep is None else np.ascontiguousarray(keep, np.bool_)
     done = False
-    if n and backend() == "numba":
+    if n and ready():
         if ReT is None and 2 * int((dcell_offsets[docs + 1] - dcell_offsets[docs]).sum()) >= C1 - 1:
             ReT = centroid_table_t(Re)
         if ReT is not None:
@@ -345,7 +375,7 @@ def approx_maxsim_ivf(Re: np.ndarray, keep: np.ndarray, docs: np.ndarray, ivf: n
     docs = np.ascontiguousarray(docs, np.int64)
     out = np.empty(len(docs), np.float32)
     covered = np.empty(len(docs), np.bool_)
-    if len(docs) and backend() == "numba":
+    if len(docs) and ready():
         # the kernel takes the candidates ascending (a listed document's row is its rank)
         order = None if np.all(docs[1:] > docs[:-1]) else np.argsort(docs, kind="stable")
         counts = np.ascontiguousarray(cell_counts, np.int64)
@@ -545,7 +575,7 @@ def scores_product(Q: np.ndarray, P: np.ndarray, out: np.ndarray, c_lo: int, c_h
     out: float32 [M, C] C-contiguous, written in place (disjoint ranges from different threads);
     c_lo a multiple of :data:`PRODUCT_ALIGN` (or the range empty). Returns False when the numpy
     fallback is in use (the caller multiplies with torch instead)."""
-    if backend() != "numba":
+    if not ready():
         return False
     panels_cover = P.shape[1] == PRODUCT_ALIGN and P.shape[0] >= -(-c_hi // PRODUCT_ALIGN) * Q.shape[1]
     aligned = c_lo == c_hi or c_lo % PRODUCT_ALIGN == 0
@@ -658,7 +688,7 @@ def search_query(R: np.ndarray, q: np.ndarray, table: np.ndarray, arrays: QueryA
     ticks int64 [5]: the cycle counter at the start and after each stage). Raises
     :class:`IndexCorruptError` for an invalid token centroid id or norm.
     """
-    if backend() != "numba":
+    if not ready():
         return None
     ticks = np.zeros(5, np.int64)
     # arrays.args are read-only already: call the kernel without _run's per-argument conversion
@@ -689,7 +719,7 @@ def search_many(R: np.ndarray, starts: np.ndarray, Q: np.ndarray, tables: np.nda
     the first ``counts[i]`` of its row). Raises :class:`IndexCorruptError` for an invalid token
     centroid id or norm.
     """
-    if backend() != "numba":
+    if not ready():
         return None
     n = len(starts) - 1
     ids = np.full((n, k), -1, np.int64)
