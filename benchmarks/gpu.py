@@ -7,10 +7,14 @@ ids and scores, and the pipeline's own per-stage timers (``search(trace=True)``)
 Rounds alternate the engines (a shared machine's speed drifts)::
 
     python benchmarks/gpu.py --index DIR [--source MSMARCO_5K] [--out-dir FOLDER] [--rounds 3]
+    python benchmarks/gpu.py --synthetic 100000 --index DIR      # plaid.demo's corpus, built first
 
 ``--source`` needs only the queries and the ground truth (``query_embeddings.f16.npy``,
-``query_lens.npy``, ``exact_top100.tsv``, ``doc_ids.txt``), not the document vectors. Writes
-``gpu.json`` and ``gpu.md`` to ``--out-dir`` (default: print only). Without a CUDA device it
+``query_lens.npy``, ``exact_top100.tsv``, ``doc_ids.txt``), not the document vectors.
+``--synthetic N`` builds ``--index`` (default Indexer) from N documents of
+:func:`plaid.demo.synthetic_corpus` (dim 128) unless it exists, with 100 of its queries and
+exhaustive MaxSim (on the GPU) as the ground truth. Writes ``gpu.json`` and ``gpu.md`` to
+``--out-dir`` (default: print only; ``--tag`` names them ``gpu-TAG.*``). Without a CUDA device it
 exits with a message (the CPU rows alone are ``benchmarks/threads.py``'s).
 """
 from __future__ import annotations
@@ -22,7 +26,7 @@ import platform
 import statistics
 import sys
 import time
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 
@@ -58,6 +62,25 @@ def load_truth(source: str) -> List[Dict[int, float]]:
     return [rows[q] for q in qids]
 
 
+def synthetic(n: int, index: str) -> Tuple[List[np.ndarray], List[Dict[int, float]], float]:
+    """(queries, ground truth as :func:`load_truth` gives it, build seconds or 0 when reused) of
+    ``n`` documents of plaid.demo's corpus, indexed at ``index``."""
+    import plaid
+    from plaid.demo import synthetic_corpus, synthetic_queries
+
+    docs = synthetic_corpus(n, dim=128, seed=0)
+    queries = synthetic_queries(docs, 100, seed=1)
+    build_s = 0.0
+    if not os.path.exists(os.path.join(index, "manifest.json")):
+        t = time.perf_counter()
+        plaid.Indexer(show_progress=False).build(index, docs, overwrite=True)
+        build_s = time.perf_counter() - t
+    exact = plaid.maxsim(queries, docs, device="cuda")  # float32 [nq, n]
+    top = np.argsort(-exact, axis=1, kind="stable")[:, :100]
+    truth = [{int(d): float(exact[i, d]) for d in row} for i, row in enumerate(top)]
+    return queries, truth, build_s
+
+
 def recall10(truth: List[Dict[int, float]], ids: np.ndarray, tol: float = 1e-4) -> float:
     """Tie-tolerant recall@10: a returned document counts when its exact score is at least the
     10th exact score minus ``tol`` (a document outside the exact top 100 cannot)."""
@@ -75,10 +98,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--batch", type=int, default=1000, help="queries in a batch call (the queries repeated)")
     ap.add_argument("--cpu-threads", type=int, default=0, help="the CPU engine's threads (0: every core)")
+    ap.add_argument("--synthetic", type=int, default=0, help="documents of a synthetic corpus (0: --source's)")
     ap.add_argument("--out-dir", default=None)
+    ap.add_argument("--tag", default="", help="write gpu-TAG.json / gpu-TAG.md")
     args = ap.parse_args(argv)
-    if args.rounds < 1 or args.batch < 1 or args.cpu_threads < 0:
-        ap.error("--rounds and --batch must be at least 1, --cpu-threads at least 0")
+    if args.rounds < 1 or args.batch < 1 or args.cpu_threads < 0 or args.synthetic < 0:
+        ap.error("--rounds and --batch must be at least 1, --cpu-threads and --synthetic at least 0")
     import torch
 
     import plaid
@@ -86,7 +111,11 @@ def main(argv=None) -> dict:
     if not torch.cuda.is_available():
         sys.exit("gpu.py: torch sees no CUDA device")
     threads = args.cpu_threads or os.cpu_count() or 1
-    queries, truth = load_queries(args.source), load_truth(args.source)
+    build_s = 0.0
+    if args.synthetic:
+        queries, truth, build_s = synthetic(args.synthetic, args.index)
+    else:
+        queries, truth = load_queries(args.source), load_truth(args.source)
     batch = (queries * (args.batch // len(queries) + 1))[: args.batch]
     t0 = time.perf_counter()
     gpu = plaid.Searcher(args.index, device="cuda", num_threads=threads)
@@ -130,12 +159,16 @@ def main(argv=None) -> dict:
     out = {"date": time.strftime("%Y-%m-%d"), "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
            "plaid": plaid.__version__, "cpu": platform.processor() or platform.machine(), "cpu_cores": os.cpu_count(),
            "index": os.path.abspath(args.index), "num_documents": plaid.Index(args.index).num_documents,
+           "num_tokens": plaid.Index(args.index).num_tokens,
+           "corpus": f"synthetic (plaid.demo, {args.synthetic} documents)" if args.synthetic else os.path.basename(
+               os.path.normpath(args.source)), "build_s": build_s,
            "queries": len(queries), "batch": len(batch), "rounds": args.rounds, "cuda_load_s": load_s, "rows": rows}
     if args.out_dir:
         os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, "gpu.json"), "w") as f:
+        name = f"gpu-{args.tag}" if args.tag else "gpu"
+        with open(os.path.join(args.out_dir, name + ".json"), "w") as f:
             json.dump(out, f, indent=1)
-        with open(os.path.join(args.out_dir, "gpu.md"), "w") as f:
+        with open(os.path.join(args.out_dir, name + ".md"), "w") as f:
             f.write(report(out))
     print(report(out))
     return out
@@ -144,7 +177,8 @@ def main(argv=None) -> dict:
 def report(out: dict) -> str:
     """The markdown table of :func:`main`'s result."""
     lines = [f"# Search on {out['gpu']} against the CPU engine ({out['date']})", "",
-             f"{out['num_documents']:,} documents, {out['queries']} queries; torch {out['torch']}, "
+             f"{out['corpus']}: {out['num_documents']:,} documents, {out['num_tokens']:,} tokens, "
+             f"{out['queries']} queries; torch {out['torch']}, "
              f"{out['cpu_cores']} CPU cores; batch = {out['batch']} queries in one call; medians over "
              f"{out['rounds']} rounds. Loading the index onto the device: {out['cuda_load_s']:.2f} s.", "",
              "| setting | engine | single query ms (median) | p90 | batch queries/s | recall@10 | ids = CPU's | max score diff |",

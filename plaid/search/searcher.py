@@ -78,7 +78,10 @@ class Searcher:
     path : str or plaid.Index
         The index directory.
     device : str or torch.device, default "cpu"
-        Where search runs. "cuda" moves the whole index to the GPU and runs every stage there.
+        Where search runs. "cuda" moves the whole index to the GPU and runs every stage there,
+        with the CPU engine's results; it is not faster today (an H200: ~4-5 ms per query against
+        1.2-1.9 ms on one CPU core, each stage a round trip to the host;
+        ``benchmarks/results/gpu.md``).
     load_all : bool, default False
         Load the per-token arrays (centroid ids, residual codes, norms) into memory. By default
         (CPU) they stay memory-mapped on disk. Always True on GPU.
