@@ -515,18 +515,19 @@ class _Spy:
 
 @needs_numba
 @pytest.mark.parametrize("threads", [1, 2])
-def test_searches_run_the_numpy_kernels_while_numba_loads(small_index, small_corpus, monkeypatch, threads):
+def test_a_query_does_not_wait_for_numba_to_load_and_a_batch_does(small_index, small_corpus, monkeypatch, threads):
     """While a background warmup runs (a fresh process: numba's start-up ~0.5-1 s, a cold compile
-    ~20 s), a search in another thread looks up no compiled kernel, so it never waits on numba's
-    compiler lock, and returns the compiled search's ids and scores bit for bit. Once the loader
-    is done, searches use the kernels again."""
+    ~20 s), a one-query search in another thread looks up no compiled kernel, so it never waits
+    on numba's compiler lock, and returns the compiled search's ids and scores bit for bit. A
+    call of several queries waits for the loader instead (pipeline.WAIT_FOR_KERNELS_ABOVE), then
+    runs the compiled kernels."""
     from plaid import _loading
     from plaid import codecs
 
     _, queries = small_corpus
     s = plaid.Searcher(small_index, centroid_precision="float32", num_threads=threads)
-    want = [s.search(queries, k=k) for k in (1, 10, 100)]
-    want_one = s.search(queries[3], k=10)
+    want = [s.search(q, k=k) for q in queries[:6] for k in (1, 10, 100)]
+    want_batch = s.search(queries, k=10)
     spy = _Spy(K._nb)
     monkeypatch.setattr(K, "_nb", spy)
     rot = codecs._ROT.get()
@@ -537,15 +538,16 @@ def test_searches_run_the_numpy_kernels_while_numba_loads(small_index, small_cor
     t = _loading.start(lambda: release.wait(60), "test-loader")
     try:
         assert not K.ready() and K.backend() == "numba"
-        got = [s.search(queries, k=k) for k in (1, 10, 100)]
-        got_one = s.search(queries[3], k=10)
+        got = [s.search(q, k=k) for q in queries[:6] for k in (1, 10, 100)]
         assert spy.used == [] and rotations == []
+        timer = threading.Timer(0.5, release.set)
+        timer.start()
+        got_batch = s.search(queries, k=10)  # waits for the loader: released by the timer
+        assert release.is_set() and spy.used  # then the compiled kernels
     finally:
         release.set()
         t.join()
-    for a, b in zip(want + [want_one], got + [got_one]):
+    for a, b in zip(want + [want_batch], got + [got_batch]):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.scores, b.scores)
     assert K.wait() and K.ready()
-    s.search(queries, k=10)
-    assert spy.used  # the compiled kernels again

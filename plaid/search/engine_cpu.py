@@ -197,6 +197,12 @@ class CPUEngine:
         return IndexCorruptError(f"{self.snapshot.path}: index files {self.codes_file}"
                                  f"{', ' + self.norms_file if self.norms_file else ''}: {e}")
 
+    def wait_for_kernels(self) -> None:
+        """Return once the compiled kernels that opening the index started loading in the
+        background are loaded (at once when nothing is loading); meanwhile searches run the numpy
+        kernels (:func:`kernels_cpu.ready`)."""
+        K.wait()
+
     @property
     def independent_rows(self) -> bool:
         """True when a query's row of :meth:`centroid_scores` does not depend on the other rows

@@ -78,6 +78,8 @@ class Engine(Protocol):
 
     # optional: ``independent_rows: bool``, True when a query's row of ``centroid_scores`` does
     # not depend on the other rows of the call (then the pipeline may group queries freely).
+    # optional: ``wait_for_kernels()``, returning once kernels that the engine loads in the
+    # background are loaded (until then its searches run slower kernels with the same results).
     # optional: ``search_one(q, R, b, trace) -> Optional[Hits]``, all four stages of a query
     # without a subset at once, deciding exactly what this module's stages decide (the CPU
     # engine's compiled transcription of them, checked against them by tests/test_pipeline.py);
@@ -289,6 +291,16 @@ THREAD_CHUNK = 8
 PARTS_PER_THREAD = 4
 
 
+#: A call of more queries than this waits for an engine's compiled kernels still loading in the
+#: background (the CPU engine's, for ~0.5-1 s after opening an index with numba's cache warm,
+#: ~20 s cold), which its queries amortise; a call of one query does not wait and runs the
+#: engine's other kernels meanwhile (the same results): a service answers its first query at
+#: once. 1,000 queries in one call right after opening msmarco-5k's index took 0.6-1.0 s longer
+#: than later when waiting, 0.8-2.0 s when not (numba's loading and the numpy kernels then
+#: contend for the GIL).
+WAIT_FOR_KERNELS_ABOVE = 1
+
+
 def search_batch(engine: Engine, queries: List[np.ndarray], b: Budgets,
                  subsets: Optional[List[np.ndarray]] = None, traces: Optional[List[Trace]] = None,
                  pool: Optional[ThreadPoolExecutor] = None, batch_size: int = 32) -> List[Hits]:
@@ -306,10 +318,16 @@ def search_batch(engine: Engine, queries: List[np.ndarray], b: Budgets,
     million documents), then each query's stages, in ``b.threads`` tasks of ``pool`` when given
     (without a pool: the engine's ``search_many`` for the batch where it applies)."""
     n = len(queries)
-    if pool is not None and n > 1 and getattr(engine, "independent_rows", False):
-        return _threaded_parts(engine, queries, b, subsets, traces, pool)
+    wait = getattr(engine, "wait_for_kernels", None)
+    if wait is not None and n > WAIT_FOR_KERNELS_ABOVE:
+        wait()
     out: List[Hits] = []
     for lo in range(0, n, batch_size):
+        # asked again before each batch: an engine whose compiled kernels are still loading in
+        # the background (the CPU engine's first seconds) takes the rest in parts once they are
+        if pool is not None and n - lo > 1 and getattr(engine, "independent_rows", False):
+            return out + _threaded_parts(engine, queries[lo:], b, None if subsets is None else subsets[lo:],
+                                         None if traces is None else traces[lo:], pool)
         hi = min(n, lo + batch_size)
         out += _batch(engine, queries[lo:hi], b, None if subsets is None else subsets[lo:hi],
                       None if traces is None else traces[lo:hi], pool)
