@@ -414,6 +414,7 @@ def fresh_backend(monkeypatch):
     yield monkeypatch
     monkeypatch.undo()
     K.reset()
+    K.warmup(np.uint16)  # loaded again, as conftest leaves them for the tests that follow
 
 
 def all_kernels(seed=0):
@@ -513,41 +514,84 @@ class _Spy:
         return getattr(self.real, name)
 
 
+@pytest.fixture(scope="module")
+def rotated_index(tmp_path_factory, small_corpus):
+    """A rotated-PQ index of small_corpus (the default codec's query rotation is on the query path)."""
+    docs, _ = small_corpus
+    path = str(tmp_path_factory.mktemp("idx") / "rotated")
+    plaid.Indexer(show_progress=False, pq_m=16, pq_rotation=True).build(path, docs)
+    return path
+
+
 @needs_numba
 @pytest.mark.parametrize("threads", [1, 2])
-def test_a_query_does_not_wait_for_numba_to_load_and_a_batch_does(small_index, small_corpus, monkeypatch, threads):
+def test_a_query_does_not_wait_for_numba_to_load_and_a_batch_does(rotated_index, small_corpus, monkeypatch, threads):
     """While a background warmup runs (a fresh process: numba's start-up ~0.5-1 s, a cold compile
     ~20 s), a one-query search in another thread looks up no compiled kernel, so it never waits
-    on numba's compiler lock, and returns the compiled search's ids and scores bit for bit. A
-    call of several queries waits for the loader instead (pipeline.WAIT_FOR_KERNELS_ABOVE), then
-    runs the compiled kernels."""
+    on numba's compiler lock, and returns what the compiled search returns: ids, scores and every
+    stage's survivors and threshold, for queries of 1-7 tokens (the torch product's bits depend on
+    the number of rows). A call of several queries waits for the loader instead
+    (pipeline.WAIT_FOR_KERNELS_ABOVE), then runs the compiled kernels."""
     from plaid import _loading
     from plaid import codecs
 
     _, queries = small_corpus
-    s = plaid.Searcher(small_index, centroid_precision="float32", num_threads=threads)
-    want = [s.search(q, k=k) for q in queries[:6] for k in (1, 10, 100)]
-    want_batch = s.search(queries, k=10)
+    qs = [q[:n] for q in queries[:8] for n in (1, 2, 3, 5, 7)]
+    s = plaid.Searcher(rotated_index, centroid_precision="float32", num_threads=threads)
+    assert s._state.engine.codec.rotation  # the query rotation is on the path
+
+    def singles():
+        return [s.search(q, k=k, trace=True) for q in qs for k in (10, 100)]
+
+    want, want_batch = singles(), s.search(queries, k=10)
     spy = _Spy(K._nb)
     monkeypatch.setattr(K, "_nb", spy)
     rot = codecs._ROT.get()
     rotations = []
-    if rot is not None:
-        monkeypatch.setattr(codecs._ROT, "fn", lambda *a: rotations.append(1) or rot(*a))
+    monkeypatch.setattr(codecs._ROT, "fn", lambda *a: rotations.append(1) or rot(*a))
     release = threading.Event()
     t = _loading.start(lambda: release.wait(60), "test-loader")
     try:
         assert not K.ready() and K.backend() == "numba"
-        got = [s.search(q, k=k) for q in queries[:6] for k in (1, 10, 100)]
+        got = singles()
         assert spy.used == [] and rotations == []
         timer = threading.Timer(0.5, release.set)
         timer.start()
         got_batch = s.search(queries, k=10)  # waits for the loader: released by the timer
-        assert release.is_set() and spy.used  # then the compiled kernels
+        assert release.is_set() and spy.used and rotations  # then the compiled kernels
     finally:
         release.set()
         t.join()
     for a, b in zip(want + [want_batch], got + [got_batch]):
         np.testing.assert_array_equal(a.ids, b.ids)
         np.testing.assert_array_equal(a.scores, b.scores)
+    for a, b in zip(want, got):
+        ta, tb = a.traces[0], b.traces[0]
+        for name in ("candidates", "stage2", "stage3"):
+            np.testing.assert_array_equal(getattr(ta, name), getattr(tb, name), err_msg=name)
+        assert ta.threshold == tb.threshold and ta.ncells == tb.ncells
     assert K.wait() and K.ready()
+
+
+def test_a_forked_child_is_not_left_waiting_for_its_parent_loader():
+    """A process forked while a loader thread runs has no such thread: nothing is loading in it."""
+    import os
+
+    from plaid import _loading
+
+    if not hasattr(os, "fork"):
+        pytest.skip("no fork here")
+    release = threading.Event()
+    t = _loading.start(lambda: release.wait(60), "test-loader")
+    try:
+        assert _loading.busy()
+        pid = os.fork()
+        if pid == 0:  # the child: report by exit status only
+            os._exit(0 if (not _loading.busy() and _loading.wait(1)) else 1)
+        _, status = os.waitpid(pid, 0)
+        assert os.WEXITSTATUS(status) == 0
+        assert _loading.busy() and not _loading.wait(0.01)  # the parent's loader still runs
+    finally:
+        release.set()
+        t.join()
+    assert not _loading.busy() and _loading.wait(0)

@@ -122,7 +122,8 @@ def ready() -> bool:
 
 
 def wait(timeout: Optional[float] = None) -> bool:
-    """Wait for the background warmups started so far (:func:`warmup`); True when none is left."""
+    """Wait until no background warmup (:func:`warmup`) runs, at most ``timeout`` seconds; True
+    when none is left."""
     return _loading.wait(timeout)
 
 
@@ -181,9 +182,10 @@ def warmup(codes_dtype=np.uint16, background: bool = False, search_only: bool = 
         return None
     if background:
         return _loading.start(lambda: warmup(codes_dtype, False, search_only, one_call), "plaid-kernels-warmup")
-    if backend() != "numba":
-        return None
-    _warm(codes_dtype, search_only, one_call)
+    with _loading.as_loader():  # compile here even while a background warmup runs
+        if backend() != "numba":
+            return None
+        _warm(codes_dtype, search_only, one_call)
     _warmed.update(parts)
     return None
 
