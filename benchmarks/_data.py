@@ -13,11 +13,15 @@ def load_bundle(path: str = DEFAULT_DATA) -> Tuple[np.ndarray, np.ndarray, List[
     """(doc vectors float16 [T, d] memory-mapped, doclens int64 [N], queries as float32 [m_i, d] arrays)."""
     X = np.load(os.path.join(path, "doc_embeddings.f16.npy"), mmap_mode="r")
     doclens = np.load(os.path.join(path, "doclens.npy")).astype(np.int64)
+    return X, doclens, load_queries(path)
+
+
+def load_queries(path: str = DEFAULT_DATA) -> List[np.ndarray]:
+    """A bundle's queries as float32 [m_i, d] arrays (its query files alone: no document vectors)."""
     Q = np.load(os.path.join(path, "query_embeddings.f16.npy"))
     qlens = np.load(os.path.join(path, "query_lens.npy"))
     qoff = np.concatenate([[0], np.cumsum(qlens)])
-    queries = [Q[qoff[i] : qoff[i + 1]].astype(np.float32) for i in range(len(qlens))]
-    return X, doclens, queries
+    return [Q[qoff[i] : qoff[i + 1]].astype(np.float32) for i in range(len(qlens))]
 
 
 def recall_at(exact_scores: np.ndarray, ids: np.ndarray, k: int = 10, tol: float = 1e-4) -> float:

@@ -31,6 +31,8 @@ from typing import Dict, List, Tuple
 import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from _data import load_queries  # noqa: E402
 DEFAULT_SOURCE = os.path.join(HERE, "..", "..", "shared", "data", "msmarco-5k")
 STAGES = ["centroid_scores", "stage1_candidates", "stage2_prune", "stage3_rank", "stage4_exact"]
 SETTINGS = {  # name: (k, search overrides)
@@ -38,13 +40,6 @@ SETTINGS = {  # name: (k, search overrides)
     "ndocs=1024 k=10": (10, {"ndocs": 1024}),
     "default k=100": (100, {}),
 }
-
-
-def load_queries(source: str) -> List[np.ndarray]:
-    """The queries as float32 [m_i, d] arrays."""
-    Q = np.load(os.path.join(source, "query_embeddings.f16.npy"))
-    qoff = np.concatenate([[0], np.cumsum(np.load(os.path.join(source, "query_lens.npy")))])
-    return [Q[qoff[i] : qoff[i + 1]].astype(np.float32) for i in range(len(qoff) - 1)]
 
 
 def load_truth(source: str) -> List[Dict[int, float]]:

@@ -71,7 +71,7 @@ def start(fn: Callable[[], None], name: str) -> threading.Thread:
 def wait(timeout: Optional[float] = None) -> bool:
     """Wait until no background loader runs (at most ``timeout`` seconds in all); True when none
     is left. A loader thread does not wait (for itself or others)."""
-    if _exempt():
+    if _count == 0 or _exempt():  # nothing loading (the common case: no lock taken), or a loader
         return _count == 0
     with _cond:
         return _cond.wait_for(lambda: _count == 0, timeout)

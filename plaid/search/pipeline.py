@@ -321,13 +321,10 @@ def search_batch(engine: Engine, queries: List[np.ndarray], b: Budgets,
     wait = getattr(engine, "wait_for_kernels", None)
     if wait is not None and n > WAIT_FOR_KERNELS_ABOVE:
         wait()
+    if pool is not None and n > 1 and getattr(engine, "independent_rows", False):
+        return _threaded_parts(engine, queries, b, subsets, traces, pool)
     out: List[Hits] = []
     for lo in range(0, n, batch_size):
-        # asked again before each batch: an engine whose compiled kernels are still loading in
-        # the background (the CPU engine's first seconds) takes the rest in parts once they are
-        if pool is not None and n - lo > 1 and getattr(engine, "independent_rows", False):
-            return out + _threaded_parts(engine, queries[lo:], b, None if subsets is None else subsets[lo:],
-                                         None if traces is None else traces[lo:], pool)
         hi = min(n, lo + batch_size)
         out += _batch(engine, queries[lo:hi], b, None if subsets is None else subsets[lo:hi],
                       None if traces is None else traces[lo:hi], pool)
