@@ -9,6 +9,10 @@ one process per revision (alternating which goes first), and reports every round
 latency and the ratio of the best rounds::
 
     python benchmarks/versions.py --base fbdf2e1 --sizes 5k,50k --codecs pq32,pq64 --rounds 4
+    python benchmarks/versions.py --base fbdf2e1 --sizes 1m --index INDEX   # both on one index
+
+``--index``: an index already built (readable by both revisions) that both sides search instead
+of building their own (a change of search code only, at a size whose build takes half an hour).
 
 The new side is the working tree (uncommitted changes included). Corpora are those of
 ``benchmarks/run.py`` (``5k`` = msmarco-5k; larger ones are grown by ``benchmarks/corpora.py``);
@@ -98,9 +102,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reuse", action="store_true",
                     help="keep an index already built under the work folder (same indexing code on both sides)")
+    ap.add_argument("--index", help="an existing index of the (one) --sizes corpus that both revisions search")
     ap.add_argument("--work", default=corpora.DEFAULT_WORK)
     ap.add_argument("--source", default=corpora.DEFAULT_SOURCE)
     args = ap.parse_args(argv)
+    if args.index and (len(args.sizes.split(",")) != 1 or len(args.codecs.split(",")) != 1
+                       or not os.path.exists(os.path.join(args.index, "manifest.json"))):
+        ap.error("--index needs an index folder (with manifest.json) and one --sizes and --codecs")
     bad = [c for c in args.codecs.split(",") if c not in CODECS]
     if bad:
         ap.error(f"unknown codec(s) {', '.join(bad)}: choose from {', '.join(CODECS)}")
@@ -117,8 +125,8 @@ def main(argv=None) -> dict:
         recall = corpora.Recall(bundle, gt_ids, gt_scores)
         for codec in args.codecs.split(","):
             cfg = json.dumps(CODECS[codec])
-            idx = {s: os.path.join(root, "indexes", f"{size}-{codec}-{s}") for s in sides}
-            builds = {s: (float("nan") if args.reuse and os.path.exists(os.path.join(idx[s], "manifest.json"))
+            idx = {s: (args.index and os.path.abspath(args.index)) or os.path.join(root, "indexes", f"{size}-{codec}-{s}") for s in sides}
+            builds = {s: (float("nan") if args.index or args.reuse and os.path.exists(os.path.join(idx[s], "manifest.json"))
                           else child(code, ["build", bundle, idx[s], cfg, 0], args.threads)["build_s"])
                       for s, code in sides.items()}
             rounds = {s: [] for s in sides}

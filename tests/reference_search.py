@@ -39,10 +39,19 @@ class RefIndex:
             self.alive = np.ones(self.num_documents, bool)
             self.alive[deleted] = False
         self.num_live = snap.num_live
-        scoring = self.centroids
+        # stages 1-3 score the centroids' int8 rows times a factor per centroid (the scale, or
+        # 1 / |row| for unit vectors): the definition since the int8 product (was: float32 unit
+        # centroids, which differ from it by float32 rounding)
+        from plaid.codecs import quantize_centroids
+
+        qc = quantize_centroids(self.centroids)
+        rows = qc["centroids"].astype(np.float32)
         if self.normalized:
-            scoring = self.centroids / np.maximum(np.linalg.norm(self.centroids, axis=1, keepdims=True), 1e-12)
-        self.scoring = torch.from_numpy(np.ascontiguousarray(scoring, np.float32))
+            norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+            self.factor = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
+        else:
+            self.factor = qc["centroid_scales"].astype(np.float32)
+        self.scoring = torch.from_numpy(np.ascontiguousarray(rows))
 
 
 def _exact(ix: RefIndex, q, docs, k):
@@ -78,7 +87,7 @@ def reference_search(ix: RefIndex, queries: List[np.ndarray], k: int, ncells: in
     """ids int64 [nq, k], scores float32 [nq, k] (float32 centroid scores); k <= num_documents."""
     ids = np.full((len(queries), k), -1, np.int64)
     scores = np.full((len(queries), k), -np.inf, np.float32)
-    S_all = (torch.from_numpy(np.concatenate(queries)) @ ix.scoring.T).numpy()
+    S_all = (torch.from_numpy(np.concatenate(queries)) @ ix.scoring.T).numpy() * ix.factor[None, :]
     row = 0
     for qi, q in enumerate(queries):
         m = q.shape[0]

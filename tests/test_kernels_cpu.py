@@ -222,25 +222,52 @@ def test_stage4_random(m, codes_dtype, norms_kind):
 @needs_numba
 @pytest.mark.parametrize("C", [47, 203, 1000])  # (one column: BLAS runs a gemv, summed otherwise)
 def test_scores_product_is_the_batched_blas_product(C):
-    """Q·Cᵀ by the kernel: fused multiply-adds over the dimensions in order, so each row's
-    scores do not depend on its batch, and equal a BLAS sgemm that sums in that order (torch's
-    MKL on a batch of rows: what the replaced pipeline and tests/reference_search.py use)."""
+    """Q·Sᵀ·diag(f) by the kernel from int8 rows S: fused multiply-adds over the dimensions in
+    order, then one multiply by the factor, so each row's scores do not depend on its batch, and
+    equal a BLAS sgemm that sums in that order (torch's MKL on a batch of rows: what the engine's
+    fallback and tests/reference_search.py use) times the factors."""
     rng = np.random.default_rng(C)
-    S = rng.normal(size=(C, 128)).astype(np.float32)
+    S = rng.integers(-127, 128, size=(C, 128)).astype(np.int8)
+    f = rng.random(C).astype(np.float32) / 100
     P = K.product_panels(S)
-    assert P.shape == (-(-C // 48) * 128, 48) and (P.reshape(-1, 128, 48).transpose(0, 2, 1).reshape(-1, 128)[:C] == S).all()
+    assert P.dtype == np.int8 and P.shape == (-(-C // 48) * 128, 48)
+    assert (P.reshape(-1, 128, 48).transpose(0, 2, 1).reshape(-1, 128)[:C] == S).all()
     batch = rng.normal(size=(40, 128)).astype(np.float32)
-    want = (torch.from_numpy(batch) @ torch.from_numpy(S).T).numpy()
+    want = (torch.from_numpy(batch) @ torch.from_numpy(S.astype(np.float32)).T).numpy() * f
     for rows in (slice(0, 40), slice(0, 1), slice(3, 5), slice(7, 14)):
         Q = np.ascontiguousarray(batch[rows])
         out = np.full((len(Q), C), np.nan, np.float32)
-        assert K.scores_product(Q, P, out, 0, C)
-        assert same(out, want[rows])
+        assert K.scores_product(Q, P, f, out, 0, C)
+        assert same(out, want[rows])  # a row's bits do not depend on its batch
         split = np.full_like(out, np.nan)  # disjoint column ranges (as threads fill them)
         cut = min(C, K.PRODUCT_ALIGN)
-        K.scores_product(Q, P, split, cut, C)
-        K.scores_product(Q, P, split, 0, cut)
+        K.scores_product(Q, P, f, split, cut, C)
+        K.scores_product(Q, P, f, split, 0, cut)
         assert same(split, out)
+    with pytest.raises(ValueError):  # float32 panels are not the kernel's layout
+        K.scores_product(batch[:4], P.astype(np.float32), f, np.empty((4, C), np.float32), 0, C)
+    with pytest.raises(ValueError):
+        K.product_panels(S.astype(np.float32))
+
+
+def test_scoring_rows_are_the_stored_int8_centroids(tmp_path):
+    """Stages 1-3 score the centroids' int8 rows as a format-3 index stores them, times 1/|row|
+    for unit vectors: the scores are the unit centroids' within float32 rounding."""
+    from plaid.codecs import dequantize_centroids, quantize_centroids
+    from plaid.search.pipeline import scoring_centroids
+
+    rng = np.random.default_rng(0)
+    c = rng.normal(size=(300, 64)).astype(np.float32)
+    c[5] = 0.0  # a zero centroid scores 0
+    stored = quantize_centroids(c)
+    deq = dequantize_centroids(stored["centroids"], stored["centroid_scales"])
+    rows, factor = scoring_centroids(deq, normalized=True)
+    assert rows.dtype == np.int8 and (rows == stored["centroids"]).all()
+    unit = deq / np.maximum(np.linalg.norm(deq, axis=1, keepdims=True), 1e-12)
+    np.testing.assert_allclose(rows.astype(np.float32) * factor[:, None], unit, rtol=0, atol=1e-6)
+    assert factor[5] == 0
+    rows, factor = scoring_centroids(deq, normalized=False)
+    assert (rows == stored["centroids"]).all() and (factor == stored["centroid_scales"]).all()
 
 
 @pytest.mark.parametrize("m", [1, 7, 8, 9, 33])

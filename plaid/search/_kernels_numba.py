@@ -118,6 +118,44 @@ def vloadu(typingctx, arr, r, o):
     return f32x8(arr, r, o), codegen
 
 
+_V8I8 = ir.VectorType(ir.IntType(8), 8)
+
+
+@intrinsic
+def vload_i8(typingctx, arr, r, o):
+    """Lanes ``k < 8`` = ``float32(arr[r, o + k])`` (int8 [., .], C order; exact): a plain 8-byte
+    load, for rows known to hold ``o + 8`` columns."""
+    if not (isinstance(arr, types.Array) and arr.dtype == types.int8 and arr.ndim == 2 and arr.layout == "C"):
+        return None
+
+    def codegen(context, builder, sig, args):
+        rv, ov = _intp(context, builder, sig, args, (1, 2))
+        a = context.make_array(sig.args[0])(context, builder, args[0])
+        ptr = cgutils.get_item_pointer2(context, builder, data=a.data, shape=cgutils.unpack_tuple(builder, a.shape),
+                                        strides=cgutils.unpack_tuple(builder, a.strides), layout="C", inds=[rv, ov],
+                                        wraparound=False, boundscheck=False)
+        v = builder.load(builder.bitcast(ptr, _V8I8.as_pointer()), align=1)
+        return builder.sitofp(v, _VTY)
+
+    return f32x8(arr, r, o), codegen
+
+
+@intrinsic
+def vstoreu(typingctx, arr, r, o, val):
+    """``arr[r, o + k] = val[k]`` for lanes ``k < 8``: a plain store, for rows known to hold
+    ``o + 8`` columns."""
+    if not _f32_2d(arr) or arr.layout != "C" or val != f32x8:
+        return None
+
+    def codegen(context, builder, sig, args):
+        rv, ov = _intp(context, builder, sig, args, (1, 2))
+        ptr, _ = _lanes_ptr_mask(context, builder, sig.args[0], args[0], rv, ov, rv)
+        builder.store(args[3], ptr, align=4)
+        return context.get_dummy_value()
+
+    return types.void(arr, r, o, val), codegen
+
+
 @intrinsic
 def vstore(typingctx, arr, r, o, n, val):
     """``arr[r, o + k] = val[k]`` for lanes ``k < n``; writes nothing else."""
@@ -361,18 +399,22 @@ def token_sum(a, m, pairwise):
 # ------------------------------------------------------------------------------------------------
 # The query-centroid product
 # ------------------------------------------------------------------------------------------------
-#: Centroids per panel of :func:`scores_product`: the scoring centroids are stored as panels of
-#: 48 columns, each panel's [dim, 48] block contiguous (24 KB at dim 128: it stays in L1 while
-#: every 4-row group of the batch passes over it, and is read as one sequential stream; the
-#: [dim, C] row-major layout reads dim separate streams per block, 3x slower at 65,536 centroids
-#: where the matrix no longer fits the cache).
+#: Centroids per panel of :func:`scores_product`: the scoring rows are stored as panels of 48
+#: columns, each panel's [dim, 48] int8 block contiguous (6 KB at dim 128, read as one sequential
+#: stream, then widened to a 24 KB float32 block that stays in L1 while every 4-row group of the
+#: batch passes over it; the [dim, C] row-major layout read dim separate streams per block, 3x
+#: slower at 65,536 centroids where the matrix no longer fits the cache).
 PRODUCT_BLOCK = 48
+#: Above this many rows (two 4-row groups), :func:`scores_product` widens each int8 panel into a
+#: float32 buffer once instead of at every load (a batch's product is bound by arithmetic).
+WIDEN_ONCE_ROWS = 8
 
 
 @jit
-def _product_tile(Q, P, out, i0, i1, i2, i3, base, c, co, n0, n1, n2):
-    """``out[i, c:c + 24]`` for rows i0..i3 from panel rows ``base .. base + dim`` at column ``co``
-    (4 x 3 registers of 8 lanes; ``n*`` lanes each)."""
+def _product_tile(Q, P, fac, out, i0, i1, i2, i3, base, c, co, n0, n1, n2):
+    """``out[i, c:c + 24]`` for rows i0..i3 from int8 panel rows ``base .. base + dim`` at column
+    ``co`` (4 x 3 registers of 8 lanes, each widened from 8 bytes as loaded), times ``fac[c:c +
+    24]``; ``n*`` lanes written of each register (the panel holds all 24, zero past C)."""
     zero = vsplat(np.float32(0.0))
     a0 = zero
     a1 = zero
@@ -387,9 +429,9 @@ def _product_tile(Q, P, out, i0, i1, i2, i3, base, c, co, n0, n1, n2):
     f1 = zero
     f2 = zero
     for d in range(Q.shape[1]):
-        x0 = vload(P, base + d, co, n0)
-        x1 = vload(P, base + d, co + 8, n1)
-        x2 = vload(P, base + d, co + 16, n2)
+        x0 = vload_i8(P, base + d, co)
+        x1 = vload_i8(P, base + d, co + 8)
+        x2 = vload_i8(P, base + d, co + 16)
         q = vsplat(Q[i0, d])
         a0 = vfma(q, x0, a0)
         a1 = vfma(q, x1, a1)
@@ -406,23 +448,27 @@ def _product_tile(Q, P, out, i0, i1, i2, i3, base, c, co, n0, n1, n2):
         f0 = vfma(q, x0, f0)
         f1 = vfma(q, x1, f1)
         f2 = vfma(q, x2, f2)
-    vstore(out, i0, c, n0, a0)
-    vstore(out, i0, c + 8, n1, a1)
-    vstore(out, i0, c + 16, n2, a2)
-    vstore(out, i1, c, n0, b0)
-    vstore(out, i1, c + 8, n1, b1)
-    vstore(out, i1, c + 16, n2, b2)
-    vstore(out, i2, c, n0, e0)
-    vstore(out, i2, c + 8, n1, e1)
-    vstore(out, i2, c + 16, n2, e2)
-    vstore(out, i3, c, n0, f0)
-    vstore(out, i3, c + 8, n1, f1)
-    vstore(out, i3, c + 16, n2, f2)
+    g0 = vload(fac, 0, c, n0)
+    g1 = vload(fac, 0, c + 8, n1)
+    g2 = vload(fac, 0, c + 16, n2)
+    vstore(out, i0, c, n0, vmul(a0, g0))
+    vstore(out, i0, c + 8, n1, vmul(a1, g1))
+    vstore(out, i0, c + 16, n2, vmul(a2, g2))
+    vstore(out, i1, c, n0, vmul(b0, g0))
+    vstore(out, i1, c + 8, n1, vmul(b1, g1))
+    vstore(out, i1, c + 16, n2, vmul(b2, g2))
+    vstore(out, i2, c, n0, vmul(e0, g0))
+    vstore(out, i2, c + 8, n1, vmul(e1, g1))
+    vstore(out, i2, c + 16, n2, vmul(e2, g2))
+    vstore(out, i3, c, n0, vmul(f0, g0))
+    vstore(out, i3, c + 8, n1, vmul(f1, g1))
+    vstore(out, i3, c + 16, n2, vmul(f2, g2))
 
 
 @jit
-def _product_tile_full(Q, P, out, i0, i1, i2, i3, base, c, co):
-    """:func:`_product_tile` with all 24 columns (constant lane counts: plain loads and stores)."""
+def _product_tile_f32(Q, B, out, i0, i1, i2, i3, c, co):
+    """``out[i, c:c + 24]`` (unscaled) for rows i0..i3 from the widened panel ``B`` float32
+    [dim, 48] at column ``co`` (all 24 columns; :func:`scores_product` for batches)."""
     zero = vsplat(np.float32(0.0))
     a0 = zero
     a1 = zero
@@ -437,9 +483,9 @@ def _product_tile_full(Q, P, out, i0, i1, i2, i3, base, c, co):
     f1 = zero
     f2 = zero
     for d in range(Q.shape[1]):
-        x0 = vload(P, base + d, co, 8)
-        x1 = vload(P, base + d, co + 8, 8)
-        x2 = vload(P, base + d, co + 16, 8)
+        x0 = vloadu(B, d, co)
+        x1 = vloadu(B, d, co + 8)
+        x2 = vloadu(B, d, co + 16)
         q = vsplat(Q[i0, d])
         a0 = vfma(q, x0, a0)
         a1 = vfma(q, x1, a1)
@@ -456,45 +502,60 @@ def _product_tile_full(Q, P, out, i0, i1, i2, i3, base, c, co):
         f0 = vfma(q, x0, f0)
         f1 = vfma(q, x1, f1)
         f2 = vfma(q, x2, f2)
-    vstore(out, i0, c, 8, a0)
-    vstore(out, i0, c + 8, 8, a1)
-    vstore(out, i0, c + 16, 8, a2)
-    vstore(out, i1, c, 8, b0)
-    vstore(out, i1, c + 8, 8, b1)
-    vstore(out, i1, c + 16, 8, b2)
-    vstore(out, i2, c, 8, e0)
-    vstore(out, i2, c + 8, 8, e1)
-    vstore(out, i2, c + 16, 8, e2)
-    vstore(out, i3, c, 8, f0)
-    vstore(out, i3, c + 8, 8, f1)
-    vstore(out, i3, c + 16, 8, f2)
+    vstoreu(out, i0, c, a0)
+    vstoreu(out, i0, c + 8, a1)
+    vstoreu(out, i0, c + 16, a2)
+    vstoreu(out, i1, c, b0)
+    vstoreu(out, i1, c + 8, b1)
+    vstoreu(out, i1, c + 16, b2)
+    vstoreu(out, i2, c, e0)
+    vstoreu(out, i2, c + 8, e1)
+    vstoreu(out, i2, c + 16, e2)
+    vstoreu(out, i3, c, f0)
+    vstoreu(out, i3, c + 8, f1)
+    vstoreu(out, i3, c + 16, f2)
 
 
 @jit
-def scores_product(Q, P, out, c_lo, c_hi):
-    """``out[:, c_lo:c_hi] = Q @ S[c_lo:c_hi].T``: each score the fused multiply-adds of the
-    dimensions in order d = 0, 1, ... from 0 (what a BLAS sgemm kernel computes for a row of a
-    batch: bit-identical to torch's float32 product on MKL from 3-4 rows). Q float32 [M, dim];
-    P float32 [panels * dim, 48]: the scoring centroids S in panels (``P[b * dim + d, j]`` is
-    centroid ``48 b + j``'s coordinate d, zero past C); out float32 [M, C]; c_lo a multiple of
-    48. Disjoint column ranges can be filled by different threads."""
+def scores_product(Q, P, fac, out, c_lo, c_hi):
+    """``out[:, c_lo:c_hi] = (Q @ S[c_lo:c_hi].T) * fac[c_lo:c_hi]``: each score the fused
+    multiply-adds of the dimensions in order d = 0, 1, ... from 0 (what a BLAS sgemm kernel
+    computes for a row of a batch: bit-identical to torch's float32 product on MKL from 3-4 rows),
+    then one rounded multiply by its centroid's factor. Q float32 [M, dim]; P int8
+    [panels * dim, 48]: the scoring rows S in panels (``P[b * dim + d, j]`` is row ``48 b + j``'s
+    coordinate d, zero past C); fac float32 [1, C]; out float32 [M, C]; c_lo a multiple of 48.
+    A panel (6 KB) stays in L1 while every 4-row group of Q passes over it; its bytes are widened
+    to float32 as they are loaded (widening each panel once into a float32 buffer measured 1.5x
+    slower for a 7-token query). Disjoint column ranges can be filled by different threads."""
     M = Q.shape[0]
     dim = Q.shape[1]
     last = M - 1
+    B = np.empty((dim, PRODUCT_BLOCK), np.float32)
     for cb in range(c_lo, c_hi, PRODUCT_BLOCK):
         ce = min(cb + PRODUCT_BLOCK, c_hi)
         base = (cb // PRODUCT_BLOCK) * dim
+        if M > WIDEN_ONCE_ROWS and ce - cb == PRODUCT_BLOCK:  # a batch: widen the panel once
+            for d in range(dim):
+                for j in range(0, PRODUCT_BLOCK, 8):
+                    vstoreu(B, d, j, vload_i8(P, base + d, j))
+            for i in range(0, M, 4):
+                i1 = min(i + 1, last)
+                i2 = min(i + 2, last)
+                i3 = min(i + 3, last)
+                for c in range(cb, ce, 24):
+                    _product_tile_f32(Q, B, out, i, i1, i2, i3, c, c - cb)
+            for i in range(M):
+                for c in range(cb, ce, 8):
+                    vstoreu(out, i, c, vmul(vloadu(out, i, c), vloadu(fac, 0, c)))
+            continue
         for i in range(0, M, 4):  # a short last group repeats the last row (same values written)
             i1 = min(i + 1, last)
             i2 = min(i + 2, last)
             i3 = min(i + 3, last)
             for c in range(cb, ce, 24):
-                if c + 24 <= ce:
-                    _product_tile_full(Q, P, out, i, i1, i2, i3, base, c, c - cb)
-                else:
-                    r = ce - c
-                    _product_tile(Q, P, out, i, i1, i2, i3, base, c, c - cb, min(8, r), min(8, max(0, r - 8)),
-                                  min(8, max(0, r - 16)))
+                r = ce - c
+                _product_tile(Q, P, fac, out, i, i1, i2, i3, base, c, c - cb, min(8, r), min(8, max(0, r - 8)),
+                              min(8, max(0, r - 16)))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -4,8 +4,9 @@ this module only computes. With the compiled kernels a query without a subset on
 index runs stages 1-4 in one call (:meth:`CPUEngine.search_one`); otherwise the pipeline calls
 the per-stage methods below.
 
-State prepared from the store's snapshot: centroids (float32 [C, dim]) and their unit-norm scoring
-copy (float32 or bfloat16), the inverted file (int32 [P], int64 [C + 1]) and its transpose (each
+State prepared from the store's snapshot: centroids (float32 [C, dim]) and the scoring rows of
+stages 1-3 (int8 [C, dim] and a float32 factor per centroid; a bfloat16 matrix where asked), the
+inverted file (int32 [P], int64 [C + 1]) and its transpose (each
 document's distinct centroids: uint16 [P] up to 65,536 centroids, else int32; int64 [N + 1]),
 document offsets, tombstones, the norm table (format 3: float32 [256]); the per-token arrays
 (centroid ids, residual codes, norms) stay memory-mapped unless ``load_all``.
@@ -26,7 +27,7 @@ from ..store import Snapshot, checked_codes, checked_norms
 from . import kernels_cpu as K
 from . import stages
 from .params import Budgets
-from .pipeline import Hits, QueryScores, Trace, alive_mask, scoring_centroids
+from .pipeline import Hits, QueryScores, Trace, alive_mask, scoring_centroids, scoring_matrix
 
 __all__ = ["CPUEngine"]
 
@@ -104,8 +105,11 @@ class CPUEngine:
                     advise_random(a)
         self.alive: Optional[np.ndarray] = alive_mask(snap.deleted, self.num_documents)
         self.num_live = snap.num_live
-        self.scoring = torch.from_numpy(scoring_centroids(self.centroids, self.normalized)).to(
-            torch.bfloat16 if precision == "bfloat16" else torch.float32)
+        # stages 1-3 score int8 rows times a factor per centroid (pipeline.scoring_centroids)
+        self.scoring_rows, self.scoring_factor = scoring_centroids(self.centroids, self.normalized)
+        self.precision = "bfloat16" if precision == "bfloat16" else "float32"
+        self._scoring_bf16: Optional[torch.Tensor] = None  # the bfloat16 product's matrix (made on first use)
+        self._scoring_f32: Optional[torch.Tensor] = None  # the fallback's float32 rows (made on first use)
         self._scratch = _Scratch()
         self._scoring_t: Optional[np.ndarray] = None  # the kernel's product reads it (K.product_panels)
         # numba's start-up and the kernels a search runs load in the background meanwhile: with one
@@ -212,23 +216,31 @@ class CPUEngine:
         """True when a query's row of :meth:`centroid_scores` does not depend on the other rows
         of the call (the compiled float32 product; a BLAS product blocks by the number of rows),
         so the pipeline may score queries in any grouping."""
-        return self.scoring.dtype == torch.float32 and K.ready()
+        return self.precision == "float32" and K.ready()
 
     # -- stage 1 ---------------------------------------------------------------------------------
     def centroid_scores(self, Qcat: np.ndarray, pool: Optional[ThreadPoolExecutor] = None,
                         threads: int = 1) -> np.ndarray:
-        """float32 [sum_m, dim] -> float32 [sum_m, C] (one product for the whole batch).
+        """float32 [sum_m, dim] -> float32 [sum_m, C] (one product for the whole batch): each
+        token's products with the int8 scoring rows, times each centroid's factor
+        (:func:`plaid.search.pipeline.scoring_centroids`).
 
         float32 scores come from the compiled kernel (:func:`kernels_cpu.scores_product`), its
         column range split over ``threads`` tasks of ``pool``: the search's threads compute the
-        product too (torch's own thread count plays no part). bfloat16 scores, and float32 ones
-        under the numpy fallback, come from torch's product (equal bits in float32 where its
-        BLAS sums in order, as MKL does for whole groups of :data:`BLAS_ROWS` rows: the product
-        is padded to them)."""
+        product too (torch's own thread count plays no part). Under the numpy fallback they come
+        from torch's float32 product with the same rows and factors (equal bits where its BLAS
+        sums in order, as MKL does for whole groups of :data:`BLAS_ROWS` rows: the product is
+        padded to them). bfloat16 scores come from torch's product with ``rows * factor``
+        rounded to bfloat16."""
         Q = np.ascontiguousarray(Qcat, np.float32)
-        if self.scoring.dtype == torch.float32 and K.ready():
+        if self.precision == "bfloat16":
+            if self._scoring_bf16 is None:
+                self._scoring_bf16 = torch.from_numpy(scoring_matrix(self.scoring_rows, self.scoring_factor)).to(
+                    torch.bfloat16)
+            return (torch.from_numpy(Q).to(torch.bfloat16) @ self._scoring_bf16.T).float().numpy()
+        if K.ready():
             if self._scoring_t is None:
-                self._scoring_t = K.product_panels(self.scoring.numpy())
+                self._scoring_t = K.product_panels(self.scoring_rows)
             C = self.num_centroids
             out = np.empty((len(Q), C), np.float32)
             # a part per thread, each worth handing over (the pool's wake-up costs more than
@@ -237,19 +249,21 @@ class CPUEngine:
             parts = 1 if pool is None else max(1, min(int(threads), -(-C // K.PRODUCT_ALIGN), work // MIN_SPLIT_MACS))
             step = -(-C // (parts * K.PRODUCT_ALIGN)) * K.PRODUCT_ALIGN
             ranges = [(lo, min(lo + step, C)) for lo in range(0, C, step)]
-            others = [pool.submit(K.scores_product, Q, self._scoring_t, out, lo, hi) for lo, hi in ranges[1:]]
-            done = K.scores_product(Q, self._scoring_t, out, *ranges[0])  # the first range here
+            fac = self.scoring_factor
+            others = [pool.submit(K.scores_product, Q, self._scoring_t, fac, out, lo, hi) for lo, hi in ranges[1:]]
+            done = K.scores_product(Q, self._scoring_t, fac, out, *ranges[0])  # the first range here
             done = all([f.result() for f in others]) and done
             if done:
                 return out
-        if self.scoring.dtype == torch.float32 and len(Q) % BLAS_ROWS:
-            # padded with zero rows to whole groups of BLAS_ROWS: MKL's sgemm then sums each row
-            # in order, as the compiled kernel does (a short group takes another code path,
-            # whose bits differ for ~40-90% of the scores)
-            padded = np.zeros((-(-len(Q) // BLAS_ROWS) * BLAS_ROWS, Q.shape[1]), np.float32)
-            padded[: len(Q)] = Q
-            return (torch.from_numpy(padded) @ self.scoring.T).numpy()[: len(Q)]
-        return (torch.from_numpy(Q).to(self.scoring.dtype) @ self.scoring.T).float().numpy()
+        if self._scoring_f32 is None:
+            self._scoring_f32 = torch.from_numpy(self.scoring_rows.astype(np.float32))
+        # padded with zero rows to whole groups of BLAS_ROWS: MKL's sgemm then sums each row in
+        # order, as the compiled kernel does (a short group takes another code path, whose bits
+        # differ for ~40-90% of the scores)
+        padded = np.zeros((-(-len(Q) // BLAS_ROWS) * BLAS_ROWS, Q.shape[1]), np.float32)
+        padded[: len(Q)] = Q
+        R = (torch.from_numpy(padded) @ self._scoring_f32.T).numpy()[: len(Q)]
+        return np.multiply(R, self.scoring_factor[None, :], out=R)
 
     def candidates(self, S: QueryScores, cells: np.ndarray) -> np.ndarray:
         starts = self.ivf_offsets[cells]

@@ -20,7 +20,7 @@ from ..maxsim import segment_max
 from ..store import Snapshot, checked_codes, checked_norms
 from . import stages
 from .params import PRUNED_SCORE
-from .pipeline import QueryScores, alive_mask, scoring_centroids
+from .pipeline import QueryScores, alive_mask, scoring_centroids, scoring_matrix
 
 __all__ = ["TorchEngine", "expand_ranges"]
 
@@ -84,8 +84,13 @@ class TorchEngine:
         self.shift_t = torch.arange(0, 256 * m.code_bytes, 256, dtype=torch.int32, device=dev)
         self.alive = alive_mask(snap.deleted, self.num_documents)
         self.num_live = snap.num_live
-        self.scoring_t = torch.from_numpy(scoring_centroids(centroids, self.normalized)).to(dev).to(
-            torch.bfloat16 if precision == "bfloat16" else torch.float32)
+        rows, factor = scoring_centroids(centroids, self.normalized)
+        if precision == "bfloat16":  # the product with rows * factor rounded to bfloat16 (as the CPU engine's)
+            self.scoring_t = torch.from_numpy(scoring_matrix(rows, factor)).to(dev).to(torch.bfloat16)
+            self.scoring_factor_t = None
+        else:  # float32: the int8 rows' product times each centroid's factor (as the CPU engine's)
+            self.scoring_t = torch.from_numpy(rows.astype(np.float32)).to(dev)
+            self.scoring_factor_t = torch.from_numpy(factor).to(dev)
 
     def _norms(self, pos: torch.Tensor) -> torch.Tensor:
         """float32 [t]: the stored norms of the tokens at ``pos`` (on the device)."""
@@ -95,7 +100,10 @@ class TorchEngine:
     # -- stage 1 ---------------------------------------------------------------------------------
     def centroid_scores(self, Qcat: np.ndarray, pool=None, threads: int = 1) -> np.ndarray:
         Q = torch.from_numpy(np.ascontiguousarray(Qcat, np.float32)).to(self.device)
-        return (Q.to(self.scoring_t.dtype) @ self.scoring_t.T).float().cpu().numpy()
+        R = (Q.to(self.scoring_t.dtype) @ self.scoring_t.T).float()
+        if self.scoring_factor_t is not None:
+            R = R * self.scoring_factor_t
+        return R.cpu().numpy()
 
     def candidates(self, S: QueryScores, cells: np.ndarray) -> np.ndarray:
         cells_t = torch.from_numpy(np.asarray(cells, np.int64)).to(self.device)

@@ -131,7 +131,7 @@ def wait(timeout: Optional[float] = None) -> bool:
 # specialisation serves in-memory and memory-mapped (read-only) inputs alike
 _OUTPUTS = {"candidates": (4, 5), "transpose_table": (1,), "approx_docs": (7, 8), "approx_docs_strided": (6, 7),
             "approx_ivf": (6, 7, 8), "used_centroids": (4,), "exact": (11,), "stage4": (11, 12),
-            "centroid_terms": (), "scores_product": (2,), "search_query": (22, 23, 24, 25),
+            "centroid_terms": (), "scores_product": (3,), "search_query": (22, 23, 24, 25),
             "search_many": (25, 26, 27, 28, 29, 30)}
 
 
@@ -212,7 +212,8 @@ def _warm(codes_dtype, search_only: bool, one_call: bool) -> None:
     cents = rng.random((C, dim), dtype=np.float32)
     q = rng.random((m, dim), dtype=np.float32)
     # the CPU engine's two calls (one-byte, float16 norms and none give the same argument types)
-    scores_product(q, product_panels(cents), np.empty((m, C), np.float32), 0, C)
+    scores_product(q, product_panels((cents * 100).astype(np.int8)), np.ones(C, np.float32), np.empty((m, C), np.float32),
+                   0, C)
     arrays = QueryArrays(cents, ivf, ivf_offsets, dcells, dcell_offsets, offsets, codes, np.zeros((N, 1), np.uint8),
                          np.zeros(N, np.uint8), None, norm_values=np.ones(256, np.float32))
     if one_call:
@@ -555,35 +556,40 @@ def centroid_terms(q: np.ndarray, centroids: np.ndarray, u: np.ndarray) -> np.nd
 PRODUCT_ALIGN = 48
 
 
-def product_panels(scoring: np.ndarray) -> np.ndarray:
-    """The scoring centroids (float32 [C, dim]) in the layout :func:`scores_product` reads:
-    float32 [ceil(C / 48) * dim, 48], panel b holding centroids 48 b .. 48 b + 47 transposed
-    (``P[b * dim + d, j] = scoring[48 b + j, d]``), zero past C. Each panel is one contiguous
-    24 KB block (dim 128): read as a single stream, where the [dim, C] transpose needs dim."""
-    S = np.asarray(scoring, np.float32)
+def product_panels(rows: np.ndarray) -> np.ndarray:
+    """The scoring rows (int8 [C, dim], :func:`plaid.search.pipeline.scoring_centroids`) in the
+    layout :func:`scores_product` reads: int8 [ceil(C / 48) * dim, 48], panel b holding rows
+    48 b .. 48 b + 47 transposed (``P[b * dim + d, j] = rows[48 b + j, d]``), zero past C. Each
+    panel is one contiguous 6 KB block (dim 128): read as a single stream, where the [dim, C]
+    transpose needs dim."""
+    S = np.asarray(rows)
+    if S.dtype != np.int8:
+        raise ValueError(f"product_panels: int8 rows expected, got {S.dtype}")
     C, dim = S.shape
     nb = -(-C // PRODUCT_ALIGN)
-    padded = np.zeros((nb * PRODUCT_ALIGN, dim), np.float32)
+    padded = np.zeros((nb * PRODUCT_ALIGN, dim), np.int8)
     padded[:C] = S
     panels = padded.reshape(nb, PRODUCT_ALIGN, dim).transpose(0, 2, 1)  # [nb, dim, 48]
     return np.ascontiguousarray(panels).reshape(nb * dim, PRODUCT_ALIGN)
 
 
-def scores_product(Q: np.ndarray, P: np.ndarray, out: np.ndarray, c_lo: int, c_hi: int) -> bool:
-    """The query-centroid scores ``out[:, c_lo:c_hi] = Q @ S[c_lo:c_hi].T`` by the compiled
-    kernel (fused multiply-adds over the dimensions in order: a row's scores do not depend on
-    the batch; equal to a BLAS sgemm that sums in that order, as MKL's does). Q: float32
-    [M, dim] C-contiguous; P: the scoring centroids S as :func:`product_panels` lays them out;
-    out: float32 [M, C] C-contiguous, written in place (disjoint ranges from different threads);
-    c_lo a multiple of :data:`PRODUCT_ALIGN` (or the range empty). Returns False when the numpy
+def scores_product(Q: np.ndarray, P: np.ndarray, factor: np.ndarray, out: np.ndarray, c_lo: int, c_hi: int) -> bool:
+    """The query-centroid scores ``out[:, c_lo:c_hi] = (Q @ S[c_lo:c_hi].T) * factor[c_lo:c_hi]``
+    by the compiled kernel (fused multiply-adds over the dimensions in order, then one rounded
+    multiply: a row's scores do not depend on the batch; equal to a BLAS sgemm that sums in that
+    order, as MKL's does, times the factors). Q: float32 [M, dim] C-contiguous; P: the int8
+    scoring rows S as :func:`product_panels` lays them out; factor: float32 [C]; out: float32
+    [M, C] C-contiguous, written in place (disjoint ranges from different threads); c_lo a
+    multiple of :data:`PRODUCT_ALIGN` (or the range empty). Returns False when the numpy
     fallback is in use (the caller multiplies with torch instead)."""
     if not ready():
         return False
     panels_cover = P.shape[1] == PRODUCT_ALIGN and P.shape[0] >= -(-c_hi // PRODUCT_ALIGN) * Q.shape[1]
     aligned = c_lo == c_hi or c_lo % PRODUCT_ALIGN == 0
-    if not (0 <= c_lo <= c_hi <= out.shape[1] and aligned and panels_cover):
-        raise ValueError(f"scores_product: range [{c_lo}, {c_hi}) does not fit panels {P.shape} / out {out.shape}")
-    return _run("scores_product", Q, P, out, int(c_lo), int(c_hi)) is not None
+    if not (0 <= c_lo <= c_hi <= out.shape[1] <= factor.shape[-1] and aligned and panels_cover and P.dtype == np.int8):
+        raise ValueError(f"scores_product: range [{c_lo}, {c_hi}) does not fit panels {P.shape} {P.dtype} / "
+                         f"factors {factor.shape} / out {out.shape}")
+    return _run("scores_product", Q, P, factor.reshape(1, -1), out, int(c_lo), int(c_hi)) is not None
 
 
 def exact_scores(q: np.ndarray, codec, centroids: np.ndarray, codes: np.ndarray, residuals: np.ndarray,

@@ -40,9 +40,10 @@ from typing import List, Optional, Protocol, Tuple
 import numpy as np
 import torch
 
+from ..codecs import quantize_centroids
 from .params import Budgets, widen
 
-__all__ = ["Engine", "QueryScores", "CellCuts", "alive_mask", "scoring_centroids", "Trace", "top_n", "stage1_candidates", "stage2_prune", "stage3_rank",
+__all__ = ["Engine", "QueryScores", "CellCuts", "alive_mask", "scoring_centroids", "scoring_matrix", "Trace", "top_n", "stage1_candidates", "stage2_prune", "stage3_rank",
            "stage4_exact", "search_query", "search_batch", "probed_floor", "surviving"]
 
 Hits = Tuple[np.ndarray, np.ndarray]  # (ids int64 [<= k], scores float32 [<= k]), best first
@@ -95,12 +96,30 @@ def alive_mask(deleted: np.ndarray, num_documents: int) -> Optional[np.ndarray]:
     return alive
 
 
-def scoring_centroids(centroids: np.ndarray, normalized: bool) -> np.ndarray:
-    """float32 [C, dim]: what stages 1-3 score query tokens against. Unit centroids when the index
-    holds unit vectors (cosine: the scale PLAID's thresholds are set in); stage 4 scores the raw ones."""
+def scoring_centroids(centroids: np.ndarray, normalized: bool) -> Tuple[np.ndarray, np.ndarray]:
+    """What stages 1-3 score query tokens against: (rows int8 [C, dim], factor float32 [C]); a
+    query token ``t`` scores ``(t . rows[c]) * factor[c]`` against centroid ``c``.
+
+    The rows are the centroids quantized as the index stores them (int8 and a scale per row,
+    :func:`plaid.codecs.quantize_centroids`): for an index whose centroids are stored so, exactly
+    the stored rows. ``factor`` is the scale, or ``1 / |rows[c]|`` when the index holds unit
+    vectors (stages 1-3 then score the unit centroids: cosine, the scale PLAID's thresholds are
+    set in). Stage 4 scores the raw centroids. A quarter of a float32 copy's memory, which a
+    single query's product at 65,536 centroids reads (:func:`plaid.search.kernels_cpu.scores_product`)."""
+    q = quantize_centroids(np.asarray(centroids, np.float32))
+    rows, scales = q["centroids"], q["centroid_scales"]
     if normalized:
-        centroids = centroids / np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
-    return np.ascontiguousarray(centroids, np.float32)
+        norms = np.linalg.norm(rows.astype(np.float64), axis=1)
+        factor = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
+    else:
+        factor = scales.astype(np.float32)
+    return np.ascontiguousarray(rows), factor
+
+
+def scoring_matrix(rows: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """float32 [C, dim]: the scoring centroids ``rows * factor`` (for products that do not apply
+    the factor after summing: bfloat16 scores)."""
+    return rows.astype(np.float32) * factor[:, None]
 
 
 def top_n(scores: np.ndarray, n: int) -> np.ndarray:
