@@ -8,7 +8,8 @@ Shapes are centroids x rows: 8,192 x 7 (a msmarco-5k query), 8,192 x 56 (a batch
 queries), 65,536 x 7 (a query at a million documents), 65,536 x 56. Each process reports the best
 of 7 x 10 calls per shape; the script prints the best and the median over rounds per side and
 their ratios. A revision whose kernel takes float32 panels (before the int8 rows) is given the
-same rows times their factors in float32. Nothing is written.
+same rows times their factors in float32. Nothing is written but the base revision's worktree
+(under ``--work``, as ``versions.py`` makes it).
 """
 from __future__ import annotations
 
@@ -29,9 +30,11 @@ import corpora  # noqa: E402
 SHAPES = [(8192, 7), (8192, 56), (65536, 7), (65536, 56)]
 
 CHILD = r"""
-import inspect, json, time
+import inspect, json, sys, time
 import numpy as np
+import plaid
 import plaid.search.kernels_cpu as K
+assert plaid.__file__.startswith(sys.argv[1]), plaid.__file__
 K.wait()
 rng = np.random.default_rng(0)
 res = {}
@@ -60,7 +63,7 @@ print(json.dumps(res))
 
 def child(code: str) -> dict:
     env = dict(os.environ, PYTHONPATH=code, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", NUMBA_NUM_THREADS="1")
-    p = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, cwd="/")
+    p = subprocess.run([sys.executable, "-c", CHILD, code], env=env, capture_output=True, text=True, cwd="/")
     if p.returncode != 0:
         raise RuntimeError(f"{code}: the product benchmark failed:\n{p.stderr[-2000:]}")
     return json.loads(p.stdout.strip().splitlines()[-1])
@@ -72,6 +75,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--work", default=corpora.DEFAULT_WORK)
     args = ap.parse_args(argv)
+    args.work = os.path.abspath(args.work)
     if args.rounds < 1:
         ap.error("--rounds must be at least 1")
     sides = {"new": REPO}

@@ -363,7 +363,7 @@ class Indexer:
         timings["sample_s"] = time.perf_counter() - t
 
         # 2. k-means (raw centroids: the nearest raw centroid leaves smaller residuals, 3-4% lower
-        #    reconstruction error on msmarco-5k; the searcher normalises its own scoring copy)
+        #    reconstruction error on msmarco-5k; the searcher scores the stored int8 rows times 1/|row|)
         t = time.perf_counter()
         km_rows = sample if len(sample) <= n_km else \
             sample[np.random.default_rng(self.seed + 1).choice(len(sample), n_km, replace=False)]

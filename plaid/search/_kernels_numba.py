@@ -530,7 +530,7 @@ def scores_product(Q, P, fac, out, c_lo, c_hi):
     M = Q.shape[0]
     dim = Q.shape[1]
     last = M - 1
-    B = np.empty((dim, PRODUCT_BLOCK), np.float32)
+    B = np.empty((dim if M > WIDEN_ONCE_ROWS else 1, PRODUCT_BLOCK), np.float32)
     for cb in range(c_lo, c_hi, PRODUCT_BLOCK):
         ce = min(cb + PRODUCT_BLOCK, c_hi)
         base = (cb // PRODUCT_BLOCK) * dim

@@ -109,7 +109,7 @@ class CPUEngine:
         self.scoring_rows, self.scoring_factor = scoring_centroids(self.centroids, self.normalized)
         self.precision = "bfloat16" if precision == "bfloat16" else "float32"
         self._scoring_bf16: Optional[torch.Tensor] = None  # the bfloat16 product's matrix (made on first use)
-        self._scoring_f32: Optional[torch.Tensor] = None  # the fallback's float32 rows (made on first use)
+        self._scoring_f32: Optional[torch.Tensor] = None  # the fallback's float32 rows (while it runs)
         self._scratch = _Scratch()
         self._scoring_t: Optional[np.ndarray] = None  # the kernel's product reads it (K.product_panels)
         # numba's start-up and the kernels a search runs load in the background meanwhile: with one
@@ -239,6 +239,7 @@ class CPUEngine:
                     torch.bfloat16)
             return (torch.from_numpy(Q).to(torch.bfloat16) @ self._scoring_bf16.T).float().numpy()
         if K.ready():
+            self._scoring_f32 = None  # the loading window's fallback copy, no longer needed
             if self._scoring_t is None:
                 self._scoring_t = K.product_panels(self.scoring_rows)
             C = self.num_centroids
@@ -255,14 +256,15 @@ class CPUEngine:
             done = all([f.result() for f in others]) and done
             if done:
                 return out
-        if self._scoring_f32 is None:
-            self._scoring_f32 = torch.from_numpy(self.scoring_rows.astype(np.float32))
+        S = self._scoring_f32  # (dropped again once the compiled kernels are in use)
+        if S is None:
+            S = self._scoring_f32 = torch.from_numpy(self.scoring_rows.astype(np.float32))
         # padded with zero rows to whole groups of BLAS_ROWS: MKL's sgemm then sums each row in
         # order, as the compiled kernel does (a short group takes another code path, whose bits
         # differ for ~40-90% of the scores)
         padded = np.zeros((-(-len(Q) // BLAS_ROWS) * BLAS_ROWS, Q.shape[1]), np.float32)
         padded[: len(Q)] = Q
-        R = (torch.from_numpy(padded) @ self._scoring_f32.T).numpy()[: len(Q)]
+        R = (torch.from_numpy(padded) @ S.T).numpy()[: len(Q)]
         return np.multiply(R, self.scoring_factor[None, :], out=R)
 
     def candidates(self, S: QueryScores, cells: np.ndarray) -> np.ndarray:

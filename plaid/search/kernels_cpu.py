@@ -578,7 +578,7 @@ def scores_product(Q: np.ndarray, P: np.ndarray, factor: np.ndarray, out: np.nda
     by the compiled kernel (fused multiply-adds over the dimensions in order, then one rounded
     multiply: a row's scores do not depend on the batch; equal to a BLAS sgemm that sums in that
     order, as MKL's does, times the factors). Q: float32 [M, dim] C-contiguous; P: the int8
-    scoring rows S as :func:`product_panels` lays them out; factor: float32 [C]; out: float32
+    scoring rows S as :func:`product_panels` lays them out; factor: float32 [C], C-contiguous; out: float32
     [M, C] C-contiguous, written in place (disjoint ranges from different threads); c_lo a
     multiple of :data:`PRODUCT_ALIGN` (or the range empty). Returns False when the numpy
     fallback is in use (the caller multiplies with torch instead)."""
@@ -586,7 +586,9 @@ def scores_product(Q: np.ndarray, P: np.ndarray, factor: np.ndarray, out: np.nda
         return False
     panels_cover = P.shape[1] == PRODUCT_ALIGN and P.shape[0] >= -(-c_hi // PRODUCT_ALIGN) * Q.shape[1]
     aligned = c_lo == c_hi or c_lo % PRODUCT_ALIGN == 0
-    if not (0 <= c_lo <= c_hi <= out.shape[1] <= factor.shape[-1] and aligned and panels_cover and P.dtype == np.int8):
+    factor_ok = factor.dtype == np.float32 and factor.ndim == 1 and factor.flags.c_contiguous
+    if not (0 <= c_lo <= c_hi <= out.shape[1] <= factor.shape[-1] and aligned and panels_cover and P.dtype == np.int8
+            and factor_ok):
         raise ValueError(f"scores_product: range [{c_lo}, {c_hi}) does not fit panels {P.shape} {P.dtype} / "
                          f"factors {factor.shape} / out {out.shape}")
     return _run("scores_product", Q, P, factor.reshape(1, -1), out, int(c_lo), int(c_hi)) is not None

@@ -102,7 +102,7 @@ def scoring_centroids(centroids: np.ndarray, normalized: bool) -> Tuple[np.ndarr
 
     The rows are the centroids quantized as the index stores them (int8 and a scale per row,
     :func:`plaid.codecs.quantize_centroids`): for an index whose centroids are stored so, exactly
-    the stored rows. ``factor`` is the scale, or ``1 / |rows[c]|`` when the index holds unit
+    the stored rows. ``factor`` is the scale (within a float32 ulp of the stored one), or ``1 / |rows[c]|`` when the index holds unit
     vectors (stages 1-3 then score the unit centroids: cosine, the scale PLAID's thresholds are
     set in). Stage 4 scores the raw centroids. A quarter of a float32 copy's memory, which a
     single query's product at 65,536 centroids reads (:func:`plaid.search.kernels_cpu.scores_product`)."""

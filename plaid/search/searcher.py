@@ -92,8 +92,9 @@ class Searcher:
         call. Searches on several threads with the compiled CPU kernels take queries in parts of
         at most 8 per thread instead (:func:`plaid.search.pipeline.search_batch`).
     centroid_precision : {"auto", "float32", "bfloat16"}, default "auto"
-        Precision of the query-centroid scores of stages 1-3 ("auto": float32). Stage 4 is
-        always float32. bfloat16 halves the memory of the scoring copy of the centroids and,
+        Precision of the query-centroid scores of stages 1-3 ("auto": float32: the centroids'
+        int8 rows times a float32 factor each). Stage 4 is always float32. bfloat16 scores a
+        bfloat16 matrix of the same rows times their factors (twice the int8 rows' memory) and,
         on a CPU with native bfloat16 arithmetic (AVX512-BF16, AMX), speeds up the product of
         large batches (32 queries x 8,192 centroids: 0.42 against 0.65 ms on one core) but not
         of one query (7 tokens x 65,536 centroids: 2.4 against 2.1 ms); its product is torch's,
