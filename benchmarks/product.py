@@ -23,7 +23,7 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from versions import REPO, worktree  # noqa: E402
+from versions import REPO, base_worktree  # noqa: E402
 
 import corpora  # noqa: E402
 
@@ -80,12 +80,7 @@ def main(argv=None) -> dict:
         ap.error("--rounds must be at least 1")
     sides = {"new": REPO}
     if args.base:
-        if subprocess.run(["git", "-C", REPO, "rev-parse", "--verify", "--quiet", args.base + "^{commit}"],
-                          capture_output=True).returncode != 0:
-            ap.error(f"--base {args.base!r} is not a commit of {REPO}")
-        root = os.path.join(args.work, "versions")
-        os.makedirs(root, exist_ok=True)
-        sides = {"base": worktree(args.base, root), "new": REPO}
+        sides = {"base": base_worktree(ap, args.base, args.work), "new": REPO}
     runs = {s: [] for s in sides}
     for r in range(args.rounds):
         for s in (list(sides) if r % 2 == 0 else list(sides)[::-1]):

@@ -80,6 +80,16 @@ def worktree(rev: str, root: str) -> str:
     return path
 
 
+def base_worktree(ap: argparse.ArgumentParser, rev: str, work: str) -> str:
+    """:func:`worktree` of ``rev`` under ``work/versions`` (``ap.error`` when it is not a commit)."""
+    if subprocess.run(["git", "-C", REPO, "rev-parse", "--verify", "--quiet", rev + "^{commit}"],
+                      capture_output=True).returncode != 0:
+        ap.error(f"--base {rev!r} is not a commit of {REPO}")
+    root = os.path.join(work, "versions")
+    os.makedirs(root, exist_ok=True)
+    return worktree(rev, root)
+
+
 def child(code: str, args, threads: int) -> dict:
     env = dict(os.environ, PYTHONPATH=code, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
                OPENBLAS_NUM_THREADS=str(threads))
@@ -112,12 +122,9 @@ def main(argv=None) -> dict:
     bad = [c for c in args.codecs.split(",") if c not in CODECS]
     if bad:
         ap.error(f"unknown codec(s) {', '.join(bad)}: choose from {', '.join(CODECS)}")
-    if subprocess.run(["git", "-C", REPO, "rev-parse", "--verify", "--quiet", args.base + "^{commit}"],
-                      capture_output=True).returncode != 0:
-        ap.error(f"--base {args.base!r} is not a commit of {REPO}")
+    args.work = os.path.abspath(args.work)
     root = os.path.join(args.work, "versions")
-    os.makedirs(root, exist_ok=True)
-    sides = {"base": worktree(args.base, root), "new": REPO}
+    sides = {"base": base_worktree(ap, args.base, args.work), "new": REPO}
     out = {"base": args.base, "date": time.strftime("%Y-%m-%d %H:%M:%S"), "threads": args.threads, "runs": []}
     for size in args.sizes.split(","):
         bundle, meta, gt_ids, gt_scores = corpora.prepare(size, args.work, args.source, threads=args.threads,
