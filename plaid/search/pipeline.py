@@ -110,7 +110,7 @@ def scoring_centroids(centroids: np.ndarray, normalized: bool) -> Tuple[np.ndarr
     rows, scales = q["centroids"], q["centroid_scales"]
     if normalized:
         norms = np.linalg.norm(rows.astype(np.float64), axis=1)
-        factor = np.where(norms > 0, 1.0 / np.where(norms > 0, norms, 1.0), 0.0).astype(np.float32)
+        factor = np.divide(1.0, norms, out=np.zeros_like(norms), where=norms > 0).astype(np.float32)
     else:
         factor = scales.astype(np.float32)
     return np.ascontiguousarray(rows), factor
