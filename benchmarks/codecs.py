@@ -50,7 +50,7 @@ RESULTS = os.path.join(HERE, "results")
 CONFIGS: Dict[str, tuple] = {
     "compact": ({"preset": "compact"}, "preset compact: rotated PQ, 16 bytes"),
     "balanced": ({}, "default (preset balanced): rotated PQ, 34 bytes"),
-    "accurate": ({"preset": "accurate"}, "preset accurate: rotated PQ, 64 bytes"),
+    "accurate": ({"preset": "accurate"}, "preset accurate: rotated PQ, 64 bytes, search depth 4"),
     "pq32": ({"pq_m": 32, "pq_rotation": False}, "PQ 32 bytes, no rotation (the former default)"),
     "pq64": ({"pq_m": 64, "pq_rotation": False}, "PQ 64 bytes, no rotation"),
     "vpq32": ({"pq_m": 32}, "rotated PQ, 32 bytes"),
@@ -172,7 +172,9 @@ def write_report(data: dict, path: str) -> None:
              "configurations interleaved in one process (2 shared cores: compare within a size). Build: "
              "one build per configuration on the same machine, its load average in parentheses.", ""]
     for size in sorted({r["corpus"] for r in data["rows"]}, key=corpora.parse_size):
-        rows = [r for r in data["rows"] if r["corpus"] == size]
+        order = list(CONFIGS)
+        rows = sorted((r for r in data["rows"] if r["corpus"] == size),
+                      key=lambda r: order.index(r["config"]) if r["config"] in order else len(order))
         lines += [f"## {size}", "",
                   "| configuration | codec | B/token | vectors/token | recall@10 | nDCG@10 (exhaustive) | median ms | build s |",
                   "|---|---|---|---|---|---|---|---|"]

@@ -151,7 +151,8 @@ def build_parser() -> argparse.ArgumentParser:
     ix = p.add_argument_group("index parameters (see plaid.Indexer)")
     ix.add_argument("--preset", choices=["compact", "balanced", "accurate"], default="balanced",
                     help="measured codec setting (the options below override it): compact PQ 16 bytes, "
-                         "balanced PQ 34 bytes, accurate PQ 64 bytes per token, all with a learned rotation")
+                         "balanced PQ 34 bytes, accurate PQ 64 bytes per token and search depth 4, all with a "
+                         "learned rotation")
     ix.add_argument("--codec", choices=["pq", "scalar"], default=None,
                     help="residual codec: product quantisation or ColBERTv2 scalar buckets (default: the preset's, pq)")
     ix.add_argument("--pq-m", type=_positive_int, default=None,
@@ -168,6 +169,9 @@ def build_parser() -> argparse.ArgumentParser:
     ix.add_argument("--pool-factor", type=_pool_factor, default=1, metavar="F",
                     help="token pooling: a document of n tokens is stored as ceil(n/F) means of Ward "
                          "clusters of its tokens (1: every token; 2: about half the vectors)")
+    ix.add_argument("--search-depth", type=_positive_int, default=None, metavar="D",
+                    help="recorded in the index: searches keep D times the default ndocs through stages 2-4 "
+                         "(default: the preset's, 4 for accurate, else 1; at most 64)")
     sh = p.add_argument_group("sharded index on Ray (needs the [ray] extra)")
     sh.add_argument("--shards", type=_positive_int, default=None, metavar="N",
                     help="build a sharded index of N shards: train once here, encode each shard in a Ray task")
@@ -262,7 +266,7 @@ def _cmd_index(args) -> int:
     t = time.perf_counter()
     options = {"preset": args.preset, "codec": args.codec, "pq_m": args.pq_m, "pq_rotation": args.pq_rotation,
                "nbits": args.nbits, "num_centroids": args.num_centroids, "kmeans_niter": args.kmeans_niter,
-               "seed": args.seed, "pool_factor": args.pool_factor}
+               "seed": args.seed, "pool_factor": args.pool_factor, "search_depth": args.search_depth}
     index, timings = build_index(
         args.index_dir, embeddings=args.embeddings, corpus=args.corpus, checkpoint=args.checkpoint,
         save_embeddings=args.save_embeddings, overwrite=args.overwrite, device=args.device,
@@ -401,6 +405,7 @@ def _cmd_info(args) -> int:
             ("dim", info["dim"]),
             ("codec", " ".join(f"{k}={v}" for k, v in codec.items())),
             ("pooling", _pooling_text(info["pooling"])),
+            ("search depth", f"{info['search_depth']} (default ndocs x{info['search_depth']})"),
             ("normalized", info["normalized"]),
             ("size", f"{info['bytes']} bytes ({info['bytes'] / 2**20:.2f} MiB)"),
             ("bytes per token", f"{info['bytes_per_token']} (payload {info['payload_bytes_per_token']}: "

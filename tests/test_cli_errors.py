@@ -102,6 +102,8 @@ CASES = [
     ("index {root}/new --embeddings {bundle} --pool-factor 0", "argument --pool-factor: expected a number from 1"),
     ("index {root}/new --embeddings {bundle} --pool-factor nan", "argument --pool-factor: expected a number from 1"),
     ("index {root}/new --embeddings {bundle} --pool-factor x", "argument --pool-factor: expected a number from 1"),
+    ("index {root}/new --embeddings {bundle} --search-depth 0", "argument --search-depth: expected a positive integer"),
+    ("index {root}/new --embeddings {bundle} --search-depth 65", "search_depth must be an integer in [1, 64], got 65"),
     ("index {root}/new --corpus {adir} --checkpoint {adir}", "corpus path is a directory"),
     ("index {root}/new --corpus {empty} --checkpoint {adir}", "the corpus holds no documents"),
     ("index {root}/new --corpus {binary} --checkpoint {adir}", "binary.bin:1: not UTF-8 text"),

@@ -192,11 +192,12 @@ def test_one_shard_is_the_one_process_build(tmp_path, ray_cluster, mini_corpus):
 def test_a_pooled_sharded_build_pools_every_shard(tmp_path, ray_cluster, mini_corpus):
     """Training on the driver sees pooled vectors, each task pools its documents the same way (the
     shards are byte for byte build_trained of their documents), and a shard opened by a later add
-    pools too."""
+    pools too. The search depth reaches every shard and the sharded manifest, which searches read."""
+    from plaid.distributed.searcher import _params
     from plaid.indexing.pooling import pooled_doclens
 
     docs, _ = mini_corpus
-    ix = dict(SMALL_INDEXER, pool_factor=2)
+    ix = dict(SMALL_INDEXER, pool_factor=2, search_depth=3)
     path = str(tmp_path / "s")
     built = build_sharded(path, docs[:100], num_shards=2, doc_ids=_ids(100), indexer=ix, max_shard_documents=60)
     trained = plaid.Indexer(**ix).train(docs[:100])
@@ -209,16 +210,18 @@ def test_a_pooled_sharded_build_pools_every_shard(tmp_path, ray_cluster, mini_co
         assert index.pooling == {"method": "ward", "factor": 2}
         assert index.num_tokens == int(pooled_doclens(np.array([len(d) for d in docs[start:start + n]]), 2).sum())
         one = str(tmp_path / f"one{i}")
-        plaid.Indexer(**SMALL_INDEXER).build_trained(one, docs[start:start + n], trained,
-                                                     doc_ids=_ids(100)[start:start + n])
+        plaid.Indexer(**SMALL_INDEXER, search_depth=3).build_trained(one, docs[start:start + n], trained,
+                                                                     doc_ids=_ids(100)[start:start + n])
         assert _files(shard) == _files(one)
         start += n
     assert built.info()["pooling"] == {"method": "ward", "factor": 2}
+    assert built.manifest["build"]["search_depth"] == 3 and plaid.Index(shard).search_depth == 3
+    assert _params(10, None, None, None, built.manifest["build"]["search_depth"])["ndocs"] == 768
     si = ShardedIndex(path)
     si.add(docs[100:], doc_ids=_ids(20, "x"), show_progress=False)  # past max_shard_documents: a new shard
     si.refresh()
     new = plaid.Index(si.shard_paths()[-1])
-    assert len(si.shard_paths()) == 3 and new.pooling == {"method": "ward", "factor": 2}
+    assert len(si.shard_paths()) == 3 and new.pooling == {"method": "ward", "factor": 2} and new.search_depth == 3
     assert new.num_tokens == int(pooled_doclens(np.array([len(d) for d in docs[100:]]), 2).sum())
     assert si.verify() == []
 

@@ -1013,6 +1013,21 @@ _FIELDS = [
      dict(op="add", must_fail=True)),
     # a valid record on an unpooled index: search is unaffected, add pools the new documents
     ("pooling_claimed", ("pooling",), {"method": "ward", "factor": 2}, dict(op="add", relaxed=True, verify=None)),
+    # the default search depth (absent or null = 1); anything else than {"depth": 1..64} is refused
+    ("search_null", ("search",), None, dict(op="add", verify=None)),
+    ("search_string", ("search",), "deep", dict(op="add", must_fail=True)),
+    ("search_list", ("search",), [4], dict(op="add", must_fail=True)),
+    ("search_empty_object", ("search",), {}, dict(op="add", must_fail=True)),
+    ("search_depth_string", ("search",), {"depth": "4"}, dict(op="add", must_fail=True)),
+    ("search_depth_float", ("search",), {"depth": 4.0}, dict(op="add", must_fail=True)),
+    ("search_depth_bool", ("search",), {"depth": True}, dict(op="add", must_fail=True)),
+    ("search_depth_zero", ("search",), {"depth": 0}, dict(op="add", must_fail=True)),
+    ("search_depth_negative", ("search",), {"depth": -4}, dict(op="add", must_fail=True)),
+    ("search_depth_huge", ("search",), {"depth": 10 ** 30}, dict(op="add", must_fail=True)),
+    ("search_depth_null", ("search",), {"depth": None}, dict(op="add", must_fail=True)),
+    ("search_extra_field", ("search",), {"depth": 2, "ndocs": 99}, dict(op="add", must_fail=True)),
+    # a valid record: searches keep more candidates (results may differ), add carries it over
+    ("search_depth_claimed", ("search",), {"depth": 64}, dict(op="add", relaxed=True, verify=None)),
     ("unknown_extra_field", ("zzz_unknown",), {"x": [1, 2]}, dict(verify=None)),
 ]
 

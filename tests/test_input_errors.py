@@ -247,6 +247,11 @@ def test_embeddings_validation():
     (dict(pq_rotation="yes"), "pq_rotation must be True or False"),
     (dict(nbits=3), "nbits must be 1, 2 or 4"),
     (dict(pq_m=0), "pq_m must be a positive integer"),
+    (dict(search_depth=0), r"search_depth must be an integer in \[1, 64\], got 0"),
+    (dict(search_depth=65), r"search_depth must be an integer in \[1, 64\], got 65"),
+    (dict(search_depth=2.0), r"search_depth must be an integer in \[1, 64\], got 2.0"),
+    (dict(search_depth="4"), r"search_depth must be an integer in \[1, 64\], got '4'"),
+    (dict(search_depth=True), r"search_depth must be an integer in \[1, 64\], got True"),
 ])
 def test_bad_indexer_parameters(kw, match):
     with pytest.raises(plaid.InvalidInputError, match=match):

@@ -287,6 +287,35 @@ def test_search_params_defaults_budgets_and_use(small_index, small_corpus):
         s.search(queries, k=5, params=p)
 
 
+def test_search_depth_multiplies_ndocs():
+    b = plaid.SearchParams(k=10).budgets(10**6, 1, depth=4)
+    assert (b.n2, b.n3, b.small_subset) == (1024, 256, 1024)
+    b = plaid.SearchParams(k=100).budgets(10**6, 1, depth=2)
+    assert (b.ncells, b.n2, b.n3) == (2, 2048, 512)
+    b = plaid.SearchParams(k=10, ndocs=300).budgets(10**6, 1, depth=4)  # an explicit ndocs is used as given
+    assert (b.n2, b.n3) == (300, 75)
+
+
+def test_index_search_depth_is_recorded_applied_and_kept(tmp_path, small_index, small_corpus):
+    """An index built with search_depth=2 searches as the same index at depth 1 with ndocs=512
+    (k=10), and keeps its depth through add()."""
+    docs, queries = small_corpus
+    path = str(tmp_path / "deep")
+    plaid.Indexer(**SMALL_INDEXER, search_depth=2).build(path, docs, doc_ids=[f"doc-{i}" for i in range(len(docs))])
+    assert plaid.Index(path).manifest["search"] == {"depth": 2} and plaid.Index(path).info()["search_depth"] == 2
+    assert plaid.Index(small_index).manifest["search"] == {"depth": 1}
+    deep, flat = plaid.Searcher(path), plaid.Searcher(small_index)
+    assert (deep.search_depth, flat.search_depth) == (2, 1)
+    a = deep.search(queries, k=10, trace=True)
+    b = flat.search(queries, k=10, ndocs=512, trace=True)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_array_equal(a.scores, b.scores)
+    assert any(len(t.stage2) > 256 for t in a.traces)  # deeper than depth 1 for some query
+    index = plaid.Index(path)
+    index.add(docs[:3], doc_ids=["x0", "x1", "x2"])
+    assert plaid.Index(path).manifest["search"] == {"depth": 2}
+
+
 @pytest.mark.parametrize("split_macs", [None, 1])  # 1: the product split over the threads even for one query
 def test_threads_give_the_same_results(small_index, small_corpus, monkeypatch, split_macs):
     from plaid.search import engine_cpu

@@ -92,7 +92,8 @@ def _set_threads(threads: int) -> None:
 
 
 def _encode_shard(root: str, name: str, lo: int, hi: int, mapped: Optional[tuple], vectors, doclens: np.ndarray,
-                  doc_ids: Optional[List[str]], payload: dict, chunk_tokens: int, threads: int) -> dict:
+                  doc_ids: Optional[List[str]], payload: dict, chunk_tokens: int, threads: int,
+                  search_depth: int = 1) -> dict:
     """The Ray task: encode documents ``lo .. hi-1`` of the corpus into the folder ``root/name``.
 
     ``mapped``: (file, dtype, shape, offset, first token, end token) of a memory-mapped corpus
@@ -109,7 +110,7 @@ def _encode_shard(root: str, name: str, lo: int, hi: int, mapped: Optional[tuple
     if mapped is not None:
         file, dtype, shape, offset, t_lo, t_hi = mapped
         vectors = np.memmap(file, dtype=np.dtype(dtype), mode="r", offset=offset, shape=tuple(shape))[t_lo:t_hi]
-    ix = Indexer(show_progress=False, chunk_tokens=chunk_tokens)
+    ix = Indexer(show_progress=False, chunk_tokens=chunk_tokens, search_depth=search_depth)
     path = os.path.join(root, name)
     try:
         # overwrite: a retried task replaces what a worker that died left in its own folder
@@ -291,7 +292,7 @@ def build_sharded(path, documents, *, num_shards: int, doc_ids=None, indexer=Non
                     new_dirs.append(os.path.join(root, name))
                     ids = names[lo:hi] if names is not None else None
                     refs[task.remote(root, name, lo, hi, src, vectors, corpus.doclens[lo:hi].copy(), ids, payload,
-                                     ix.chunk_tokens, threads)] = name
+                                     ix.chunk_tokens, threads, ix.search_depth)] = name
                 results = _gather(ray, refs, timeout)
                 timings["encode_s"] = time.perf_counter() - t
             finally:
@@ -309,6 +310,7 @@ def build_sharded(path, documents, *, num_shards: int, doc_ids=None, indexer=Non
                 shards=tuple(ShardEntry(n, results[n]["generation"], results[n]["num_documents"]) for n in shard_names),
                 routing=runs, created_by=f"plaid-engine {__version__}",
                 build=dict(trained.build, chunk_tokens=ix.chunk_tokens, num_shards=num_shards,
+                           search_depth=ix.search_depth,
                            initial_centroids=trained.num_centroids, codec=trained.codec.name))
             commit_sharded_manifest(root, m, new=old is None)
             committed = True

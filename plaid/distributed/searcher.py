@@ -495,7 +495,7 @@ class ShardedSearcher:
         for the parameters; ids are global). ``timeout`` / ``allow_partial`` override the
         searcher's for this call."""
         ray = self._ray
-        params = _params(k, ncells, centroid_score_threshold, ndocs)
+        params = _params(k, ncells, centroid_score_threshold, ndocs, int(self._m.build.get("search_depth", 1)))
         k = int(k)
         timeout = self.timeout if timeout is None else _positive_number("timeout", timeout)
         partial_ok = self.allow_partial if allow_partial is None else bool(allow_partial)
@@ -660,13 +660,14 @@ class ShardedSearcher:
         return specs, groups
 
 
-def _params(k, ncells, threshold, ndocs) -> dict:
-    """The search parameters every shard uses (defaults by ``k``, overrides checked)."""
+def _params(k, ncells, threshold, ndocs, depth: int = 1) -> dict:
+    """The search parameters every shard uses (defaults by ``k`` and the index's search depth,
+    overrides checked)."""
     from ..search.searcher import default_search_params
 
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k <= 0:
         raise InvalidInputError(f"k must be a positive integer, got {k!r}")
-    params = default_search_params(int(k))
+    params = default_search_params(int(k), depth)
     for name, v in (("ncells", ncells), ("ndocs", ndocs)):
         if v is not None:
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0:

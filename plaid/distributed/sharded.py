@@ -54,7 +54,7 @@ import numpy as np
 from ..codecs import check_codec_params
 from ..errors import (FormatVersionError, IndexCorruptError, IndexExistsError, IndexNotFoundError, InvalidInputError,
                       PlaidError)
-from ..store import check_doc_ids, fsync_dir, is_own_name, read_manifest, writer_lock
+from ..store import MAX_SEARCH_DEPTH, check_doc_ids, fsync_dir, is_own_name, read_manifest, writer_lock
 
 __all__ = ["SHARDED_MANIFEST", "SHARDED_FORMAT", "SHARDED_FORMAT_VERSION", "ShardEntry", "ShardedManifest",
            "Routing", "ShardedIndex", "is_sharded", "read_sharded_manifest", "commit_sharded_manifest",
@@ -237,6 +237,8 @@ def parse_sharded_manifest(raw: Any, where: str) -> ShardedManifest:
     build = f.get("build") if "build" in raw else {}
     if not isinstance(build, dict):
         raise f.bad("build", "must be a JSON object")
+    if "search_depth" in build:  # read back by searches and add() (absent: 1)
+        _Fields(build, where, "build.").int("search_depth", 1, MAX_SEARCH_DEPTH)
     created_by = raw.get("created_by", "")
     return ShardedManifest(generation=generation, dim=dim, num_documents=num_documents,
                            has_doc_ids=f.bool("has_doc_ids"), codec=codec, normalized=f.bool("normalized"),
@@ -683,7 +685,8 @@ class ShardedIndex:
                         raise IndexCorruptError(f"{self.path}: shard {shards[0].name} was trained with another codec")
                     logger.info("%s: shard %s is at %d of %d documents: %d new documents go to a new shard %s",
                                 self.path, shards[target].name, sizes[target], limit, n, name)
-                    ix = Indexer(show_progress=show_progress, chunk_tokens=int(m.build.get("chunk_tokens", 1 << 16)))
+                    ix = Indexer(show_progress=show_progress, chunk_tokens=int(m.build.get("chunk_tokens", 1 << 16)),
+                                 search_depth=int(m.build.get("search_depth", 1)))
                     try:
                         index = ix.build_trained(os.path.join(self.path, name), corpus_documents(corpus), trained,
                                                  doc_ids=names)

@@ -118,6 +118,12 @@ class Index:
         p = self._manifest.pooling
         return None if p is None else dict(p)
 
+    @property
+    def search_depth(self) -> int:
+        """The default search depth the index records (``Indexer(search_depth=...)``, by preset):
+        searches keep this many times PLAID's default ``ndocs`` (see :class:`plaid.SearchParams`)."""
+        return self._manifest.search_depth
+
     def nbytes(self) -> int:
         """Bytes of all committed array files plus the manifest."""
         return self._snap.nbytes()
@@ -192,6 +198,7 @@ class Index:
             "dim": self.dim,
             "codec": self.codec,
             "pooling": self.pooling,
+            "search_depth": self.search_depth,
             "normalized": m.normalized,
             "has_doc_ids": m.has_doc_ids,
             "num_empty_documents": m.num_empty_documents,

@@ -36,7 +36,7 @@ from ..codecs import (NormQuantizer, ResidualCodec, check_codec_params, codec_fr
                       make_codec, quantize_centroids)
 from ..embeddings import Corpus, as_corpus
 from ..errors import FormatVersionError, IndexCorruptError, InvalidInputError
-from ..store import IndexWriter, Manifest, Segment, check_doc_ids, encode_doc_ids, open_snapshot, writing
+from ..store import MAX_SEARCH_DEPTH, IndexWriter, Manifest, Segment, check_doc_ids, encode_doc_ids, open_snapshot, writing
 from .encode import encode_segment, space_needed, warn_empty
 from .kmeans import CentroidAssigner, assign_all, default_num_centroids, sample_token_ids, train_centroids
 from .pooling import check_pool_factor, default_threads, pool_corpus, pool_factor_of, pooling_record
@@ -59,14 +59,15 @@ def is_unit_norm(rows: np.ndarray) -> bool:
 
 #: Named codec settings (``Indexer(preset=...)``), measured on msmarco-5k (whole index folder,
 #: default search at k=10, recall@10 against exhaustive MaxSim on the original vectors; see
-#: docs/CODECS.md): compact 23.7 bytes/token, recall@10 0.884; balanced (the default) 41.6, 0.930
-#: (0.957 at 50k documents, 39.2 bytes/token); accurate 71.7, 0.970 (0.978 with ndocs=1024).
+#: docs/CODECS.md and benchmarks/results/codecs.md): compact 23.7 bytes/token, recall@10 0.888;
+#: balanced (the default) 41.6, 0.932 (0.957 at 50k documents, 39.2 bytes/token); accurate 71.7,
+#: 0.984 at its search depth 4 (0.964 at depth 1), 2.99 ms per query against balanced's 0.97.
 #: ``pq_m`` is given for 128-dimensional vectors (ColBERT's) and scales with the dimension:
 #: ``round(dim * pq_m / 128)`` bytes, at least 1 and at most ``dim`` (see :func:`preset_pq_m`).
 PRESETS: Dict[str, Dict] = {
-    "compact": {"codec": "pq", "pq_m": 16, "pq_rotation": True},
-    "balanced": {"codec": "pq", "pq_m": 34, "pq_rotation": True},
-    "accurate": {"codec": "pq", "pq_m": 64, "pq_rotation": True},
+    "compact": {"codec": "pq", "pq_m": 16, "pq_rotation": True, "search_depth": 1},
+    "balanced": {"codec": "pq", "pq_m": 34, "pq_rotation": True, "search_depth": 1},
+    "accurate": {"codec": "pq", "pq_m": 64, "pq_rotation": True, "search_depth": 4},
 }
 #: The dimension the presets' ``pq_m`` is given for.
 PRESET_DIM = 128
@@ -85,7 +86,8 @@ class Indexer:
     ----------
     preset : {"compact", "balanced", "accurate"}, default "balanced"
         A measured codec setting to start from (see :data:`PRESETS` for bytes per token and
-        recall); ``codec``, ``pq_m``, ``pq_rotation`` and ``nbits`` given explicitly override it.
+        recall); ``codec``, ``pq_m``, ``pq_rotation``, ``nbits`` and ``search_depth`` given
+        explicitly override it.
     codec : {"pq", "scalar"} or None, default None (the preset's: "pq")
         Residual codec. ``"pq"``: product quantisation, ``pq_m`` bytes per token (more recall
         per byte). ``"scalar"``: ColBERTv2 buckets, ``nbits`` bits per dimension.
@@ -136,6 +138,12 @@ class Indexer:
         quality (measured in the README). Every later ``Index.add`` pools its documents the same
         way (the manifest records it); ``num_tokens``, ``doclens`` and bytes per token then count
         the pooled vectors.
+    search_depth : int or None, default None (the preset's: 4 for "accurate", else 1)
+        Recorded in the manifest (``search.depth``): a :class:`plaid.Searcher` of this index keeps
+        ``search_depth`` times PLAID's default ``ndocs`` (k=10: 256) through stages 2-4 unless
+        the search gives ``ndocs``. A codec as faithful as "accurate"'s leaves the centroid-only
+        stages 2-3 as the limit of recall, which a deeper search lifts (msmarco-5k, k=10: 0.964
+        at depth 1, 0.984 at depth 4, for ~3x the latency). 1 <= search_depth <= 64.
     show_progress : bool, default True
         tqdm progress bars for the long phases.
     """
@@ -145,7 +153,8 @@ class Indexer:
                  num_centroids: Optional[int] = None, kmeans_niter: int = 4,
                  kmeans_points_per_centroid: int = 16, codec_sample: int = 65536,
                  normalize="auto", chunk_tokens: int = 1 << 16, seed: int = 0,
-                 pool_factor: float = 1, assignment: str = "auto", show_progress: bool = True):
+                 pool_factor: float = 1, assignment: str = "auto", search_depth: Optional[int] = None,
+                 show_progress: bool = True):
         if not isinstance(preset, str) or preset not in PRESETS:
             raise InvalidInputError(f"unknown preset {preset!r}; choose one of {', '.join(map(repr, PRESETS))}")
         p = PRESETS[preset]
@@ -172,6 +181,11 @@ class Indexer:
             raise InvalidInputError(f"nbits must be 1, 2 or 4, got {nbits!r}")
         if assignment not in ("auto", "exact"):
             raise InvalidInputError(f"assignment must be 'auto' or 'exact', got {assignment!r}")
+        search_depth = p["search_depth"] if search_depth is None else search_depth
+        if isinstance(search_depth, bool) or not isinstance(search_depth, (int, np.integer)) or \
+                not 1 <= search_depth <= MAX_SEARCH_DEPTH:
+            raise InvalidInputError(f"search_depth must be an integer in [1, {MAX_SEARCH_DEPTH}], got {search_depth!r}")
+        self.search_depth = int(search_depth)
         self.preset = preset
         self.pool_factor = check_pool_factor(pool_factor)
         # pq_m None: the preset's, scaled to the vectors' dimension when it is known (preset_pq_m)
@@ -444,6 +458,7 @@ class Indexer:
             "outlier_residual_norm": trained.outlier_norm,
             "codec": codec.params(),
             "pooling": None if trained.pooling is None else dict(trained.pooling),
+            "search": {"depth": self.search_depth},
             "segments": [Segment("seg0", 0, N, T)],
             "next_segment": 1,
             "tombstones": [],

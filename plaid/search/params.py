@@ -34,7 +34,7 @@ def widen(ncells: int, num_centroids: int) -> int:
     return min(num_centroids, ncells + max(1, ncells // 2))
 
 
-def default_search_params(k: int) -> dict:
+def default_search_params(k: int, depth: int = 1) -> dict:
     """Default search parameters by ``k``: ncells, centroid_score_threshold, ndocs.
 
     k <= 10: 2 / 0.5 / 256; k <= 100: 2 / 0.45 / 1024; larger: 4 / 0.4 / max(4k, 4096).
@@ -44,12 +44,19 @@ def default_search_params(k: int) -> dict:
     fewer than ``max(ndocs, k)`` candidates. PLAID's counts assume ColBERT's 32-token queries;
     shorter queries probe far fewer cells (7-token msmarco-5k queries: recall@100 0.79 with a
     fixed ncells=2, 0.94 with this rule; the ceiling of the index is 0.95).
+
+    ``depth`` (an index's ``search.depth``, recorded by its preset: 4 for "accurate") multiplies
+    ``ndocs``: stages 2-4 keep ``depth`` times as many candidates. A faithful codec makes the
+    centroid-only stages 2-3 the limit of recall; a deeper search lifts it at the cost of stage 4.
     """
     if k <= 10:
-        return {"ncells": 2, "centroid_score_threshold": 0.5, "ndocs": 256}
-    if k <= 100:
-        return {"ncells": 2, "centroid_score_threshold": 0.45, "ndocs": 1024}
-    return {"ncells": 4, "centroid_score_threshold": 0.4, "ndocs": max(4 * k, 4096)}
+        d = {"ncells": 2, "centroid_score_threshold": 0.5, "ndocs": 256}
+    elif k <= 100:
+        d = {"ncells": 2, "centroid_score_threshold": 0.45, "ndocs": 1024}
+    else:
+        d = {"ncells": 4, "centroid_score_threshold": 0.4, "ndocs": max(4 * k, 4096)}
+    d["ndocs"] *= max(1, int(depth))
+    return d
 
 
 def _positive_int(name: str, v) -> Optional[int]:
@@ -95,7 +102,8 @@ class SearchParams:
         (with the fallback of :mod:`plaid.search.pipeline`). None: by ``k``.
     ndocs : int or None, default None
         Candidates kept by stage 2 (at least ``k``); stage 3 keeps ``ndocs // 4`` (at least
-        ``k``). None: by ``k``.
+        ``k``). None: by ``k``, times the index's search depth (``search_depth``: 4 for an
+        index built with the "accurate" preset, else 1).
     threads : int or None, default None
         Threads of the search: they share the batch's query-centroid product, then run stages
         1-4 of different queries in parallel. None: the searcher's setting
@@ -133,11 +141,13 @@ class SearchParams:
         if self.ndocs is not None and self.ndocs < k:
             raise InvalidInputError(f"ndocs ({self.ndocs}) must be at least k ({k}): stage 2 keeps ndocs candidates")
 
-    def budgets(self, num_documents: int, default_threads: int = 1) -> Budgets:
+    def budgets(self, num_documents: int, default_threads: int = 1, depth: int = 1) -> Budgets:
         """The budgets of a search over an index of ``num_documents`` documents: k is capped at
-        it and the defaults are those of the capped k (so a huge k allocates nothing for itself)."""
+        it and the defaults are those of the capped k (so a huge k allocates nothing for itself).
+        ``depth``: the index's search depth (:func:`default_search_params`; an explicit ``ndocs``
+        is used as given)."""
         k = max(1, min(self.k, int(num_documents)))
-        d = default_search_params(k)
+        d = default_search_params(k, depth)
         ncells = self.ncells if self.ncells is not None else d["ncells"]
         threshold = self.centroid_score_threshold if self.centroid_score_threshold is not None \
             else d["centroid_score_threshold"]

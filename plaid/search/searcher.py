@@ -65,6 +65,7 @@ class _Generation:
         m = snap.manifest
         self.snapshot, self.engine = snap, engine
         self.generation, self.dim, self.num_documents = m.generation, m.dim, m.num_documents
+        self.search_depth = m.search_depth
         self.doc_ids: Optional[DocIdTable] = snap.doc_ids
         self.doclens = snap.doclens
         self.manifest = m.to_json()
@@ -196,6 +197,13 @@ class Searcher:
         return self._state.engine.num_centroids
 
     @property
+    def search_depth(self) -> int:
+        """The index's search depth: default ``ndocs`` is this many times PLAID's (the manifest's
+        ``search.depth``, recorded by the preset the index was built with; see
+        :class:`plaid.SearchParams`)."""
+        return self._state.search_depth
+
+    @property
     def normalized(self) -> bool:
         return self._state.engine.normalized
 
@@ -227,8 +235,9 @@ class Searcher:
             width, the defaults and every internal budget use ``min(k, num_documents)``, so
             ``k=10**13`` allocates nothing for the extra columns.
         ncells, centroid_score_threshold, ndocs :
-            Overrides of the defaults by ``k``: see :class:`plaid.SearchParams` (the pipeline's
-            rules, the pruning fallback included, are in :mod:`plaid.search.pipeline`).
+            Overrides of the defaults by ``k`` (``ndocs``'s times :attr:`search_depth`): see
+            :class:`plaid.SearchParams` (the pipeline's rules, the pruning fallback included,
+            are in :mod:`plaid.search.pipeline`).
         subset : ids, or a list of ids per query, optional
             Restrict results to these documents (internal int ids or external str ids; deleted
             ones are ignored, unknown ones raise). A subset of at most ``max(ndocs, 4k)``
@@ -256,7 +265,7 @@ class Searcher:
         elif (k, ncells, centroid_score_threshold, ndocs) != (10, None, None, None):
             raise InvalidInputError("pass either params=SearchParams(...) or k/ncells/centroid_score_threshold/ndocs")
         st = self._state  # one generation for the whole call
-        b = params.budgets(st.num_documents, self.num_threads or torch.get_num_threads())
+        b = params.budgets(st.num_documents, self.num_threads or torch.get_num_threads(), st.search_depth)
         qs = as_queries(queries, dim=st.dim)
         subsets = self._subsets(st, subset, len(qs))
         ids = np.full((len(qs), b.k), -1, dtype=np.int64)

@@ -22,7 +22,7 @@ from ..errors import FormatVersionError, IndexCorruptError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST", "ArrayEntry", "Segment", "Manifest", "parse_manifest",
            "array_file", "ARRAY_FILE_RE", "ARRAY_NAME_RE", "SEGMENT_RE", "TOMBSTONE_RE", "MAX_COUNT",
-           "array_specs", "POOLING_METHODS", "MAX_POOL_FACTOR"]
+           "array_specs", "POOLING_METHODS", "MAX_POOL_FACTOR", "MAX_SEARCH_DEPTH"]
 
 FORMAT_NAME = "plaid-index"
 FORMAT_VERSION = 3
@@ -45,6 +45,8 @@ UINT16_DOCUMENTS = 1 << 16
 POOLING_METHODS = ("ward",)
 #: Largest pool factor (``pooling.factor``): 2**53, exact in JSON doubles, beyond any document length.
 MAX_POOL_FACTOR = float(1 << 53)
+#: Largest ``search.depth`` a manifest may hold (stage budgets this many times the defaults by k).
+MAX_SEARCH_DEPTH = 64
 
 
 def array_file(name: str, generation: int) -> str:
@@ -105,6 +107,7 @@ class Manifest:
     created_by: str = ""
     build: Mapping[str, Any] = field(default_factory=dict)
     pooling: Optional[Mapping[str, Any]] = None
+    search: Optional[Mapping[str, Any]] = None
     format_version: int = FORMAT_VERSION
 
     def to_json(self) -> dict:
@@ -129,6 +132,7 @@ class Manifest:
             "tombstones": list(self.tombstones),
             "build": dict(self.build),
             "pooling": None if self.pooling is None else dict(self.pooling),
+            "search": None if self.search is None else dict(self.search),
             "arrays": {n: e.to_json() for n, e in self.arrays.items()},
         }
 
@@ -141,11 +145,17 @@ class Manifest:
                 "outlier_residual_norm": self.outlier_residual_norm, "codec": dict(self.codec),
                 "segments": list(self.segments), "next_segment": self.next_segment,
                 "tombstones": list(self.tombstones), "build": dict(self.build),
-                "pooling": None if self.pooling is None else dict(self.pooling), "arrays": dict(self.arrays)}
+                "pooling": None if self.pooling is None else dict(self.pooling),
+                "search": None if self.search is None else dict(self.search), "arrays": dict(self.arrays)}
 
     @property
     def code_bytes(self) -> int:
         return int(self.codec["code_bytes"])
+
+    @property
+    def search_depth(self) -> int:
+        """The index's default search depth (``search.depth``; 1 when the manifest records none)."""
+        return 1 if self.search is None else int(self.search["depth"])
 
 
 # -- parsing -----------------------------------------------------------------------------------
@@ -276,6 +286,21 @@ def array_specs(m: Manifest) -> Dict[str, Tuple[Tuple[np.dtype, ...], Tuple[int,
     return specs
 
 
+def _search(raw: dict, f: _Fields, where: str) -> Optional[Mapping[str, Any]]:
+    """The ``search`` field: null (or absent: indexes written before it) for the default search
+    depth, else ``{"depth": an integer in [1, MAX_SEARCH_DEPTH]}``."""
+    value = raw.get("search")
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise f.bad("search", f"must be null or a JSON object, got {value!r:.60}")
+    p = _Fields(value, where, "search.")
+    extra = sorted(set(value) - {"depth"})
+    if extra:
+        raise p.bad(extra[0][:40], "is not a field of search (depth)")
+    return MappingProxyType({"depth": p.int("depth", 1, MAX_SEARCH_DEPTH)})
+
+
 def parse_manifest(raw: Any, where: str) -> Manifest:
     """Check a decoded ``manifest.json`` and return it typed.
 
@@ -349,6 +374,7 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
     if "seed" in build:  # read back by add() (the other build fields are informational)
         _Fields(build, where, "build.").int("seed", 0, (1 << 32) - 1)
     pooling = _pooling(raw, f, where)
+    search = _search(raw, f, where)
     arrays_raw = f.get("arrays")
     if not isinstance(arrays_raw, dict):
         raise f.bad("arrays", "must be a JSON object")
@@ -367,7 +393,8 @@ def parse_manifest(raw: Any, where: str) -> Manifest:
                    normalized=normalized, outlier_residual_norm=outlier, codec=MappingProxyType(codec),
                    segments=tuple(segments), next_segment=next_segment, tombstones=tuple(tombstones),
                    arrays=MappingProxyType(arrays), created_by=f.str("created_by", ""),
-                   build=MappingProxyType(build), pooling=pooling, format_version=version)
+                   build=MappingProxyType(build), pooling=pooling, search=search,
+                   format_version=version)
     specs = array_specs(man)
     for name, (dtypes, shape) in specs.items():
         e = arrays.get(name)
