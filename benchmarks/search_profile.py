@@ -1,6 +1,10 @@
 """Where a single query's time goes: the pipeline's per-stage timers, the latency with 1 and 2
 threads, and the floor (Q·Cᵀ plus exact MaxSim over only the final candidates), on one index.
 
+Two threads are measured twice: as a search runs them (a large query's stage 2 and stage 4 in
+parts, one per thread: ``plaid.search.kernels_cpu.search_query``) and with every query's stages
+in one call on one thread (``threads_2_one_call``: the product alone split), the same ids.
+
 Each round runs every query once per setting, the settings alternating (a shared machine's speed
 drifts); reported are medians over queries and rounds. Per-stage times come from
 ``search(trace=True)`` (the compiled query's cycle counter, scaled to its wall time; the byte
@@ -47,10 +51,15 @@ def main(argv=None) -> dict:
     _, _, queries = load_bundle(args.bundle)
     queries = queries[: args.queries]
     searchers = {t: plaid.Searcher(args.index, num_threads=t) for t in (1, 2)}
+    searchers["2one"] = plaid.Searcher(args.index, num_threads=2)
+    one = searchers["2one"]._state.engine
+    whole = one.search_one
+    one.search_one = lambda q, R, b, trace, pool=None: whole(q, R, b, trace, None)  # the stages on one thread
     for s in searchers.values():  # warm: page cache, compiled kernels
         for q in queries[:20]:
             s.search([q], k=args.k)
-    lat = {1: [], 2: []}
+    lat = {1: [], 2: [], "2one": []}
+    ids = {2: [], "2one": []}
     stages = {n: [] for n in STAGES + ["other"]}
     floor = []
     s1 = searchers[1]
@@ -59,10 +68,12 @@ def main(argv=None) -> dict:
     with torch.inference_mode():
         for r in range(args.rounds):
             for i, q in enumerate(queries):
-                for t in ((1, 2) if (i + r) % 2 == 0 else (2, 1)):
+                for t in ((1, 2, "2one") if (i + r) % 2 == 0 else ("2one", 2, 1)):
                     t0 = time.perf_counter()
-                    searchers[t].search([q], k=args.k)
+                    got = searchers[t].search([q], k=args.k)
                     lat[t].append(time.perf_counter() - t0)
+                    if t in ids and r == 0:
+                        ids[t].append(got.ids[0])
                 t0 = time.perf_counter()
                 res = s1.search([q], k=args.k, trace=True)
                 total = time.perf_counter() - t0
@@ -75,10 +86,13 @@ def main(argv=None) -> dict:
                 eng.centroid_scores(q)
                 top_n(eng.exact_scores(q, docs), args.k)
                 floor.append(time.perf_counter() - t0)
+    if not all((a == b).all() for a, b in zip(ids[2], ids["2one"])):
+        raise SystemExit("two threads in parts and in one call returned different ids")
     ms = lambda v: round(float(np.median(v)) * 1e3, 4)  # noqa: E731
     out = {"index": args.index, "queries": len(queries), "rounds": args.rounds,
            "median_query_tokens": int(np.median([len(q) for q in queries])),
-           "latency_ms": {"threads_1": ms(lat[1]), "threads_2": ms(lat[2])},
+           "latency_ms": {"threads_1": ms(lat[1]), "threads_2": ms(lat[2]), "threads_2_one_call": ms(lat["2one"])},
+           "parts_over_one_call": round(float(np.median(lat[2]) / np.median(lat["2one"])), 3),
            "stages_ms_1_thread": {n: ms(v) for n, v in stages.items()},
            "floor_ms_1_thread": ms(floor), "load_average": os.getloadavg()}
     print(json.dumps(out))

@@ -7,6 +7,8 @@ the comparison does not depend on the machine that built the index.
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 
@@ -100,7 +102,8 @@ COMPILED_GRID = [(10, 1, 0.5, 256), (10, 2, 0.45, 1024), (10, 2, 0.9, 24), (10, 
 def _staged_and_compiled(path, queries, settings, **searcher_kw):
     """The compiled query (one call per query, with traces), the pipeline's stages, and groups of
     queries in one compiled call (no traces: the whole batch on one thread, parts of 4 queries on
-    two) return the same ids and scores, bit for bit, and the same candidates at every stage."""
+    two; one query per call on two threads, stage 2 split) return the same ids and scores, bit for
+    bit, and the same candidates at every stage."""
     s = plaid.Searcher(path, engine="numpy", centroid_precision="float32", **searcher_kw)
     grouped = {t: plaid.Searcher(path, engine="numpy", centroid_precision="float32", num_threads=t, **searcher_kw)
                for t in (1, 2)}
@@ -125,13 +128,84 @@ def _staged_and_compiled(path, queries, settings, **searcher_kw):
                 np.testing.assert_array_equal(getattr(ta, name), getattr(tb, name), err_msg=name)
             assert ta.threshold == tb.threshold and ta.ncells == tb.ncells
             assert set(ta.timings) == set(tb.timings)
+        if arrays is not None:
+            _single_queries_split(grouped[2], queries, kw, a)
     return s
+
+
+def _single_queries_split(s, queries, kw, expected):
+    """One query per call on two threads, stage 2's inverted lists and stage 4's candidates scored
+    in two parts whatever their size: the same ids, scores and trace as the one-call path
+    (``expected``)."""
+    K = plaid.search.kernels_cpu
+    split, saved = K._split_stage2, (K.SPLIT_MIN_ENTRIES, K.SPLIT_MIN_DOCS, K.SPLIT_MIN_INDEX_ENTRIES)
+    used = []
+
+    def counting(*args, **kw2):
+        r = split(*args, **kw2)
+        used.append(r is not None and r[2] is not None and r[2].shape[0] == 2)
+        return r
+
+    K._split_stage2, (K.SPLIT_MIN_ENTRIES, K.SPLIT_MIN_DOCS, K.SPLIT_MIN_INDEX_ENTRIES) = counting, (0, 1, 0)
+    try:
+        for i, q in enumerate(queries):
+            r = s.search([q], **kw)
+            np.testing.assert_array_equal(r.ids[0], expected.ids[i])
+            np.testing.assert_array_equal(r.scores[0], expected.scores[i])
+            t, e = r.traces[0], expected.traces[i]
+            for name in ("candidates", "stage2", "stage3"):
+                np.testing.assert_array_equal(getattr(t, name), getattr(e, name), err_msg=name)
+            assert t.threshold == e.threshold and t.ncells == e.ncells
+    finally:
+        K._split_stage2, (K.SPLIT_MIN_ENTRIES, K.SPLIT_MIN_DOCS, K.SPLIT_MIN_INDEX_ENTRIES) = split, saved
+    assert len(used) == len(queries)
+    SPLIT_USED.extend(used)
+
+
+#: Whether each single query of _single_queries_split scored stage 2 in two parts (tests assert some did)
+SPLIT_USED: list = []
+
+
+@pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")
+def test_a_corrupt_token_is_refused_alike_by_a_split_query(tmp_path, small_index, small_corpus, monkeypatch):
+    """Stage 4 in parts on two threads meets an out-of-range centroid id as the one call does: an
+    IndexCorruptError naming the index files, and the next search of a healthy index is right."""
+    import shutil
+
+    K = plaid.search.kernels_cpu
+    monkeypatch.setattr(K, "SPLIT_MIN_DOCS", 1)
+    monkeypatch.setattr(K, "SPLIT_MIN_INDEX_ENTRIES", 0)
+    monkeypatch.setattr(K, "SPLIT_MIN_ENTRIES", 0)  # stage 4 is split after a split stage 2
+    _, queries = small_corpus
+    path = str(tmp_path / "bad")
+    shutil.copytree(small_index, path)
+    codes_file = plaid.Index(path).manifest["arrays"]["seg0_codes"]["file"]
+    codes = np.load(os.path.join(path, codes_file), mmap_mode="r+")
+    codes[:] = 65535  # past the centroids
+    codes.flush()
+    del codes
+    runs = []
+    stage4 = K._nb.stage4
+    monkeypatch.setattr(K._nb, "stage4", lambda *a: runs.append(len(a[-3])) or stage4(*a))  # the parts' calls
+    messages = []
+    for threads in (1, 2):
+        with pytest.raises(plaid.IndexCorruptError, match="stage 4: token") as e:
+            plaid.Searcher(path, num_threads=threads).search(queries[0], k=10, ndocs=32)
+        assert codes_file in str(e.value)
+        messages.append(str(e.value))
+    assert messages[0] == messages[1]
+    assert len(runs) == 2 and sum(runs) == 10, runs  # stage 4's 10 candidates (n3 = k) in two parts
+    good = plaid.Searcher(small_index, num_threads=2)
+    np.testing.assert_array_equal(good.search(queries[0], k=10).ids,
+                                  plaid.Searcher(small_index, num_threads=1).search(queries[0], k=10).ids)
 
 
 @pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")
 def test_compiled_query_equals_the_stages(small_index, small_scalar_index, small_corpus, tmp_path):
     _, queries = small_corpus
+    SPLIT_USED.clear()
     _staged_and_compiled(small_index, queries, COMPILED_GRID)
+    assert sum(SPLIT_USED) >= 10, SPLIT_USED  # the split path ran (the others did not reach stage 2's lists)
     _staged_and_compiled(small_scalar_index, queries, COMPILED_GRID[:4])
     # deleted documents (one segment: the compiled query skips them like the pipeline)
     import shutil

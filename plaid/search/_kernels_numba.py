@@ -871,31 +871,54 @@ def _approx_ivf(R, kept, docs, ivf, ivf_offsets, cell_counts, slot, out, covered
     centroids ``kept`` (int64, ascending): each one's column is max-ed into its listed
     candidates' rows; ``PRUNED_SCORE`` for a candidate with fewer listed centroids than
     ``cell_counts``. ``docs`` ascending and distinct; ``slot``: only its length N is read.
-
-    The candidates are a bitmap of N bits (L2-resident where an int32 [N] slot array is not: 4 MB
-    at a million documents); a listed document's row is its rank among them (a popcount). Each
-    list is first compacted to its candidates without a branch (most listed documents are not
-    candidates, and a branch on that mispredicts), then only those rows are updated: 2x fewer
-    cycles per listed entry at 1M documents than a slot lookup per entry."""
+    :func:`ivf_bits`, then :func:`ivf_accumulate` over every kept centroid, then
+    :func:`ivf_finish` (a search on several threads gives each a part of ``kept``)."""
     m = R.shape[0]
     n = docs.shape[0]
     W = (m + 7) // 8 * 8
-    nw = (slot.shape[0] + 63) >> 6
+    bits, rank = ivf_bits(docs, slot.shape[0])
+    best = np.full((n, W), -np.inf, np.float32)
+    listed = np.zeros(n, np.int64)
+    ivf_accumulate(R, kept, ivf, ivf_offsets, bits, rank, best, listed)
+    ivf_finish(best, listed, cell_counts, m, out, covered)
+
+
+@jit
+def ivf_bits(docs, N):
+    """The candidates ``docs`` (int64, ascending, distinct, < N) as a bitmap of N bits (int64
+    words; L2-resident where an int32 [N] slot array is not: 4 MB at a million documents) and
+    ``rank[w]``, the candidates before word w: a listed document's row is its rank among them (a
+    popcount). Returns (bits int64 [ceil(N / 64)], rank int64 [ceil(N / 64)])."""
+    nw = (N + 63) >> 6
     bits = np.zeros(nw, np.int64)
-    for d in range(n):
+    for d in range(docs.shape[0]):
         x = docs[d]
         bits[x >> 6] |= np.int64(1) << (x & 63)
-    rank = np.empty(nw, np.int64)  # candidates before word w
+    rank = np.empty(nw, np.int64)
     r = 0
     for w in range(nw):
         rank[w] = r
         r += popcount(bits[w])
+    return bits, rank
+
+
+@jit
+def ivf_accumulate(R, kept, ivf, ivf_offsets, bits, rank, best, listed):
+    """Stage 2 from the inverted file's side for the kept centroids ``kept`` (int64): each one's
+    scores ``R[:, c]`` are max-ed into the rows of ``best`` (float32 [n, W], W = m rounded up to
+    8) of the candidates its list names, and ``listed`` (int64 [n]) counts them. Max and counts
+    do not depend on the order: parts of ``kept`` can go to different threads, each with its own
+    ``best`` and ``listed``, merged by max and sum (:func:`ivf_finish` reads the result).
+
+    Each list is first compacted to its candidates without a branch (most listed documents are not
+    candidates, and a branch on that mispredicts), then only those rows are updated: 2x fewer
+    cycles per listed entry at 1M documents than a slot lookup per entry."""
+    m = R.shape[0]
+    W = best.shape[1]
     longest = 0
     for q in range(kept.shape[0]):
         longest = max(longest, ivf_offsets[kept[q] + 1] - ivf_offsets[kept[q]])
     hits = np.empty(longest + 1, np.int64)  # one slot past the list: the branch-free store
-    best = np.full((n, W), -np.inf, np.float32)
-    listed = np.zeros(n, np.int64)
     col = np.zeros((1, W), np.float32)
     for q in range(kept.shape[0]):
         c = kept[q]
@@ -912,6 +935,14 @@ def _approx_ivf(R, kept, docs, ivf, ivf_offsets, cell_counts, slot, out, covered
             listed[s] += 1
             for o in range(0, W, 8):
                 vstore(best, s, o, 8, vmax(vload(best, s, o, 8), vload(col, 0, o, 8)))
+
+
+@jit
+def ivf_finish(best, listed, cell_counts, m, out, covered):
+    """Stage 2's scores from :func:`ivf_accumulate`'s ``best`` and ``listed``: a candidate with
+    fewer listed centroids than ``cell_counts`` had one pruned (each token scores at least
+    ``PRUNED_SCORE``); out float32 [n] the per-token maxima summed, covered bool [n]."""
+    n = best.shape[0]
     pairwise = n == 1
     for d in range(n):
         row = best[d]
@@ -1429,14 +1460,48 @@ def search_query(R, q, table, centroids, ivf, ivf_offsets, dcells, dcell_offsets
     :func:`token_norms`); alive bool [N] (``use_alive``); budgets k, ncells, threshold (float64,
     compared in float32 as numpy does), n2, n3; scratch mark bool [N] all False, slot int32 [N]
     and cslot int32 [C] all -1 (left so); ticks int64 [5] receives the cycle counter at the
-    start and after each stage. Returns (ids int64 [<= k], scores float32, candidates int64 [n]
+    start and after each stage. Returns (ids int64 [<= k], scores float32 [<= k], candidates int64 [n]
     sorted, final ncells, threshold used, stage-2 survivors and stage-3 survivors as sorted
     indices into the candidates, status: -1, or the position of an invalid token).
+    :func:`query_head`, :func:`query_stages23`, :func:`stage4` and :func:`ranked` (which a
+    search on several threads calls separately, scoring stage 2's inverted lists and stage 4's
+    candidates in parts in between).
     """
-    m, C = R.shape
+    docs, nc, floor, ReT, colmax = query_head(R, ivf, ivf_offsets, alive, use_alive, ncells, n2, n3, mark, ticks)
     none = np.empty(0, np.int64)
+    if docs.shape[0] == 0:
+        ticks[2] = ticks[3] = ticks[4] = ticks[1]
+        return none, np.empty(0, np.float32), docs, nc, threshold, none, none, -1
+    thr, sel, sel3 = query_stages23(R, ivf, ivf_offsets, dcells, dcell_offsets, threshold, n2, n3, slot, ticks, docs,
+                                    floor, ReT, colmax, np.empty(0, np.int64), 0,
+                                    np.empty((0, 0, ReT.shape[1]), np.float32), np.empty((0, 0), np.int64), False)
+    d4 = docs[sel3]
+    exact4 = np.empty(d4.shape[0], np.float32)
+    bad = stage4(q, table, centroids, codes, residuals, norm_mode, norm_codes, norm_values, norm_table, doc_offsets,
+                 d4, cslot, exact4)
+    if bad >= 0:
+        return none, np.empty(0, np.float32), docs, nc, thr, sel, sel3, bad
+    top = ranked(exact4, k, ticks)
+    return d4[top], exact4[top], docs, nc, thr, sel, sel3, -1
+
+
+@jit
+def ranked(exact4, k, ticks):
+    """Stage 4's ranking: :func:`rank_top` of the exact scores (indices of the best k); ticks[4] set."""
+    top = rank_top(exact4, k)
+    ticks[4] = cycles()
+    return top
+
+
+@jit
+def query_head(R, ivf, ivf_offsets, alive, use_alive, ncells, n2, n3, mark, ticks):
+    """Stage 1 of :func:`search_query` (candidates, ncells widened while there are fewer than
+    n2), and what stages 2-3 read: R centroid-major with a last row of ``PRUNED_SCORE`` (ReT
+    float32 [C + 1, W]) and its column maxima (colmax float32 [1, C]), both empty when stages 2-3
+    do not run (at most n3 candidates). Returns (candidates int64 [n] sorted, final ncells, floor:
+    the lowest score among the probed cells, ReT, colmax); ticks[0], ticks[1] set."""
+    m, C = R.shape
     ticks[0] = cycles()
-    # -- stage 1: candidates, ncells widened while there are fewer than n2 ------------------------
     kth = np.empty(m, np.float32)
     nc = ncells
     while True:
@@ -1457,27 +1522,69 @@ def search_query(R, q, table, centroids, ivf, ivf_offsets, dcells, dcell_offsets
         nc = widen(nc, C)
     floor = np.float64(kth.min())  # the lowest score among the probed cells (R.min() once all are)
     ticks[1] = cycles()
-    n = docs.shape[0]
-    if n == 0:
-        ticks[2] = ticks[3] = ticks[4] = ticks[1]
-        return none, np.empty(0, np.float32), docs, nc, threshold, none, none, -1
-    # -- stage 2: pruned approximate MaxSim, keep n2 (the fallback when too few are covered) ------
-    thr = threshold
     W = (m + 7) // 8 * 8
     ReT = np.empty((0, W), np.float32)
     colmax = np.empty((1, 0), np.float32)
-    if n > n3:  # stage 2 or 3 runs: R centroid-major (the rows they read) and its column maxima
+    if docs.shape[0] > n3:  # stage 2 or 3 runs: R centroid-major (the rows they read) and its column maxima
         ReT = np.empty((C + 1, W), np.float32)
         colmax = np.empty((1, C), np.float32)
         transpose_colmax(R, ReT, colmax)
+    return docs, nc, floor, ReT, colmax
+
+
+@jit
+def kept_at(colmax, thr, keep, kept, ivf_offsets):
+    """Stage 2's surviving centroids at threshold ``thr`` (float32): keep bool [C] and their ids
+    ascending into kept int64 [>= C]. Returns (how many, the entries of their inverted lists)."""
+    C = colmax.shape[1]
+    listed = 0
+    nk = 0
+    for c in range(C):
+        keep[c] = colmax[0, c] >= thr
+        if keep[c]:
+            kept[nk] = c
+            nk += 1
+            listed += ivf_offsets[c + 1] - ivf_offsets[c]
+    return nk, listed
+
+
+@jit
+def candidate_entries(docs, dcell_offsets):
+    """Stage 2's inputs from the candidates' side: counts int64 [n], each candidate's distinct
+    centroids, and their total."""
+    n = docs.shape[0]
+    counts = np.empty(n, np.int64)
+    total = 0
+    for d in range(n):
+        counts[d] = dcell_offsets[docs[d] + 1] - dcell_offsets[docs[d]]
+        total += counts[d]
+    return counts, total
+
+
+@jit
+def query_stages23(R, ivf, ivf_offsets, dcells, dcell_offsets, threshold, n2, n3, slot, ticks, docs, floor, ReT,
+                   colmax, counts_in, total_in, pre_best, pre_listed, have_pre):
+    """Stages 2-3 of :func:`search_query` after :func:`query_head` (``docs`` not empty): (the
+    threshold used, stage-2 and stage-3 survivors as sorted indices into ``docs``); ticks[2],
+    ticks[3] set.
+
+    counts_in, total_in: :func:`candidate_entries` of ``docs`` when computed already (else
+    counts_in is empty). ``have_pre``: stage 2's first scoring, when it reads the inverted lists
+    of the centroids surviving ``threshold``, was done already, in parts (:func:`ivf_accumulate`
+    over parts of them, one per thread): pre_best float32 [parts, n, W] and pre_listed int64
+    [parts, n], merged here by max and sum (the same scores: max and counts do not depend on
+    the order). Whether that scoring happens at all is still decided here."""
+    m, C = R.shape
+    n = docs.shape[0]
+    # -- stage 2: pruned approximate MaxSim, keep n2 (the fallback when too few are covered) ------
+    thr = threshold
     if n <= n2:
         sel = np.arange(n)
     else:
-        counts = np.empty(n, np.int64)
-        total = 0
-        for d in range(n):
-            counts[d] = dcell_offsets[docs[d] + 1] - dcell_offsets[docs[d]]
-            total += counts[d]
+        if counts_in.shape[0] == n:
+            counts, total = counts_in, total_in
+        else:
+            counts, total = candidate_entries(docs, dcell_offsets)
         keep = np.empty(C, np.bool_)
         kept = np.empty(C, np.int64)
         approx = np.empty(n, np.float32)
@@ -1485,19 +1592,22 @@ def search_query(R, q, table, centroids, ivf, ivf_offsets, dcells, dcell_offsets
         scored = False
         for attempt in range(2):
             t32 = np.float32(thr)  # numpy compares float32 scores with the threshold in float32
-            listed = 0
-            nk = 0
-            for c in range(C):
-                keep[c] = colmax[0, c] >= t32
-                if keep[c]:
-                    kept[nk] = c
-                    nk += 1
-                    listed += ivf_offsets[c + 1] - ivf_offsets[c]
+            nk, listed = kept_at(colmax, t32, keep, kept, ivf_offsets)
             if attempt == 0 and listed < n2:  # too few listed to cover n2: no need to score
                 n_covered = listed
             else:
                 if listed <= total:  # the shorter side: the kept centroids' lists
-                    _approx_ivf(R, kept[:nk], docs, ivf, ivf_offsets, counts, slot, approx, covered)
+                    if attempt == 0 and have_pre:
+                        best = pre_best[0]
+                        lst = pre_listed[0]
+                        for p in range(1, pre_best.shape[0]):
+                            for d in range(n):
+                                lst[d] += pre_listed[p, d]
+                                for o in range(0, best.shape[1], 8):
+                                    vstore(best, d, o, 8, vmax(vload(best, d, o, 8), vload(pre_best[p], d, o, 8)))
+                        ivf_finish(best, lst, counts, m, approx, covered)
+                    else:
+                        _approx_ivf(R, kept[:nk], docs, ivf, ivf_offsets, counts, slot, approx, covered)
                 else:  # the candidates' centroids
                     approx_docs(ReT, m, keep, True, docs, dcells, dcell_offsets, approx, covered)
                 scored = True
@@ -1524,16 +1634,7 @@ def search_query(R, q, table, centroids, ivf, ivf_offsets, dcells, dcell_offsets
     else:
         sel3 = sel
     ticks[3] = cycles()
-    # -- stage 4: exact MaxSim, keep k ------------------------------------------------------------
-    d4 = docs[sel3]
-    exact4 = np.empty(d4.shape[0], np.float32)
-    bad = stage4(q, table, centroids, codes, residuals, norm_mode, norm_codes, norm_values, norm_table, doc_offsets,
-                 d4, cslot, exact4)
-    if bad >= 0:
-        return none, np.empty(0, np.float32), docs, nc, thr, sel, sel3, bad
-    top = rank_top(exact4, k)
-    ticks[4] = cycles()
-    return d4[top], exact4[top], docs, nc, thr, sel, sel3, -1
+    return thr, sel, sel3
 
 
 _NO_KEEP = np.zeros(1, np.bool_)

@@ -125,11 +125,14 @@ class CPUEngine:
                 self.alive, self.norm_values)
 
     # -- stages 1-4 in one call ------------------------------------------------------------------
-    def search_one(self, q: np.ndarray, R: np.ndarray, b: Budgets, trace: Optional[Trace]) -> Optional[Hits]:
+    def search_one(self, q: np.ndarray, R: np.ndarray, b: Budgets, trace: Optional[Trace],
+                   pool: Optional[ThreadPoolExecutor] = None) -> Optional[Hits]:
         """The whole pipeline for one query (no subset) in one compiled call that releases the GIL
         (:func:`kernels_cpu.search_query`: the same decisions, ids, scores and trace as the
         pipeline's stages), or None where it does not apply (several segments, the numpy
-        fallback): then the pipeline runs its stages on this engine's kernels."""
+        fallback): then the pipeline runs its stages on this engine's kernels. ``pool``: idle
+        workers for ``b.threads - 1`` more threads (the caller's is one), over which a large stage 2
+        is split (:func:`kernels_cpu.search_query`); None: this thread alone."""
         if self.query_arrays is None:
             return None
         clock = time.perf_counter
@@ -144,7 +147,8 @@ class CPUEngine:
         t1 = clock()
         try:
             r = K.search_query(R, q, table, self.query_arrays, b.k, b.ncells, b.threshold, b.n2, b.n3,
-                               sc.marks(self.num_documents), sc.slots(self.num_documents), sc.cslots(self.num_centroids))
+                               sc.marks(self.num_documents), sc.slots(self.num_documents), sc.cslots(self.num_centroids),
+                               pool, b.threads, sc)
         except IndexCorruptError as e:
             raise self._named(e) from None
         if r is None:

@@ -132,6 +132,8 @@ def wait(timeout: Optional[float] = None) -> bool:
 _OUTPUTS = {"candidates": (4, 5), "transpose_table": (1,), "approx_docs": (7, 8), "approx_docs_strided": (6, 7),
             "approx_ivf": (6, 7, 8), "used_centroids": (4,), "exact": (11,), "stage4": (11, 12),
             "centroid_terms": (), "scores_product": (3,), "search_query": (22, 23, 24, 25),
+            "query_head": (8, 9), "query_stages23": (8, 9, 16, 17), "ranked": (2,), "kept_at": (2, 3), "candidate_entries": (),
+            "ivf_bits": (), "ivf_accumulate": (6, 7),
             "search_many": (25, 26, 27, 28, 29, 30)}
 
 
@@ -221,6 +223,9 @@ def _warm(codes_dtype, search_only: bool, one_call: bool) -> None:
                      np.full(N, -1, np.int32), np.full(C, -1, np.int32))
         search_many(Re[:, :C].copy(), np.array([0, m]), q, table.ravel(), np.array([0, table.size]), np.array([m]),
                     arrays, 2, 1, 0.5, 2, 1, np.zeros(N, bool), np.full(N, -1, np.int32), np.full(C, -1, np.int32))
+        # a single query on several threads: its parts (every cell probed, nothing pruned, one part)
+        _search_query_split(_ro(Re[:, :C].copy()), _ro(q), _ro(table), arrays, 2, C, -1e30, 1, 1, np.zeros(N, bool),
+                            np.full(N, -1, np.int32), np.full(C, -1, np.int32), np.zeros(5, np.int64), None, 1, 0)
     try:  # the codecs' query rotation (it warns and falls back to BLAS by itself where it fails)
         from .._codecs_numba import rotate_rows
 
@@ -683,8 +688,21 @@ def _run_prepared(name: str, args: tuple):
         return None if r is None else r[0]
 
 
+#: A single query searched on several threads (:func:`search_query` with a pool) scores stage 2's
+#: inverted lists in parts, one per thread, when they hold at least this many entries (a thread's
+#: hand-off costs ~30-60 us, ~10k entries' worth): at a million documents a query's kept
+#: centroids list ~670k entries (~3 ms on one core), at 50k documents a few tens of thousands.
+SPLIT_MIN_ENTRIES = 1 << 17
+#: ... and only on an inverted file of at least this many entries (a query's surviving centroids
+#: list ~1% of it at threshold 0.5: 670k of 65M at a million documents, where the parts made
+#: single queries 0.88-0.93x as long); below, a single query runs as one call (at 200k documents,
+#: 12M entries, the parts measured 1.00-1.03x; at 50k, 3M entries, 1.02x).
+SPLIT_MIN_INDEX_ENTRIES = 1 << 24
+
+
 def search_query(R: np.ndarray, q: np.ndarray, table: np.ndarray, arrays: QueryArrays, k: int, ncells: int,
-                 threshold: float, n2: int, n3: int, mark: np.ndarray, slot: np.ndarray, cslot: np.ndarray):
+                 threshold: float, n2: int, n3: int, mark: np.ndarray, slot: np.ndarray, cslot: np.ndarray,
+                 pool=None, threads: int = 1, scratch=None):
     """Stages 1-4 of one query in one compiled call (no subset): what
     :func:`plaid.search.pipeline.search_query` decides, with the same ids, scores and trace.
 
@@ -697,20 +715,146 @@ def search_query(R: np.ndarray, q: np.ndarray, table: np.ndarray, arrays: QueryA
     threshold used, stage-2 and stage-3 survivors as sorted int64 indices into the candidates,
     ticks int64 [5]: the cycle counter at the start and after each stage). Raises
     :class:`IndexCorruptError` for an invalid token centroid id or norm.
+
+    pool, threads: a ``concurrent.futures`` executor with ``threads - 1`` workers idle for this
+    call (the caller's thread is the other one). With ``threads >= 2`` on an inverted file of at
+    least :data:`SPLIT_MIN_INDEX_ENTRIES` entries, stage 2's first scoring, when it reads at
+    least :data:`SPLIT_MIN_ENTRIES` entries of the inverted lists, is split over the threads by
+    kept centroids (:func:`_split_stage2`), and then stage 4 by candidates
+    (:func:`_split_stage4`); the rest is the one call's compiled code, and the results are the
+    same. scratch: per-thread scratch with ``cslots(C)`` (the CPU engine's), for the workers.
     """
     if not ready():
         return None
     ticks = np.zeros(5, np.int64)
-    # arrays.args are read-only already: call the kernel without _run's per-argument conversion
-    args = (_ro(R), _ro(q), _ro(table), *arrays.args, int(k), int(ncells), float(threshold), int(n2), int(n3), mark,
-            slot, cslot, ticks)
-    r = _run_prepared("search_query", args)
+    if pool is not None and threads >= 2 and len(arrays.args[1]) >= SPLIT_MIN_INDEX_ENTRIES:
+        r = _search_query_split(_ro(R), _ro(q), _ro(table), arrays, int(k), int(ncells), float(threshold), int(n2),
+                                int(n3), mark, slot, cslot, ticks, pool, int(threads), scratch=scratch)
+    else:
+        # arrays.args are read-only already: call the kernel without _run's per-argument conversion
+        args = (_ro(R), _ro(q), _ro(table), *arrays.args, int(k), int(ncells), float(threshold), int(n2), int(n3),
+                mark, slot, cslot, ticks)
+        r = _run_prepared("search_query", args)
     if r is None:
         return None
     ids, scores, docs, nc, thr, sel2, sel3, bad = r
     if bad >= 0:
         raise IndexCorruptError(f"stage 4: token {bad}: centroid id or norm invalid")
     return ids, scores, docs, nc, thr, sel2, sel3, ticks
+
+
+def _search_query_split(R, q, table, arrays: QueryArrays, k, ncells, threshold, n2, n3, mark, slot, cslot, ticks,
+                        pool, threads: int, min_entries: Optional[int] = None, scratch=None):
+    """:func:`search_query` from its compiled parts: ``query_head`` (stage 1), stage 2's first
+    scoring in parts (:func:`_split_stage2`) where it applies, ``query_stages23`` (which decides
+    as the one call does, using the parts' scores), stage 4 in parts (:func:`_split_stage4`),
+    ``ranked``. None when the numpy fallback is in use."""
+    (cents, ivf, ivf_offsets, dcells, dcell_offsets, doc_offsets, codes, residuals, mode, ncodes, nvalues, ntable,
+     alive, use_alive) = arrays.args
+    head = _run_prepared("query_head", (R, ivf, ivf_offsets, alive, use_alive, ncells, n2, n3, mark, ticks))
+    if head is None:
+        return None
+    docs, nc, floor, ReT, colmax = head
+    none = np.zeros(0, np.int64)
+    if len(docs) == 0:
+        ticks[2:] = ticks[1]
+        return none, np.zeros(0, np.float32), docs, nc, threshold, none, none, -1
+    pre = _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, dcell_offsets, len(slot), pool, threads,
+                        min_entries)
+    counts, total, best, listed = pre if pre is not None else (np.empty(0, np.int64), 0, None, None)
+    if best is None:
+        best, listed = np.empty((0, 0, ReT.shape[1]), np.float32), np.empty((0, 0), np.int64)
+    r = _run_prepared("query_stages23", (R, ivf, ivf_offsets, dcells, dcell_offsets, threshold, n2, n3, slot, ticks,
+                                         docs, floor, ReT, colmax, counts, int(total), best, listed, best.shape[0] > 0))
+    if r is None:
+        return None
+    thr, sel, sel3 = r
+    d4 = docs[sel3]
+    exact4 = np.empty(len(d4), np.float32)
+    stage4_args = (q, table, cents, codes, residuals, mode, ncodes, nvalues, ntable, doc_offsets)
+    # stage 4 in parts too when the query was large enough for stage 2's (cached and short, its
+    # parts cost more than they save: 1.09x the one-call latency at 50k documents)
+    bad = _split_stage4(stage4_args, d4, exact4, cslot, pool if best.shape[0] > 1 else None, threads, scratch)
+    if bad >= 0:
+        return none, np.zeros(0, np.float32), docs, nc, thr, sel, sel3, bad
+    top = _nb.ranked(exact4, int(k), ticks)
+    return d4[top], exact4[top], docs, nc, thr, sel, sel3, -1
+
+
+#: Stage 4 of a single query searched on several threads is split over them from this many
+#: candidates (k=10 scores 64 exactly, ~1 ms at a million documents; a thread's hand-off ~30-60 us).
+SPLIT_MIN_DOCS = 32
+
+
+def _split_stage4(args: tuple, d4: np.ndarray, out: np.ndarray, cslot: np.ndarray, pool, threads: int,
+                  scratch=None) -> int:
+    """Stage 4 (``stage4``: exact MaxSim into ``out`` float32 [n]) of the candidates ``d4`` in
+    runs of about equal tokens, the caller's thread taking the first and ``pool``'s workers the
+    others, each with its own centroid map (``scratch.cslots(C)`` on its thread, else a new
+    one); one run under :data:`SPLIT_MIN_DOCS` candidates. Each candidate's score depends on its
+    own tokens only: the same scores as one call. Returns -1, or the position of the first
+    invalid token of the first run that has one."""
+    n = len(d4)
+    parts = max(1, min(int(threads), n // SPLIT_MIN_DOCS)) if pool is not None else 1
+    if parts == 1:
+        return int(_nb.stage4(*args, d4, cslot, out))
+    doc_offsets = args[-1]
+    ends = np.cumsum(doc_offsets[d4 + 1] - doc_offsets[d4])
+    cuts = np.concatenate([[0], np.searchsorted(ends, ends[-1] * np.arange(1, parts) / parts), [n]]).astype(np.int64)
+    C = len(cslot)
+
+    def part(p: int) -> int:
+        cs = scratch.cslots(C) if scratch is not None else np.full(C, -1, np.int32)
+        lo, hi = cuts[p], cuts[p + 1]
+        return int(_nb.stage4(*args, d4[lo:hi], cs, out[lo:hi])) if hi > lo else -1
+
+    others = [pool.submit(part, p) for p in range(1, parts)]
+    try:
+        bad = [part(0)]
+    finally:
+        bad += [f.result() for f in others]
+    return next((b for b in bad if b >= 0), -1)
+
+
+def _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, dcell_offsets, N: int, pool, threads: int,
+                  min_entries: Optional[int] = None):
+    """Stage 2's first scoring from the inverted file's side, in parts: (counts int64 [n], total:
+    :func:`candidate_entries`; best float32 [parts, n, W], listed int64 [parts, n], or None, None)
+    for ``query_tail`` to merge. None where stage 2 does not run (at most n2 candidates); no parts
+    where that scoring would not run first (fewer than n2 entries listed, the candidates' side
+    shorter: the same tests as ``query_tail``'s) or reads fewer than ``min_entries`` entries
+    (None: :data:`SPLIT_MIN_ENTRIES`).
+    The kept centroids are cut into ``threads`` runs of about equal entries; the caller's thread
+    scores the first, ``pool``'s workers the others (each :func:`ivf_accumulate`, without the GIL)."""
+    n = len(docs)
+    if n <= n2:
+        return None
+    C = colmax.shape[1]
+    keep = np.empty(C, np.bool_)
+    kept = np.empty(C, np.int64)
+    nk, listed = _nb.kept_at(colmax, np.float32(threshold), keep, kept, ivf_offsets)
+    counts, total = _nb.candidate_entries(docs, dcell_offsets)
+    if listed < max(n2, SPLIT_MIN_ENTRIES if min_entries is None else min_entries) or listed > total:
+        return counts, total, None, None
+    kept = kept[:nk]
+    ends = np.cumsum(ivf_offsets[kept + 1] - ivf_offsets[kept])
+    parts = max(1, min(int(threads), nk))
+    cuts = np.concatenate([[0], np.searchsorted(ends, listed * np.arange(1, parts) / parts), [nk]]).astype(np.int64)
+    bits, rank = _nb.ivf_bits(docs, N)
+    W = (R.shape[0] + 7) // 8 * 8
+    best = np.full((parts, n, W), -np.inf, np.float32)
+    listed_parts = np.zeros((parts, n), np.int64)
+
+    def part(p: int) -> None:
+        _nb.ivf_accumulate(R, kept[cuts[p]:cuts[p + 1]], ivf, ivf_offsets, bits, rank, best[p], listed_parts[p])
+
+    others = [pool.submit(part, p) for p in range(1, parts)]
+    try:
+        part(0)
+    finally:
+        for f in others:
+            f.result()
+    return counts, total, best, listed_parts
 
 
 def search_many(R: np.ndarray, starts: np.ndarray, Q: np.ndarray, tables: np.ndarray, table_offsets: np.ndarray,

@@ -81,9 +81,10 @@ class Engine(Protocol):
     # not depend on the other rows of the call (then the pipeline may group queries freely).
     # optional: ``wait_for_kernels()``, returning once kernels that the engine loads in the
     # background are loaded (until then its searches run slower kernels with the same results).
-    # optional: ``search_one(q, R, b, trace) -> Optional[Hits]``, all four stages of a query
+    # optional: ``search_one(q, R, b, trace, pool) -> Optional[Hits]``, all four stages of a query
     # without a subset at once, deciding exactly what this module's stages decide (the CPU
-    # engine's compiled transcription of them, checked against them by tests/test_pipeline.py);
+    # engine's compiled transcription of them, checked against them by tests/test_pipeline.py),
+    # ``pool`` (or None) holding ``b.threads - 1`` idle workers it may spread the query over;
     # None: run the stages here.
 
 
@@ -264,9 +265,10 @@ def scaled_ncells(ncells: int, subset_size: int, num_live: int, num_centroids: i
 
 
 def search_query(engine: Engine, q: np.ndarray, R: np.ndarray, b: Budgets, subset: Optional[np.ndarray] = None,
-                 trace: Optional[Trace] = None) -> Hits:
+                 trace: Optional[Trace] = None, pool: Optional[ThreadPoolExecutor] = None) -> Hits:
     """All four stages for one query. q: float32 [m, dim]; R: float32 [m, C] its centroid scores;
-    subset: sorted live non-empty ids the results must come from, or None."""
+    subset: sorted live non-empty ids the results must come from, or None; pool: idle workers
+    (``b.threads - 1``) the engine's ``search_one`` may spread this query over, or None."""
     nc = b.ncells
     if subset is not None:
         if len(subset) == 0:
@@ -276,7 +278,7 @@ def search_query(engine: Engine, q: np.ndarray, R: np.ndarray, b: Budgets, subse
         nc = scaled_ncells(nc, len(subset), engine.num_live, engine.num_centroids)
     else:
         one = getattr(engine, "search_one", None)  # the same stages compiled into one call
-        hits = one(q, R, b, trace) if one is not None else None
+        hits = (one(q, R, b, trace) if pool is None else one(q, R, b, trace, pool)) if one is not None else None
         if hits is not None:
             return hits
     clock = time.perf_counter
@@ -365,10 +367,12 @@ def _product(engine: Engine, queries: List[np.ndarray], traces: Optional[List[Tr
 
 
 def _stages(engine: Engine, queries: List[np.ndarray], b: Budgets, subsets: Optional[List[np.ndarray]],
-            traces: Optional[List[Trace]], R: np.ndarray, starts: np.ndarray, i: int) -> Hits:
-    """:func:`search_query` of query ``i`` of a group whose product is ``R`` (:func:`_product`)."""
+            traces: Optional[List[Trace]], R: np.ndarray, starts: np.ndarray, i: int,
+            pool: Optional[ThreadPoolExecutor] = None) -> Hits:
+    """:func:`search_query` of query ``i`` of a group whose product is ``R`` (:func:`_product`);
+    ``pool``: idle workers the query may use (only when no other query runs meanwhile)."""
     return search_query(engine, queries[i], R[starts[i] : starts[i + 1]], b,
-                        None if subsets is None else subsets[i], None if traces is None else traces[i])
+                        None if subsets is None else subsets[i], None if traces is None else traces[i], pool)
 
 
 def _batch(engine: Engine, queries: List[np.ndarray], b: Budgets, subsets: Optional[List[np.ndarray]],
@@ -380,7 +384,9 @@ def _batch(engine: Engine, queries: List[np.ndarray], b: Budgets, subsets: Optio
         if hits is not None:
             return hits
     R, starts = _product(engine, queries, traces, pool, b.threads)
-    if pool is None or n == 1:
+    if n == 1:  # one query: it may spread its stages over the pool's idle workers too
+        return [_stages(engine, queries, b, subsets, traces, R, starts, 0, pool)]
+    if pool is None:
         return [_stages(engine, queries, b, subsets, traces, R, starts, i) for i in range(n)]
     return _in_tasks(pool, b.threads, n, lambda i: [_stages(engine, queries, b, subsets, traces, R, starts, i)], 1)
 
