@@ -201,7 +201,7 @@ def main() -> None:
                     **({"recall@100": recall_at(exact, res.ids, 100)} if k == 100 else {}),
                     "median_latency_ms": median_latency_ms(lambda q: s.search(q, k=k), queries),
                     "batch_ms_per_query": batch_ms_per_query(lambda qs: s.search(qs, k=k), queries),
-                    "params": plaid.default_search_params(k),
+                    "params": plaid.default_search_params(k, s.search_depth),
                 }
             row["k10"]["speedup_vs_exhaustive"] = fastest / row["k10"]["median_latency_ms"]
             results["plaid"][cname] = row

@@ -94,7 +94,7 @@ class PlaidEngine:
         from plaid.search.pipeline import top_n
 
         s = self.searcher
-        p = dict(plaid.default_search_params(k), **params)
+        p = dict(plaid.default_search_params(k, s.search_depth), **params)
         n3 = max(p["ndocs"] // 4, k)
         final = s.search(queries, k=n3, **p).ids  # exactly the documents stage 4 scores
         eng = s._state.engine  # the committed generation the search above used

@@ -63,7 +63,8 @@ def main(argv=None) -> dict:
     stages = {n: [] for n in STAGES + ["other"]}
     floor = []
     s1 = searchers[1]
-    final = s1.search(queries, k=max(plaid.default_search_params(args.k)["ndocs"] // 4, args.k)).ids
+    p = plaid.default_search_params(args.k, s1.search_depth)  # what stage 4 scores at k: the n3 best of them
+    final = s1.search(queries, k=max(p["ndocs"] // 4, args.k), **p).ids
     eng = s1._state.engine
     with torch.inference_mode():
         for r in range(args.rounds):

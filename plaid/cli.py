@@ -204,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ncells", type=_positive_int, default=None, help="centroids probed per query token (default: by --k)")
     s.add_argument("--centroid-score-threshold", type=_finite_float, default=None,
                    help="stage-2 pruning threshold (default: by --k)")
-    s.add_argument("--ndocs", type=_positive_int, default=None, help="candidates kept after stage 2 (default: by --k)")
+    s.add_argument("--ndocs", type=_positive_int, default=None, help="candidates kept after stage 2 (default: by --k, times the index's search depth)")
     p.add_argument("--device", default="cpu", help="torch device for search and encoding (cpu, cuda)")
     p.add_argument("--output", "-o", metavar="RUN", default=None,
                    help="TREC run file to write (default: stdout); query and document ids must be words "
@@ -356,6 +356,7 @@ def _cmd_info_sharded(args) -> int:
         ("dim", info["dim"]),
         ("codec", " ".join(f"{k}={v}" for k, v in info["codec"].items())),
         ("pooling", _pooling_text(info["pooling"])),
+        ("search depth", f"{info['search_depth']} (default ndocs x{info['search_depth']})"),
         ("codec fingerprint", info["codec_fingerprint"][:16]),
         ("normalized", info["normalized"]),
         ("size", f"{info['bytes']} bytes ({info['bytes'] / 2**20:.2f} MiB)"),

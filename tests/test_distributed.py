@@ -216,6 +216,7 @@ def test_a_pooled_sharded_build_pools_every_shard(tmp_path, ray_cluster, mini_co
         start += n
     assert built.info()["pooling"] == {"method": "ward", "factor": 2}
     assert built.manifest["build"]["search_depth"] == 3 and plaid.Index(shard).search_depth == 3
+    assert built.info()["search_depth"] == 3
     assert _params(10, None, None, None, built.manifest["build"]["search_depth"])["ndocs"] == 768
     si = ShardedIndex(path)
     si.add(docs[100:], doc_ids=_ids(20, "x"), show_progress=False)  # past max_shard_documents: a new shard
@@ -531,6 +532,13 @@ def test_a_missing_shard_or_one_of_another_version_is_refused(small_sharded, tmp
         json.dump(m, f)
     with pytest.raises(IndexCorruptError, match=r"routing\[1\]"):
         plaid.ShardedSearcher(path)
+    m["routing"][1][0] = json.load(open(os.path.join(small_sharded, SHARDED_MANIFEST)))["routing"][1][0]
+    for bad in ("4", 0, 65, 2.0, True, [4]):  # the search depth the driver applies to every shard
+        m["build"]["search_depth"] = bad
+        with open(mpath, "w") as f:
+            json.dump(m, f)
+        with pytest.raises(IndexCorruptError, match="build.search_depth"):
+            ShardedIndex(path)
 
 
 def test_duplicate_external_ids_across_shards_are_refused(mini_corpus, ray_cluster, tmp_path):

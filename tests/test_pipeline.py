@@ -138,7 +138,8 @@ def _single_queries_split(s, queries, kw, expected):
     in two parts whatever their size: the same ids, scores and trace as the one-call path
     (``expected``)."""
     K = plaid.search.kernels_cpu
-    split, saved = K._split_stage2, (K.SPLIT_MIN_ENTRIES, K.SPLIT_MIN_DOCS, K.SPLIT_MIN_INDEX_ENTRIES)
+    names = ("SPLIT_MIN_ENTRIES", "SPLIT_MIN_DOCS", "SPLIT_MIN_INDEX_ENTRIES", "SPLIT_MERGE_RATIO")
+    split, saved = K._split_stage2, [getattr(K, n) for n in names]
     used = []
 
     def counting(*args, **kw2):
@@ -146,7 +147,9 @@ def _single_queries_split(s, queries, kw, expected):
         used.append(r is not None and r[2] is not None and r[2].shape[0] == 2)
         return r
 
-    K._split_stage2, (K.SPLIT_MIN_ENTRIES, K.SPLIT_MIN_DOCS, K.SPLIT_MIN_INDEX_ENTRIES) = counting, (0, 1, 0)
+    K._split_stage2 = counting
+    for n, v in zip(names, (0, 1, 0, 0)):
+        setattr(K, n, v)
     try:
         for i, q in enumerate(queries):
             r = s.search([q], **kw)
@@ -157,13 +160,43 @@ def _single_queries_split(s, queries, kw, expected):
                 np.testing.assert_array_equal(getattr(t, name), getattr(e, name), err_msg=name)
             assert t.threshold == e.threshold and t.ncells == e.ncells
     finally:
-        K._split_stage2, (K.SPLIT_MIN_ENTRIES, K.SPLIT_MIN_DOCS, K.SPLIT_MIN_INDEX_ENTRIES) = split, saved
+        K._split_stage2 = split
+        for n, v in zip(names, saved):
+            setattr(K, n, v)
     assert len(used) == len(queries)
     SPLIT_USED.extend(used)
 
 
 #: Whether each single query of _single_queries_split scored stage 2 in two parts (tests assert some did)
 SPLIT_USED: list = []
+
+
+def test_parts_not_started_run_on_the_caller_and_the_first_error_is_raised():
+    """A single query's parts: those the pool (busy with another search) has not started when the
+    caller's part ends run on the caller, not after the other search; an error reaches the caller
+    once every part has ended."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    K = plaid.search.kernels_cpu
+    with ThreadPoolExecutor(1) as pool:
+        gate = threading.Event()
+        busy = pool.submit(gate.wait, 30)  # the only worker, taken by another search
+        me = threading.get_ident()
+        assert K._in_parts(pool, lambda p: (p, threading.get_ident()), 3) == [(0, me), (1, me), (2, me)]
+        gate.set()
+        busy.result()
+        ended = []
+
+        def failing(p):
+            if p == 0:
+                raise ValueError("part 0 failed")
+            ended.append(p)
+            return p
+
+        with pytest.raises(ValueError, match="part 0 failed"):
+            K._in_parts(pool, failing, 2)
+        assert ended in ([], [1])  # part 1 ran to its end on the worker, or was never started
 
 
 @pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")
@@ -176,6 +209,7 @@ def test_a_corrupt_token_is_refused_alike_by_a_split_query(tmp_path, small_index
     monkeypatch.setattr(K, "SPLIT_MIN_DOCS", 1)
     monkeypatch.setattr(K, "SPLIT_MIN_INDEX_ENTRIES", 0)
     monkeypatch.setattr(K, "SPLIT_MIN_ENTRIES", 0)  # stage 4 is split after a split stage 2
+    monkeypatch.setattr(K, "SPLIT_MERGE_RATIO", 0)
     _, queries = small_corpus
     path = str(tmp_path / "bad")
     shutil.copytree(small_index, path)
@@ -194,7 +228,8 @@ def test_a_corrupt_token_is_refused_alike_by_a_split_query(tmp_path, small_index
         assert codes_file in str(e.value)
         messages.append(str(e.value))
     assert messages[0] == messages[1]
-    assert len(runs) == 2 and sum(runs) == 10, runs  # stage 4's 10 candidates (n3 = k) in two parts
+    # stage 4's 10 candidates (n3 = k) in two parts, then once more in one call for the one call's error
+    assert len(runs) == 3 and sum(runs[:2]) == 10 and min(runs[:2]) > 0 and runs[2] == 10, runs
     good = plaid.Searcher(small_index, num_threads=2)
     np.testing.assert_array_equal(good.search(queries[0], k=10).ids,
                                   plaid.Searcher(small_index, num_threads=1).search(queries[0], k=10).ids)
@@ -368,6 +403,9 @@ def test_search_depth_multiplies_ndocs():
     assert (b.ncells, b.n2, b.n3) == (2, 2048, 512)
     b = plaid.SearchParams(k=10, ndocs=300).budgets(10**6, 1, depth=4)  # an explicit ndocs is used as given
     assert (b.n2, b.n3) == (300, 75)
+    for bad in (0, 65, 2.5, True, "2"):
+        with pytest.raises(plaid.InvalidInputError, match="search depth must be an integer in"):
+            plaid.SearchParams(k=10).budgets(100, 1, depth=bad)
 
 
 def test_index_search_depth_is_recorded_applied_and_kept(tmp_path, small_index, small_corpus):

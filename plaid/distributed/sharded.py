@@ -237,7 +237,7 @@ def parse_sharded_manifest(raw: Any, where: str) -> ShardedManifest:
     build = f.get("build") if "build" in raw else {}
     if not isinstance(build, dict):
         raise f.bad("build", "must be a JSON object")
-    if "search_depth" in build:  # read back by searches and add() (absent: 1)
+    if build.get("search_depth") is not None:  # read back by searches and add() (absent or null: 1)
         _Fields(build, where, "build.").int("search_depth", 1, MAX_SEARCH_DEPTH)
     created_by = raw.get("created_by", "")
     return ShardedManifest(generation=generation, dim=dim, num_documents=num_documents,
@@ -598,7 +598,8 @@ class ShardedIndex:
                 "generation": self._m.generation, "num_shards": len(shards), "num_documents": self._m.num_documents,
                 "num_live_documents": len(self), "num_deleted": len(self.deleted_ids()), "num_tokens": tokens,
                 "dim": self._m.dim, "codec": dict(self._m.codec), "normalized": self._m.normalized,
-                "pooling": pooling, "codec_fingerprint": self._m.codec_fingerprint, "has_doc_ids": self._m.has_doc_ids,
+                "pooling": pooling, "search_depth": int(self._m.build.get("search_depth") or 1),
+                "codec_fingerprint": self._m.codec_fingerprint, "has_doc_ids": self._m.has_doc_ids,
                 "max_shard_documents": self._m.max_shard_documents, "created_by": self._m.created_by,
                 "bytes": size, "bytes_per_token": round(size / max(1, tokens), 3), "build": dict(self._m.build),
                 "shards": shards}
@@ -686,7 +687,7 @@ class ShardedIndex:
                     logger.info("%s: shard %s is at %d of %d documents: %d new documents go to a new shard %s",
                                 self.path, shards[target].name, sizes[target], limit, n, name)
                     ix = Indexer(show_progress=show_progress, chunk_tokens=int(m.build.get("chunk_tokens", 1 << 16)),
-                                 search_depth=int(m.build.get("search_depth", 1)))
+                                 search_depth=int(m.build.get("search_depth") or 1))
                     try:
                         index = ix.build_trained(os.path.join(self.path, name), corpus_documents(corpus), trained,
                                                  doc_ids=names)

@@ -19,7 +19,9 @@ tokens:
 * :func:`exact_scores` — all of stage 4 for one query (table, centroids used, their scores, kernel);
 * :func:`search_query` — stages 1-4 of one query in ONE call (over :class:`QueryArrays`): the
   pipeline's decisions compiled, so that a query's work runs without the GIL from its centroid
-  scores to its hits (numba only; the fallback runs the pipeline's stages).
+  scores to its hits (numba only; the fallback runs the pipeline's stages). On a large index, a
+  single query given idle threads runs the same compiled parts from here instead, stage 2's
+  inverted lists and stage 4's candidates split over the threads (:func:`_search_query_split`).
 
 **Equality.** Results are bit-identical to the numpy path: the same float32 operations in the
 same order. Stages 2-3 sum the per-token maxima sequentially over query tokens i = 0..m-1, as
@@ -728,8 +730,16 @@ def search_query(R: np.ndarray, q: np.ndarray, table: np.ndarray, arrays: QueryA
         return None
     ticks = np.zeros(5, np.int64)
     if pool is not None and threads >= 2 and len(arrays.args[1]) >= SPLIT_MIN_INDEX_ENTRIES:
-        r = _search_query_split(_ro(R), _ro(q), _ro(table), arrays, int(k), int(ncells), float(threshold), int(n2),
-                                int(n3), mark, slot, cslot, ticks, pool, int(threads), scratch=scratch)
+        try:
+            r = _search_query_split(_ro(R), _ro(q), _ro(table), arrays, int(k), int(ncells), float(threshold),
+                                    int(n2), int(n3), mark, slot, cslot, ticks, pool, int(threads), scratch=scratch)
+        except MemoryError:
+            raise
+        except Exception as e:  # a part kernel failing to compile: numpy from now on, as _run does
+            with _lock:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+                _fallback(f"numba failed in a query's parts: {type(e).__name__}: {first}")
+            return None
     else:
         # arrays.args are read-only already: call the kernel without _run's per-argument conversion
         args = (_ro(R), _ro(q), _ro(table), *arrays.args, int(k), int(ncells), float(threshold), int(n2), int(n3),
@@ -786,14 +796,42 @@ def _search_query_split(R, q, table, arrays: QueryArrays, k, ncells, threshold, 
 SPLIT_MIN_DOCS = 32
 
 
+def _in_parts(pool, part, parts: int) -> list:
+    """``[part(0), ..., part(parts - 1)]``: part 0 on this thread, the others submitted to
+    ``pool``; those no worker has started by the time part 0 is done (the pool busy with another
+    search) run here instead of being waited for. Every part has ended when this returns or
+    raises (the first error, part 0's first)."""
+    others = [pool.submit(part, p) for p in range(1, parts)]
+    out, error = [None] * parts, None
+    try:
+        out[0] = part(0)
+    except BaseException as e:
+        error = e
+    for p, f in enumerate(others, 1):
+        if f.cancel():  # not started: here, unless a part failed already
+            if error is None:
+                try:
+                    out[p] = part(p)
+                except BaseException as e:
+                    error = e
+            continue
+        try:
+            out[p] = f.result()
+        except BaseException as e:
+            error = error or e
+    if error is not None:
+        raise error
+    return out
+
+
 def _split_stage4(args: tuple, d4: np.ndarray, out: np.ndarray, cslot: np.ndarray, pool, threads: int,
                   scratch=None) -> int:
     """Stage 4 (``stage4``: exact MaxSim into ``out`` float32 [n]) of the candidates ``d4`` in
     runs of about equal tokens, the caller's thread taking the first and ``pool``'s workers the
-    others, each with its own centroid map (``scratch.cslots(C)`` on its thread, else a new
-    one); one run under :data:`SPLIT_MIN_DOCS` candidates. Each candidate's score depends on its
-    own tokens only: the same scores as one call. Returns -1, or the position of the first
-    invalid token of the first run that has one."""
+    others (:func:`_in_parts`), each with its own centroid map (``scratch.cslots(C)`` on its
+    thread, else a new one); one run under :data:`SPLIT_MIN_DOCS` candidates. Each candidate's
+    score depends on its own tokens only: the same scores as one call. Returns -1, or the
+    position of the invalid token the one call reports (found again by one call: an error path)."""
     n = len(d4)
     parts = max(1, min(int(threads), n // SPLIT_MIN_DOCS)) if pool is not None else 1
     if parts == 1:
@@ -808,24 +846,28 @@ def _split_stage4(args: tuple, d4: np.ndarray, out: np.ndarray, cslot: np.ndarra
         lo, hi = cuts[p], cuts[p + 1]
         return int(_nb.stage4(*args, d4[lo:hi], cs, out[lo:hi])) if hi > lo else -1
 
-    others = [pool.submit(part, p) for p in range(1, parts)]
-    try:
-        bad = [part(0)]
-    finally:
-        bad += [f.result() for f in others]
-    return next((b for b in bad if b >= 0), -1)
+    if any(b >= 0 for b in _in_parts(pool, part, parts)):
+        return int(_nb.stage4(*args, d4, cslot, out))  # every id is checked before any norm: its first
+    return -1
+
+
+#: Stage 2's parts are at most ``listed / (SPLIT_MERGE_RATIO * n * W / 8)``: each part's scores
+#: (n candidates x W lanes) are filled and merged on one thread, which must stay small against
+#: the entries the part scores (7-token queries at a million documents: 670k entries, 17k rows of
+#: 8 lanes, up to 9 parts; 32-token queries there: none).
+SPLIT_MERGE_RATIO = 4
 
 
 def _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, dcell_offsets, N: int, pool, threads: int,
                   min_entries: Optional[int] = None):
     """Stage 2's first scoring from the inverted file's side, in parts: (counts int64 [n], total:
     :func:`candidate_entries`; best float32 [parts, n, W], listed int64 [parts, n], or None, None)
-    for ``query_tail`` to merge. None where stage 2 does not run (at most n2 candidates); no parts
-    where that scoring would not run first (fewer than n2 entries listed, the candidates' side
-    shorter: the same tests as ``query_tail``'s) or reads fewer than ``min_entries`` entries
-    (None: :data:`SPLIT_MIN_ENTRIES`).
-    The kept centroids are cut into ``threads`` runs of about equal entries; the caller's thread
-    scores the first, ``pool``'s workers the others (each :func:`ivf_accumulate`, without the GIL)."""
+    for ``query_stages23`` to merge. None where stage 2 does not run (at most n2 candidates); no
+    parts where that scoring would not run first (fewer than n2 entries listed, the candidates'
+    side shorter: the same tests as ``query_stages23``'s), reads fewer than ``min_entries``
+    entries (None: :data:`SPLIT_MIN_ENTRIES`), or would merge too much (:data:`SPLIT_MERGE_RATIO`).
+    The kept centroids are cut into runs of about equal entries; the caller's thread scores the
+    first, ``pool``'s workers the others (each :func:`ivf_accumulate`, without the GIL)."""
     n = len(docs)
     if n <= n2:
         return None
@@ -834,26 +876,23 @@ def _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, dcell_offset
     kept = np.empty(C, np.int64)
     nk, listed = _nb.kept_at(colmax, np.float32(threshold), keep, kept, ivf_offsets)
     counts, total = _nb.candidate_entries(docs, dcell_offsets)
-    if listed < max(n2, SPLIT_MIN_ENTRIES if min_entries is None else min_entries) or listed > total:
+    W = (R.shape[0] + 7) // 8 * 8
+    parts = min(int(threads), nk, listed // max(1, SPLIT_MERGE_RATIO * n * (W // 8)))
+    if listed < max(n2, SPLIT_MIN_ENTRIES if min_entries is None else min_entries) or listed > total or parts < 1:
         return counts, total, None, None
     kept = kept[:nk]
     ends = np.cumsum(ivf_offsets[kept + 1] - ivf_offsets[kept])
-    parts = max(1, min(int(threads), nk))
     cuts = np.concatenate([[0], np.searchsorted(ends, listed * np.arange(1, parts) / parts), [nk]]).astype(np.int64)
     bits, rank = _nb.ivf_bits(docs, N)
-    W = (R.shape[0] + 7) // 8 * 8
-    best = np.full((parts, n, W), -np.inf, np.float32)
-    listed_parts = np.zeros((parts, n), np.int64)
+    best = np.empty((parts, n, W), np.float32)
+    listed_parts = np.empty((parts, n), np.int64)
 
     def part(p: int) -> None:
+        best[p].fill(-np.inf)  # on the part's own thread
+        listed_parts[p].fill(0)
         _nb.ivf_accumulate(R, kept[cuts[p]:cuts[p + 1]], ivf, ivf_offsets, bits, rank, best[p], listed_parts[p])
 
-    others = [pool.submit(part, p) for p in range(1, parts)]
-    try:
-        part(0)
-    finally:
-        for f in others:
-            f.result()
+    _in_parts(pool, part, parts)
     return counts, total, best, listed_parts
 
 

@@ -12,6 +12,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import InvalidInputError
+from ..store.manifest import MAX_SEARCH_DEPTH
 
 __all__ = ["SearchParams", "Budgets", "default_search_params", "PRUNED_SCORE", "STAGE3_DIVISOR",
            "SMALL_SUBSET_FACTOR", "widen"]
@@ -22,6 +23,8 @@ PRUNED_SCORE = -9999.0
 #: Stage 3 keeps ``ndocs // STAGE3_DIVISOR`` candidates (at least k), as PLAID: stage 2 only
 #: narrows with pruned scores, stage 3 re-ranks its survivors with every centroid.
 STAGE3_DIVISOR = 4
+#: Largest search depth (an index's ``search.depth``).
+MAX_DEPTH = MAX_SEARCH_DEPTH
 #: A subset of at most ``max(ndocs, SMALL_SUBSET_FACTOR * k)`` documents goes straight to stage 4
 #: (exact within it): scoring that many exactly costs about what the pipeline would.
 SMALL_SUBSET_FACTOR = 4
@@ -55,7 +58,9 @@ def default_search_params(k: int, depth: int = 1) -> dict:
         d = {"ncells": 2, "centroid_score_threshold": 0.45, "ndocs": 1024}
     else:
         d = {"ncells": 4, "centroid_score_threshold": 0.4, "ndocs": max(4 * k, 4096)}
-    d["ndocs"] *= max(1, int(depth))
+    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 1 <= depth <= MAX_DEPTH:
+        raise InvalidInputError(f"search depth must be an integer in [1, {MAX_DEPTH}], got {depth!r}")
+    d["ndocs"] *= int(depth)
     return d
 
 
@@ -106,7 +111,9 @@ class SearchParams:
         index built with the "accurate" preset, else 1).
     threads : int or None, default None
         Threads of the search: they share the batch's query-centroid product, then run stages
-        1-4 of different queries in parallel. None: the searcher's setting
+        1-4 of different queries in parallel (a single query on a large index: its stage 2
+        and stage 4 in parts, :func:`plaid.search.kernels_cpu.search_query`). None: the
+        searcher's setting
         (``Searcher(num_threads=...)``, by default torch's thread count).
 
     Raises :class:`InvalidInputError` naming the field for a value out of range (ncells < 1,

@@ -112,7 +112,10 @@ class Searcher:
         call that releases the GIL; nothing else runs meanwhile, so the cores are not
         oversubscribed (torch's own threads take no part, except under the numpy fallback or
         with bfloat16 centroid scores, where the product is torch's). A single query uses them
-        for its product. ``SearchParams(threads=...)`` overrides it per call.
+        for its product and, on a large index (an inverted file of 2**24 entries or more, about
+        200k+ documents), for its stage 2 and stage 4 in parts (the same results;
+        :func:`plaid.search.kernels_cpu.search_query`). ``SearchParams(threads=...)`` overrides it
+        per call.
     """
 
     def __init__(self, path, *, device: Union[str, torch.device] = "cpu", load_all: bool = False,
