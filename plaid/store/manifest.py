@@ -224,18 +224,26 @@ def _entry(name: str, raw: Any, generation: int, where: str) -> ArrayEntry:
     return ArrayEntry(file, dtype, tuple(shape), f.int("bytes"), f.int("crc32", 0, (1 << 32) - 1))
 
 
-def _pooling(raw: dict, f: _Fields, where: str) -> Optional[Mapping[str, Any]]:
-    """The ``pooling`` field: null (or absent: format 2 predates it) for an unpooled index, else
-    ``{"method": one of POOLING_METHODS, "factor": a number in (1, MAX_POOL_FACTOR]}``."""
-    value = raw.get("pooling")
+def _optional_object(raw: dict, f: _Fields, where: str, name: str, keys: Tuple[str, ...]) -> Optional[_Fields]:
+    """Field ``name`` of the manifest: None when null or absent, else typed access to a JSON
+    object holding no other keys than ``keys`` (IndexCorruptError naming the field otherwise)."""
+    value = raw.get(name)
     if value is None:
         return None
     if not isinstance(value, dict):
-        raise f.bad("pooling", f"must be null or a JSON object, got {value!r:.60}")
-    p = _Fields(value, where, "pooling.")
-    extra = sorted(set(value) - {"method", "factor"})
+        raise f.bad(name, f"must be null or a JSON object, got {value!r:.60}")
+    extra = sorted(set(value) - set(keys))
     if extra:
-        raise p.bad(extra[0][:40], "is not a field of pooling (method, factor)")
+        raise _Fields(value, where, f"{name}.").bad(extra[0][:40], f"is not a field of {name} ({', '.join(keys)})")
+    return _Fields(value, where, f"{name}.")
+
+
+def _pooling(raw: dict, f: _Fields, where: str) -> Optional[Mapping[str, Any]]:
+    """The ``pooling`` field: null (or absent: format 2 predates it) for an unpooled index, else
+    ``{"method": one of POOLING_METHODS, "factor": a number in (1, MAX_POOL_FACTOR]}``."""
+    p = _optional_object(raw, f, where, "pooling", ("method", "factor"))
+    if p is None:
+        return None
     method = p.str("method")
     if method not in POOLING_METHODS:
         raise p.bad("method", f"= {method!r:.40} is not a pooling method this plaid knows "
@@ -289,15 +297,9 @@ def array_specs(m: Manifest) -> Dict[str, Tuple[Tuple[np.dtype, ...], Tuple[int,
 def _search(raw: dict, f: _Fields, where: str) -> Optional[Mapping[str, Any]]:
     """The ``search`` field: null (or absent: indexes written before it) for the default search
     depth, else ``{"depth": an integer in [1, MAX_SEARCH_DEPTH]}``."""
-    value = raw.get("search")
-    if value is None:
+    p = _optional_object(raw, f, where, "search", ("depth",))
+    if p is None:
         return None
-    if not isinstance(value, dict):
-        raise f.bad("search", f"must be null or a JSON object, got {value!r:.60}")
-    p = _Fields(value, where, "search.")
-    extra = sorted(set(value) - {"depth"})
-    if extra:
-        raise p.bad(extra[0][:40], "is not a field of search (depth)")
     return MappingProxyType({"depth": p.int("depth", 1, MAX_SEARCH_DEPTH)})
 
 
