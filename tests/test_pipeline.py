@@ -183,7 +183,7 @@ def test_parts_not_started_run_on_the_caller_and_the_first_error_is_raised():
         gate = threading.Event()
         busy = pool.submit(gate.wait, 30)  # the only worker, taken by another search
         me = threading.get_ident()
-        assert K._in_parts(pool, lambda p: (p, threading.get_ident()), 3) == [(0, me), (1, me), (2, me)]
+        assert K.in_parts(pool, lambda p: (p, threading.get_ident()), 3) == [(0, me), (1, me), (2, me)]
         gate.set()
         busy.result()
         ended = []
@@ -195,8 +195,50 @@ def test_parts_not_started_run_on_the_caller_and_the_first_error_is_raised():
             return p
 
         with pytest.raises(ValueError, match="part 0 failed"):
-            K._in_parts(pool, failing, 2)
+            K.in_parts(pool, failing, 2)
         assert ended in ([], [1])  # part 1 ran to its end on the worker, or was never started
+
+
+@pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")
+def test_closing_a_searcher_while_it_searches_on_threads(small_index, small_corpus, monkeypatch):
+    """close() while other threads search single queries split over the pool (product, stage 2,
+    stage 4): every search finishes with the one-thread results, no error, the compiled kernels
+    stay in use, and a closed Searcher searches on one thread."""
+    import threading
+
+    from plaid.search import engine_cpu
+
+    K = plaid.search.kernels_cpu
+    for name, value in (("SPLIT_MIN_INDEX_ENTRIES", 0), ("SPLIT_MIN_ENTRIES", 0), ("SPLIT_MERGE_RATIO", 0),
+                        ("SPLIT_MIN_DOCS", 1)):
+        monkeypatch.setattr(K, name, value)
+    monkeypatch.setattr(engine_cpu, "MIN_SPLIT_MACS", 1)
+    _, queries = small_corpus
+    want = plaid.Searcher(small_index, num_threads=1).search(queries, k=10).ids
+    s = plaid.Searcher(small_index, num_threads=2)
+    errors, wrong = [], []
+    started = threading.Barrier(4)
+
+    def searching(offset):
+        try:
+            for r in range(4):
+                for i in range(offset, len(queries), 3):
+                    if not np.array_equal(s.search(queries[i], k=10).ids[0], want[i]):
+                        wrong.append(i)
+                    if r == 0 and i == offset:
+                        started.wait(30)  # every thread is searching on the pool: close it now
+        except BaseException as e:
+            errors.append(e)
+
+    workers = [threading.Thread(target=searching, args=(o,)) for o in range(3)]
+    for w in workers:
+        w.start()
+    started.wait(30)
+    s.close()
+    for w in workers:
+        w.join(60)
+    assert not any(w.is_alive() for w in workers) and errors == [] and wrong == []
+    assert K.backend() == "numba" and s._pool(2) is None  # closed: one thread from now on
 
 
 @pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")

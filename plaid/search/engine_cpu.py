@@ -255,10 +255,10 @@ class CPUEngine:
             step = -(-C // (parts * K.PRODUCT_ALIGN)) * K.PRODUCT_ALIGN
             ranges = [(lo, min(lo + step, C)) for lo in range(0, C, step)]
             fac = self.scoring_factor
-            others = [pool.submit(K.scores_product, Q, self._scoring_t, fac, out, lo, hi) for lo, hi in ranges[1:]]
-            done = K.scores_product(Q, self._scoring_t, fac, out, *ranges[0])  # the first range here
-            done = all([f.result() for f in others]) and done
-            if done:
+            # the first range here, the others on the pool's workers (or here, where none takes them)
+            done = K.in_parts(pool, lambda p: K.scores_product(Q, self._scoring_t, fac, out, *ranges[p]), len(ranges)) \
+                if len(ranges) > 1 else [K.scores_product(Q, self._scoring_t, fac, out, *ranges[0])]
+            if all(done):
                 return out
         S = self._scoring_f32  # (dropped again once the compiled kernels are in use)
         if S is None:

@@ -63,7 +63,7 @@ from .. import _loading
 from ..errors import IndexCorruptError
 from . import stages
 
-__all__ = ["backend", "reset", "warmup", "candidates", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf",
+__all__ = ["backend", "reset", "warmup", "in_parts", "candidates", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf",
            "used_centroids", "centroid_terms", "scores_product", "product_panels", "exact_maxsim", "exact_maxsim_ranges", "exact_scores", "QueryArrays",
            "search_query", "search_many"]
 
@@ -791,17 +791,31 @@ def _search_query_split(R, q, table, arrays: QueryArrays, k, ncells, threshold, 
     return d4[top], exact4[top], docs, nc, thr, sel, sel3, -1
 
 
+class _NotStarted:
+    """A part no pool took (:func:`in_parts` runs it on the caller's thread)."""
+
+    @staticmethod
+    def cancel() -> bool:
+        return True
+
+
 #: Stage 4 of a single query searched on several threads is split over them from this many
 #: candidates (k=10 scores 64 exactly, ~1 ms at a million documents; a thread's hand-off ~30-60 us).
 SPLIT_MIN_DOCS = 32
 
 
-def _in_parts(pool, part, parts: int) -> list:
+def in_parts(pool, part, parts: int) -> list:
     """``[part(0), ..., part(parts - 1)]``: part 0 on this thread, the others submitted to
     ``pool``; those no worker has started by the time part 0 is done (the pool busy with another
-    search) run here instead of being waited for. Every part has ended when this returns or
-    raises (the first error, part 0's first)."""
-    others = [pool.submit(part, p) for p in range(1, parts)]
+    search), or that a shut-down pool refuses (a Searcher closed meanwhile), run here instead of
+    being waited for. Every part has ended when this returns or raises (the first error, part
+    0's first)."""
+    others = []
+    for p in range(1, parts):
+        try:
+            others.append(pool.submit(part, p))
+        except RuntimeError:  # the pool was shut down: this part runs here
+            others.append(_NotStarted())
     out, error = [None] * parts, None
     try:
         out[0] = part(0)
@@ -828,7 +842,7 @@ def _split_stage4(args: tuple, d4: np.ndarray, out: np.ndarray, cslot: np.ndarra
                   scratch=None) -> int:
     """Stage 4 (``stage4``: exact MaxSim into ``out`` float32 [n]) of the candidates ``d4`` in
     runs of about equal tokens, the caller's thread taking the first and ``pool``'s workers the
-    others (:func:`_in_parts`), each with its own centroid map (``scratch.cslots(C)`` on its
+    others (:func:`in_parts`), each with its own centroid map (``scratch.cslots(C)`` on its
     thread, else a new one); one run under :data:`SPLIT_MIN_DOCS` candidates. Each candidate's
     score depends on its own tokens only: the same scores as one call. Returns -1, or the
     position of the invalid token the one call reports (found again by one call: an error path)."""
@@ -846,7 +860,7 @@ def _split_stage4(args: tuple, d4: np.ndarray, out: np.ndarray, cslot: np.ndarra
         lo, hi = cuts[p], cuts[p + 1]
         return int(_nb.stage4(*args, d4[lo:hi], cs, out[lo:hi])) if hi > lo else -1
 
-    if any(b >= 0 for b in _in_parts(pool, part, parts)):
+    if any(b >= 0 for b in in_parts(pool, part, parts)):
         return int(_nb.stage4(*args, d4, cslot, out))  # every id is checked before any norm: its first
     return -1
 
@@ -892,7 +906,7 @@ def _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, dcell_offset
         listed_parts[p].fill(0)
         _nb.ivf_accumulate(R, kept[cuts[p]:cuts[p + 1]], ivf, ivf_offsets, bits, rank, best[p], listed_parts[p])
 
-    _in_parts(pool, part, parts)
+    in_parts(pool, part, parts)
     return counts, total, best, listed_parts
 
 

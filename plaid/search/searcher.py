@@ -152,6 +152,7 @@ class Searcher:
         self.num_threads = None if num_threads is None else int(num_threads)
         self._reload_lock = threading.Lock()
         self._pools: dict = {}
+        self._closed = False
         if verify:
             problems = _verify(self.path)
             if problems:
@@ -286,14 +287,15 @@ class Searcher:
         return res
 
     def _pool(self, threads: int) -> Optional[ThreadPoolExecutor]:
-        """A worker pool of ``threads`` threads (kept for reuse), or None for one thread."""
-        if threads <= 1:
+        """A worker pool of ``threads`` threads (kept for reuse), or None for one thread (and once
+        closed)."""
+        if threads <= 1 or self._closed:
             return None
         pool = self._pools.get(threads)
         if pool is None:
             with self._reload_lock:
                 pool = self._pools.get(threads)
-                if pool is None:
+                if pool is None and not self._closed:
                     pool = self._pools[threads] = ThreadPoolExecutor(threads, thread_name_prefix="plaid-search")
         return pool
 
@@ -329,10 +331,14 @@ class Searcher:
         return self._state.engine.decompress(np.asarray(pos, dtype=np.int64))
 
     def close(self) -> None:
-        """Stop the worker threads (a closed Searcher still searches, on one thread)."""
-        for pool in self._pools.values():
+        """Stop the worker threads (a closed Searcher still searches, on one thread; searches
+        running meanwhile finish, the parts their pool no longer takes on their own thread)."""
+        with self._reload_lock:
+            self._closed = True
+            pools = list(self._pools.values())
+            self._pools.clear()
+        for pool in pools:
             pool.shutdown(wait=False)
-        self._pools.clear()
 
     def __del__(self):
         try:
