@@ -697,7 +697,7 @@ def _run_prepared(name: str, args: tuple):
 SPLIT_MIN_ENTRIES = 1 << 17
 #: ... and only on an inverted file of at least this many entries (a query's surviving centroids
 #: list ~1% of it at threshold 0.5: 670k of 65M at a million documents, where the parts made
-#: single queries 0.88-0.93x as long); below, a single query runs as one call (at 200k documents,
+#: single queries 0.88-0.96x as long); below, a single query runs as one call (at 200k documents,
 #: 12M entries, the parts measured 1.00-1.03x; at 50k, 3M entries, 1.02x).
 SPLIT_MIN_INDEX_ENTRIES = 1 << 24
 
