@@ -495,7 +495,7 @@ class ShardedSearcher:
         for the parameters; ids are global). ``timeout`` / ``allow_partial`` override the
         searcher's for this call."""
         ray = self._ray
-        params = _params(k, ncells, centroid_score_threshold, ndocs, int(self._m.build.get("search_depth") or 1))
+        params = _params(k, ncells, centroid_score_threshold, ndocs, self._m.search_depth)
         k = int(k)
         timeout = self.timeout if timeout is None else _positive_number("timeout", timeout)
         partial_ok = self.allow_partial if allow_partial is None else bool(allow_partial)

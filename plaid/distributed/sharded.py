@@ -125,6 +125,11 @@ class ShardedManifest:
                 "next_shard": self.next_shard, "shards": [s.to_json() for s in self.shards],
                 "routing": [list(r) for r in self.routing], "build": dict(self.build)}
 
+    @property
+    def search_depth(self) -> int:
+        """The depth every shard is searched at (``build.search_depth``, checked on reading; 1 when absent)."""
+        return int(self.build.get("search_depth") or 1)
+
     def shard_index(self, name: str) -> int:
         for i, s in enumerate(self.shards):
             if s.name == name:
@@ -598,7 +603,7 @@ class ShardedIndex:
                 "generation": self._m.generation, "num_shards": len(shards), "num_documents": self._m.num_documents,
                 "num_live_documents": len(self), "num_deleted": len(self.deleted_ids()), "num_tokens": tokens,
                 "dim": self._m.dim, "codec": dict(self._m.codec), "normalized": self._m.normalized,
-                "pooling": pooling, "search_depth": int(self._m.build.get("search_depth") or 1),
+                "pooling": pooling, "search_depth": self._m.search_depth,
                 "codec_fingerprint": self._m.codec_fingerprint, "has_doc_ids": self._m.has_doc_ids,
                 "max_shard_documents": self._m.max_shard_documents, "created_by": self._m.created_by,
                 "bytes": size, "bytes_per_token": round(size / max(1, tokens), 3), "build": dict(self._m.build),
@@ -687,7 +692,7 @@ class ShardedIndex:
                     logger.info("%s: shard %s is at %d of %d documents: %d new documents go to a new shard %s",
                                 self.path, shards[target].name, sizes[target], limit, n, name)
                     ix = Indexer(show_progress=show_progress, chunk_tokens=int(m.build.get("chunk_tokens", 1 << 16)),
-                                 search_depth=int(m.build.get("search_depth") or 1))
+                                 search_depth=m.search_depth)
                     try:
                         index = ix.build_trained(os.path.join(self.path, name), corpus_documents(corpus), trained,
                                                  doc_ids=names)

@@ -36,7 +36,7 @@ from ..codecs import (NormQuantizer, ResidualCodec, check_codec_params, codec_fr
                       make_codec, quantize_centroids)
 from ..embeddings import Corpus, as_corpus
 from ..errors import FormatVersionError, IndexCorruptError, InvalidInputError
-from ..store import MAX_SEARCH_DEPTH, IndexWriter, Manifest, Segment, check_doc_ids, encode_doc_ids, open_snapshot, writing
+from ..store import IndexWriter, Manifest, Segment, check_doc_ids, check_search_depth, encode_doc_ids, open_snapshot, writing
 from .encode import encode_segment, space_needed, warn_empty
 from .kmeans import CentroidAssigner, assign_all, default_num_centroids, sample_token_ids, train_centroids
 from .pooling import check_pool_factor, default_threads, pool_corpus, pool_factor_of, pooling_record
@@ -181,11 +181,7 @@ class Indexer:
             raise InvalidInputError(f"nbits must be 1, 2 or 4, got {nbits!r}")
         if assignment not in ("auto", "exact"):
             raise InvalidInputError(f"assignment must be 'auto' or 'exact', got {assignment!r}")
-        search_depth = p["search_depth"] if search_depth is None else search_depth
-        if isinstance(search_depth, bool) or not isinstance(search_depth, (int, np.integer)) or \
-                not 1 <= search_depth <= MAX_SEARCH_DEPTH:
-            raise InvalidInputError(f"search_depth must be an integer in [1, {MAX_SEARCH_DEPTH}], got {search_depth!r}")
-        self.search_depth = int(search_depth)
+        self.search_depth = check_search_depth(p["search_depth"] if search_depth is None else search_depth)
         self.preset = preset
         self.pool_factor = check_pool_factor(pool_factor)
         # pq_m None: the preset's, scaled to the vectors' dimension when it is known (preset_pq_m)

@@ -1474,7 +1474,8 @@ def search_query(R, q, table, centroids, ivf, ivf_offsets, dcells, dcell_offsets
         return none, np.empty(0, np.float32), docs, nc, threshold, none, none, -1
     thr, sel, sel3 = query_stages23(R, ivf, ivf_offsets, dcells, dcell_offsets, threshold, n2, n3, slot, ticks, docs,
                                     floor, ReT, colmax, np.empty(0, np.int64), 0,
-                                    np.empty((0, 0, ReT.shape[1]), np.float32), np.empty((0, 0), np.int64), False)
+                                    np.empty((0, 0, ReT.shape[1]), np.float32), np.empty((0, 0), np.int64), False,
+                                    np.empty(0, np.bool_), np.empty(0, np.int64), -1, 0)
     d4 = docs[sel3]
     exact4 = np.empty(d4.shape[0], np.float32)
     bad = stage4(q, table, centroids, codes, residuals, norm_mode, norm_codes, norm_values, norm_table, doc_offsets,
@@ -1563,13 +1564,15 @@ def candidate_entries(docs, dcell_offsets):
 
 @jit
 def query_stages23(R, ivf, ivf_offsets, dcells, dcell_offsets, threshold, n2, n3, slot, ticks, docs, floor, ReT,
-                   colmax, counts_in, total_in, pre_best, pre_listed, have_pre):
+                   colmax, counts_in, total_in, pre_best, pre_listed, have_pre, keep_in, kept_in, nk_in, listed_in):
     """Stages 2-3 of :func:`search_query` after :func:`query_head` (``docs`` not empty): (the
     threshold used, stage-2 and stage-3 survivors as sorted indices into ``docs``); ticks[2],
     ticks[3] set.
 
     counts_in, total_in: :func:`candidate_entries` of ``docs`` when computed already (else
-    counts_in is empty). ``have_pre``: stage 2's first scoring, when it reads the inverted lists
+    counts_in is empty); keep_in bool [C], kept_in int64 [C], nk_in, listed_in: :func:`kept_at`
+    at ``threshold`` when computed already (else nk_in < 0; keep_in and kept_in are then used as
+    its scratch when they hold C entries). ``have_pre``: stage 2's first scoring, when it reads the inverted lists
     of the centroids surviving ``threshold``, was done already, in parts (:func:`ivf_accumulate`
     over parts of them, one per thread): pre_best float32 [parts, n, W] and pre_listed int64
     [parts, n], merged here by max and sum (the same scores: max and counts do not depend on
@@ -1585,14 +1588,20 @@ def query_stages23(R, ivf, ivf_offsets, dcells, dcell_offsets, threshold, n2, n3
             counts, total = counts_in, total_in
         else:
             counts, total = candidate_entries(docs, dcell_offsets)
-        keep = np.empty(C, np.bool_)
-        kept = np.empty(C, np.int64)
+        if keep_in.shape[0] == C and kept_in.shape[0] >= C:
+            keep, kept = keep_in, kept_in
+        else:
+            keep = np.empty(C, np.bool_)
+            kept = np.empty(C, np.int64)
         approx = np.empty(n, np.float32)
         covered = np.empty(n, np.bool_)
         scored = False
         for attempt in range(2):
             t32 = np.float32(thr)  # numpy compares float32 scores with the threshold in float32
-            nk, listed = kept_at(colmax, t32, keep, kept, ivf_offsets)
+            if attempt == 0 and nk_in >= 0:
+                nk, listed = nk_in, listed_in
+            else:
+                nk, listed = kept_at(colmax, t32, keep, kept, ivf_offsets)
             if attempt == 0 and listed < n2:  # too few listed to cover n2: no need to score
                 n_covered = listed
             else:

@@ -134,7 +134,7 @@ def wait(timeout: Optional[float] = None) -> bool:
 _OUTPUTS = {"candidates": (4, 5), "transpose_table": (1,), "approx_docs": (7, 8), "approx_docs_strided": (6, 7),
             "approx_ivf": (6, 7, 8), "used_centroids": (4,), "exact": (11,), "stage4": (11, 12),
             "centroid_terms": (), "scores_product": (3,), "search_query": (22, 23, 24, 25),
-            "query_head": (8, 9), "query_stages23": (8, 9, 16, 17), "ranked": (2,), "kept_at": (2, 3), "candidate_entries": (),
+            "query_head": (8, 9), "query_stages23": (8, 9, 16, 17, 19, 20), "ranked": (2,), "kept_at": (2, 3), "candidate_entries": (),
             "ivf_bits": (), "ivf_accumulate": (6, 7),
             "search_many": (25, 26, 27, 28, 29, 30)}
 
@@ -771,11 +771,14 @@ def _search_query_split(R, q, table, arrays: QueryArrays, k, ncells, threshold, 
         return none, np.zeros(0, np.float32), docs, nc, threshold, none, none, -1
     pre = _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, dcell_offsets, len(slot), pool, threads,
                         min_entries)
-    counts, total, best, listed = pre if pre is not None else (np.empty(0, np.int64), 0, None, None)
+    if pre is None:  # stage 2 does not run: nothing computed ahead
+        pre = (np.empty(0, np.int64), 0, None, None, np.empty(0, np.bool_), np.empty(0, np.int64), -1, 0)
+    counts, total, best, listed, keep, kept, nk, entries = pre
     if best is None:
         best, listed = np.empty((0, 0, ReT.shape[1]), np.float32), np.empty((0, 0), np.int64)
     r = _run_prepared("query_stages23", (R, ivf, ivf_offsets, dcells, dcell_offsets, threshold, n2, n3, slot, ticks,
-                                         docs, floor, ReT, colmax, counts, int(total), best, listed, best.shape[0] > 0))
+                                         docs, floor, ReT, colmax, counts, int(total), best, listed, best.shape[0] > 0,
+                                         keep, kept, int(nk), int(entries)))
     if r is None:
         return None
     thr, sel, sel3 = r
@@ -875,8 +878,9 @@ SPLIT_MERGE_RATIO = 4
 def _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, dcell_offsets, N: int, pool, threads: int,
                   min_entries: Optional[int] = None):
     """Stage 2's first scoring from the inverted file's side, in parts: (counts int64 [n], total:
-    :func:`candidate_entries`; best float32 [parts, n, W], listed int64 [parts, n], or None, None)
-    for ``query_stages23`` to merge. None where stage 2 does not run (at most n2 candidates); no
+    :func:`candidate_entries`; best float32 [parts, n, W], listed int64 [parts, n], or None, None;
+    keep bool [C], kept int64 [C], how many are kept and their entries: :func:`kept_at` at
+    ``threshold``) for ``query_stages23`` to merge and reuse. None where stage 2 does not run (at most n2 candidates); no
     parts where that scoring would not run first (fewer than n2 entries listed, the candidates'
     side shorter: the same tests as ``query_stages23``'s), reads fewer than ``min_entries``
     entries (None: :data:`SPLIT_MIN_ENTRIES`), or would merge too much (:data:`SPLIT_MERGE_RATIO`).
@@ -892,10 +896,11 @@ def _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, dcell_offset
     counts, total = _nb.candidate_entries(docs, dcell_offsets)
     W = (R.shape[0] + 7) // 8 * 8
     parts = min(int(threads), nk, listed // max(1, SPLIT_MERGE_RATIO * n * (W // 8)))
+    ahead = (keep, kept, nk, listed)
     if listed < max(n2, SPLIT_MIN_ENTRIES if min_entries is None else min_entries) or listed > total or parts < 1:
-        return counts, total, None, None
-    kept = kept[:nk]
-    ends = np.cumsum(ivf_offsets[kept + 1] - ivf_offsets[kept])
+        return (counts, total, None, None) + ahead
+    runs = kept[:nk]
+    ends = np.cumsum(ivf_offsets[runs + 1] - ivf_offsets[runs])
     cuts = np.concatenate([[0], np.searchsorted(ends, listed * np.arange(1, parts) / parts), [nk]]).astype(np.int64)
     bits, rank = _nb.ivf_bits(docs, N)
     best = np.empty((parts, n, W), np.float32)
@@ -904,10 +909,10 @@ def _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, dcell_offset
     def part(p: int) -> None:
         best[p].fill(-np.inf)  # on the part's own thread
         listed_parts[p].fill(0)
-        _nb.ivf_accumulate(R, kept[cuts[p]:cuts[p + 1]], ivf, ivf_offsets, bits, rank, best[p], listed_parts[p])
+        _nb.ivf_accumulate(R, runs[cuts[p]:cuts[p + 1]], ivf, ivf_offsets, bits, rank, best[p], listed_parts[p])
 
     in_parts(pool, part, parts)
-    return counts, total, best, listed_parts
+    return (counts, total, best, listed_parts) + ahead
 
 
 def search_many(R: np.ndarray, starts: np.ndarray, Q: np.ndarray, tables: np.ndarray, table_offsets: np.ndarray,

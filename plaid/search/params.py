@@ -12,7 +12,7 @@ from typing import Optional
 import numpy as np
 
 from ..errors import InvalidInputError
-from ..store.manifest import MAX_SEARCH_DEPTH
+from ..store.manifest import check_search_depth
 
 __all__ = ["SearchParams", "Budgets", "default_search_params", "PRUNED_SCORE", "STAGE3_DIVISOR",
            "SMALL_SUBSET_FACTOR", "widen"]
@@ -23,8 +23,6 @@ PRUNED_SCORE = -9999.0
 #: Stage 3 keeps ``ndocs // STAGE3_DIVISOR`` candidates (at least k), as PLAID: stage 2 only
 #: narrows with pruned scores, stage 3 re-ranks its survivors with every centroid.
 STAGE3_DIVISOR = 4
-#: Largest search depth (an index's ``search.depth``).
-MAX_DEPTH = MAX_SEARCH_DEPTH
 #: A subset of at most ``max(ndocs, SMALL_SUBSET_FACTOR * k)`` documents goes straight to stage 4
 #: (exact within it): scoring that many exactly costs about what the pipeline would.
 SMALL_SUBSET_FACTOR = 4
@@ -58,9 +56,7 @@ def default_search_params(k: int, depth: int = 1) -> dict:
         d = {"ncells": 2, "centroid_score_threshold": 0.45, "ndocs": 1024}
     else:
         d = {"ncells": 4, "centroid_score_threshold": 0.4, "ndocs": max(4 * k, 4096)}
-    if isinstance(depth, bool) or not isinstance(depth, (int, np.integer)) or not 1 <= depth <= MAX_DEPTH:
-        raise InvalidInputError(f"search depth must be an integer in [1, {MAX_DEPTH}], got {depth!r}")
-    d["ndocs"] *= int(depth)
+    d["ndocs"] *= check_search_depth(depth, "search depth")
     return d
 
 

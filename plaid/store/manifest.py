@@ -18,11 +18,11 @@ from typing import Any, Dict, Mapping, Optional, Tuple
 import numpy as np
 
 from ..codecs import NORM_LEVELS, check_codec_params, codec_array_specs
-from ..errors import FormatVersionError, IndexCorruptError
+from ..errors import FormatVersionError, IndexCorruptError, InvalidInputError
 
 __all__ = ["FORMAT_NAME", "FORMAT_VERSION", "READABLE_VERSIONS", "MANIFEST", "ArrayEntry", "Segment", "Manifest", "parse_manifest",
            "array_file", "ARRAY_FILE_RE", "ARRAY_NAME_RE", "SEGMENT_RE", "TOMBSTONE_RE", "MAX_COUNT",
-           "array_specs", "POOLING_METHODS", "MAX_POOL_FACTOR", "MAX_SEARCH_DEPTH"]
+           "array_specs", "POOLING_METHODS", "MAX_POOL_FACTOR", "MAX_SEARCH_DEPTH", "check_search_depth"]
 
 FORMAT_NAME = "plaid-index"
 FORMAT_VERSION = 3
@@ -47,6 +47,14 @@ POOLING_METHODS = ("ward",)
 MAX_POOL_FACTOR = float(1 << 53)
 #: Largest ``search.depth`` a manifest may hold (stage budgets this many times the defaults by k).
 MAX_SEARCH_DEPTH = 64
+
+
+def check_search_depth(value, name: str = "search_depth") -> int:
+    """``value`` as a search depth (an integer in [1, MAX_SEARCH_DEPTH]), else InvalidInputError
+    naming ``name``."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 1 <= value <= MAX_SEARCH_DEPTH:
+        raise InvalidInputError(f"{name} must be an integer in [1, {MAX_SEARCH_DEPTH}], got {value!r}")
+    return int(value)
 
 
 def array_file(name: str, generation: int) -> str:
