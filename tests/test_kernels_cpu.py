@@ -14,6 +14,7 @@ import torch
 import plaid
 from plaid.errors import IndexCorruptError
 from plaid.search import kernels_cpu as K
+from plaid.search.stages import split_ids
 import reference_stages as stages  # the numpy stages, frozen (incl. the policy helpers)
 
 from conftest import requires_msmarco
@@ -471,6 +472,56 @@ def all_kernels(seed=0):
     out.append(K.centroid_terms(rng.normal(size=(m, 16)).astype(np.float32),
                                  rng.normal(size=(200, 16)).astype(np.float32), np.array([3, 1, 150, 7, 9])))
     return out
+
+
+def wide_ivf(rng, N, C, present):
+    """An inverted file over ``present`` documents scattered in [0, N) (ids past 16 bits), each in
+    1..6 centroids, lists ascending: (ivf int32, ivf_offsets int64 [C + 1])."""
+    docs = np.sort(rng.choice(N, present, replace=False))
+    d = np.repeat(docs, rng.integers(1, 7, len(docs)))
+    pairs = np.unique(np.stack([rng.integers(0, C, len(d)), d], 1), axis=0)  # by centroid, then document
+    ivf_offsets = np.zeros(C + 1, np.int64)
+    np.cumsum(np.bincount(pairs[:, 0], minlength=C), out=ivf_offsets[1:])
+    return pairs[:, 1].astype(np.int32), ivf_offsets
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_sixteen_bit_ids_in_blocks_give_what_whole_ids_give(fresh_backend, compiled):
+    """The CPU engine's inverted file (stages.split_ids: uint16 ids in blocks of 65,536 documents)
+    gives stage 1 and stage 2 exactly what the int32 ids give, compiled and in the numpy fallback;
+    a list not ascending (not as plaid writes it) is regrouped with the same results."""
+    if compiled and not HAVE_NUMBA:
+        pytest.skip("numba is not importable here")
+    if not compiled:
+        fresh_backend.setenv("PLAID_NO_NUMBA", "1")
+    rng = np.random.default_rng(7)
+    N, C, m = 250_000, 50, 9
+    ivf, ivf_offsets = wide_ivf(rng, N, C, 3000)
+    shuffled = ivf.copy()
+    for c in range(C):
+        rng.shuffle(shuffled[ivf_offsets[c]:ivf_offsets[c + 1]])
+    dcells, dcell_offsets = stages.doc_cells(ivf, ivf_offsets, N)
+    Re = stages.centroid_table(tied_scores(rng, (m, C)))
+    slot = np.full(N, -1, np.int32)
+    for source in (ivf, shuffled):
+        low, blocks = split_ids(source, ivf_offsets, N)
+        assert low.dtype == np.uint16 and len(blocks) == 4 * C + 1 and int(ivf.max()) >= 3 << 16
+        assert np.array_equal(blocks[::4], ivf_offsets)
+        for nc in (1, 3, C):
+            whole = K.candidates(Re[:, :C], nc, ivf, ivf_offsets, np.zeros(N, bool))
+            split = K.candidates(Re[:, :C], nc, low, ivf_offsets, np.zeros(N, bool), blocks)
+            assert all(same(a, b) for a, b in zip(whole, split))
+        docs = whole[0]
+        counts = dcell_offsets[docs + 1] - dcell_offsets[docs]
+        for keep in (rng.random(C) < 0.3, np.ones(C, bool)):
+            a = K.approx_maxsim_ivf(Re, keep, docs, ivf, ivf_offsets, counts, slot)
+            b = K.approx_maxsim_ivf(Re, keep, docs, low, ivf_offsets, counts, slot, blocks)
+            assert same(a[0], b[0]) and same(a[1], b[1]) and (slot == -1).all()
+    assert K.backend() == ("numba" if compiled else "numpy")
+    with pytest.raises(ValueError, match="ivf_blocks"):
+        K.candidates(Re[:, :C], 1, low, ivf_offsets, np.zeros(N, bool), blocks[:-1])
+    with pytest.raises(ValueError, match="ivf_blocks"):
+        K.candidates(Re[:, :C], 1, ivf, ivf_offsets, np.zeros(N, bool), blocks)  # int32 ids with blocks
 
 
 def test_fallback_by_environment_warns_once_and_agrees(fresh_backend):

@@ -14,7 +14,7 @@ import pytest
 
 import plaid
 import plaid.search.kernels_cpu
-from conftest import SMALL_INDEXER, requires_msmarco
+from conftest import SMALL_INDEXER, requires_msmarco, synthetic_corpus, synthetic_queries
 from reference_search import RefIndex, reference_search
 
 #: benchmarks/run.py's sweep at k=10 (ncells, threshold, ndocs), plus the defaults at k=10 and k=100
@@ -344,6 +344,31 @@ def test_parts_spread_over_the_threads_and_stop_at_an_error(small_index, small_c
     with pytest.raises(plaid.IndexCorruptError, match="planted"):
         s.search(many, k=10)
     assert len(sizes) <= 3, f"{len(sizes)} parts ran after the first failed"
+
+
+@pytest.fixture(scope="module")
+def wide_index(tmp_path_factory):
+    """70,000 documents of 1-4 tokens (dim 32, 512 centroids) and 20 queries: document ids past 16
+    bits, so the CPU engine holds its inverted file in two blocks of 65,536 documents."""
+    docs = synthetic_corpus(70_000, dim=32, num_topics=64, seed=5, min_len=1, max_len=4)
+    path = str(tmp_path_factory.mktemp("wide") / "wide")
+    plaid.Indexer(show_progress=False, pq_m=8, num_centroids=512).build(path, docs)
+    return path, synthetic_queries(docs, 20, seed=6)
+
+
+def test_ids_past_sixteen_bits(wide_index):
+    """The 16-bit inverted file in blocks returns what the frozen reference (int32 ids) returns,
+    on both engines; the compiled query, the stages and the split single query agree bit for bit;
+    documents of the second block are found."""
+    path, queries = wide_index
+    eng = plaid.Searcher(path, engine="numpy")._state.engine
+    assert eng.ivf.dtype == np.uint16 and len(eng.ivf_blocks) == 2 * eng.num_centroids + 1
+    for engine in ("numpy", "torch"):
+        for k, setting in ((10, (2, 0.5, 256)), (10, (1, 0.45, 64)), (100, None)):
+            res = _compare(path, queries, k, setting, engine)
+            assert (res.ids >= 1 << 16).any() and ((res.ids >= 0) & (res.ids < 1 << 16)).any()
+    if plaid.search.kernels_cpu.backend() == "numba":
+        _staged_and_compiled(path, queries, COMPILED_GRID)
 
 
 @pytest.mark.msmarco

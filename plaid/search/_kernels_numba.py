@@ -696,9 +696,12 @@ def _cells_at_least(R, i, t, rec, n, seen):
 
 
 @jit
-def candidates(R, ncells, ivf, ivf_offsets, mark, kth, have_kth):
+def candidates(R, ncells, ivf, ivf_offsets, ivf_blocks, mark, kth, have_kth):
     """Stage 1: sorted distinct documents listed under the centroids that score at least some
-    token's ``ncells``-th best score. R float32 [m, C]; mark bool [N] scratch, all False (left
+    token's ``ncells``-th best score. R float32 [m, C]; ivf, ivf_offsets, ivf_blocks: the
+    inverted file as :func:`plaid.search.stages.split_ids` holds it (list c's block h, positions
+    ``ivf_blocks[c * H + h]:ivf_blocks[c * H + h + 1]``, lists documents ``h * 65536 + ivf[p]``; H = 1
+    and ``ivf_blocks = ivf_offsets`` for whole ids); mark bool [N] scratch, all False (left
     all False); kth float32 [m]: each token's ``ncells``-th best score, given (``have_kth``)
     or found here (ncells <= KTH_BUFFER_MAX, in the same pass that finds the centroids; each
     token's minimum score when ncells >= C). Returns int64 [n]."""
@@ -742,14 +745,17 @@ def candidates(R, ncells, ivf, ivf_offsets, mark, kth, have_kth):
         listed += ivf_offsets[cells[p] + 1] - ivf_offsets[cells[p]]
     found = np.empty(min(listed, N), np.int64)
     n = 0
+    H = (ivf_blocks.shape[0] - 1) // C
     for p in range(nc):
         c = cells[p]
-        for q in range(ivf_offsets[c], ivf_offsets[c + 1]):
-            d = ivf[q]
-            if not mark[d]:
-                mark[d] = True
-                found[n] = d
-                n += 1
+        for h in range(H):
+            base = np.int64(h) << 16
+            for q in range(ivf_blocks[c * H + h], ivf_blocks[c * H + h + 1]):
+                d = base + np.int64(ivf[q])
+                if not mark[d]:
+                    mark[d] = True
+                    found[n] = d
+                    n += 1
     if N <= FLAG_SCAN_RATIO * n:  # a scan of the flags beats a sort
         out = np.empty(n, np.int64)
         k = 0
@@ -853,7 +859,7 @@ def approx_docs_strided(Re, keep, use_keep, docs, dcells, dcell_offsets, out, co
 
 
 @jit
-def approx_ivf(Re, keep, docs, ivf, ivf_offsets, cell_counts, slot, out, covered):
+def approx_ivf(Re, keep, docs, ivf, ivf_offsets, ivf_blocks, cell_counts, slot, out, covered):
     """Inverted-file side of stage 2; leaves ``slot`` all -1 as found."""
     C = Re.shape[1] - 1
     kept = np.empty(C, np.int64)
@@ -862,11 +868,11 @@ def approx_ivf(Re, keep, docs, ivf, ivf_offsets, cell_counts, slot, out, covered
         if keep[c]:
             kept[nk] = c
             nk += 1
-    _approx_ivf(Re, kept[:nk], docs, ivf, ivf_offsets, cell_counts, slot, out, covered)
+    _approx_ivf(Re, kept[:nk], docs, ivf, ivf_offsets, ivf_blocks, cell_counts, slot, out, covered)
 
 
 @jit
-def _approx_ivf(R, kept, docs, ivf, ivf_offsets, cell_counts, slot, out, covered):
+def _approx_ivf(R, kept, docs, ivf, ivf_offsets, ivf_blocks, cell_counts, slot, out, covered):
     """:func:`approx_ivf` over the scores ``R`` (float32 [m, >= C], token-major) of the kept
     centroids ``kept`` (int64, ascending): each one's column is max-ed into its listed
     candidates' rows; ``PRUNED_SCORE`` for a candidate with fewer listed centroids than
@@ -879,7 +885,7 @@ def _approx_ivf(R, kept, docs, ivf, ivf_offsets, cell_counts, slot, out, covered
     bits, rank = ivf_bits(docs, slot.shape[0])
     best = np.full((n, W), -np.inf, np.float32)
     listed = np.zeros(n, np.int64)
-    ivf_accumulate(R, kept, ivf, ivf_offsets, bits, rank, best, listed)
+    ivf_accumulate(R, kept, ivf, ivf_offsets, ivf_blocks, bits, rank, best, listed)
     ivf_finish(best, listed, cell_counts, m, out, covered)
 
 
@@ -903,8 +909,9 @@ def ivf_bits(docs, N):
 
 
 @jit
-def ivf_accumulate(R, kept, ivf, ivf_offsets, bits, rank, best, listed):
-    """Stage 2 from the inverted file's side for the kept centroids ``kept`` (int64): each one's
+def ivf_accumulate(R, kept, ivf, ivf_offsets, ivf_blocks, bits, rank, best, listed):
+    """Stage 2 from the inverted file's side (``ivf``, ``ivf_offsets``, ``ivf_blocks`` as
+    :func:`candidates` reads them) for the kept centroids ``kept`` (int64): each one's
     scores ``R[:, c]`` are max-ed into the rows of ``best`` (float32 [n, W], W = m rounded up to
     8) of the candidates its list names, and ``listed`` (int64 [n]) counts them. Max and counts
     do not depend on the order: parts of ``kept`` can go to different threads, each with its own
@@ -915,6 +922,7 @@ def ivf_accumulate(R, kept, ivf, ivf_offsets, bits, rank, best, listed):
     cycles per listed entry at 1M documents than a slot lookup per entry."""
     m = R.shape[0]
     W = best.shape[1]
+    H = (ivf_blocks.shape[0] - 1) // (ivf_offsets.shape[0] - 1)
     longest = 0
     for q in range(kept.shape[0]):
         longest = max(longest, ivf_offsets[kept[q] + 1] - ivf_offsets[kept[q]])
@@ -925,10 +933,12 @@ def ivf_accumulate(R, kept, ivf, ivf_offsets, bits, rank, best, listed):
         for i in range(m):
             col[0, i] = R[i, c]
         nh = 0
-        for p in range(ivf_offsets[c], ivf_offsets[c + 1]):
-            x = np.int64(ivf[p])
-            hits[nh] = x
-            nh += (bits[x >> 6] >> (x & 63)) & 1
+        for h in range(H):
+            base = np.int64(h) << 16
+            for p in range(ivf_blocks[c * H + h], ivf_blocks[c * H + h + 1]):
+                x = base + np.int64(ivf[p])
+                hits[nh] = x
+                nh += (bits[x >> 6] >> (x & 63)) & 1
         for h in range(nh):
             x = hits[h]
             s = rank[x >> 6] + popcount(bits[x >> 6] & ((np.int64(1) << (x & 63)) - 1))
@@ -1448,8 +1458,8 @@ def transpose_colmax(R, T, colmax):
 
 
 @jit
-def search_query(R, q, table, centroids, ivf, ivf_offsets, dcells, dcell_offsets, doc_offsets, codes, residuals,
-                 norm_mode, norm_codes, norm_values, norm_table, alive, use_alive, k, ncells, threshold, n2, n3,
+def search_query(R, q, table, centroids, ivf, ivf_offsets, ivf_blocks, dcells, dcell_offsets, doc_offsets, codes,
+                 residuals, norm_mode, norm_codes, norm_values, norm_table, alive, use_alive, k, ncells, threshold, n2, n3,
                  mark, slot, cslot, ticks):
     """Stages 1-4 of one query in one call: what ``pipeline.search_query`` decides (no subset),
     with the same results and trace.
@@ -1467,13 +1477,14 @@ def search_query(R, q, table, centroids, ivf, ivf_offsets, dcells, dcell_offsets
     search on several threads calls separately, scoring stage 2's inverted lists and stage 4's
     candidates in parts in between).
     """
-    docs, nc, floor, ReT, colmax = query_head(R, ivf, ivf_offsets, alive, use_alive, ncells, n2, n3, mark, ticks)
+    docs, nc, floor, ReT, colmax = query_head(R, ivf, ivf_offsets, ivf_blocks, alive, use_alive, ncells, n2, n3, mark,
+                                              ticks)
     none = np.empty(0, np.int64)
     if docs.shape[0] == 0:
         ticks[2] = ticks[3] = ticks[4] = ticks[1]
         return none, np.empty(0, np.float32), docs, nc, threshold, none, none, -1
-    thr, sel, sel3 = query_stages23(R, ivf, ivf_offsets, dcells, dcell_offsets, threshold, n2, n3, slot, ticks, docs,
-                                    floor, ReT, colmax, np.empty(0, np.int64), 0,
+    thr, sel, sel3 = query_stages23(R, ivf, ivf_offsets, ivf_blocks, dcells, dcell_offsets, threshold, n2, n3, slot,
+                                    ticks, docs, floor, ReT, colmax, np.empty(0, np.int64), 0,
                                     np.empty((0, 0, ReT.shape[1]), np.float32), np.empty((0, 0), np.int64), False,
                                     np.empty(0, np.bool_), np.empty(0, np.int64), -1, 0)
     d4 = docs[sel3]
@@ -1495,7 +1506,7 @@ def ranked(exact4, k, ticks):
 
 
 @jit
-def query_head(R, ivf, ivf_offsets, alive, use_alive, ncells, n2, n3, mark, ticks):
+def query_head(R, ivf, ivf_offsets, ivf_blocks, alive, use_alive, ncells, n2, n3, mark, ticks):
     """Stage 1 of :func:`search_query` (candidates, ncells widened while there are fewer than
     n2), and what stages 2-3 read: R centroid-major with a last row of ``PRUNED_SCORE`` (ReT
     float32 [C + 1, W]) and its column maxima (colmax float32 [1, C]), both empty when stages 2-3
@@ -1510,7 +1521,7 @@ def query_head(R, ivf, ivf_offsets, alive, use_alive, ncells, n2, n3, mark, tick
         if given:
             for i in range(m):
                 kth[i] = nth_largest(R[i], nc)
-        docs = candidates(R, nc, ivf, ivf_offsets, mark, kth, given)
+        docs = candidates(R, nc, ivf, ivf_offsets, ivf_blocks, mark, kth, given)
         if use_alive:
             n = 0
             for d in range(docs.shape[0]):
@@ -1563,8 +1574,8 @@ def candidate_entries(docs, dcell_offsets):
 
 
 @jit
-def query_stages23(R, ivf, ivf_offsets, dcells, dcell_offsets, threshold, n2, n3, slot, ticks, docs, floor, ReT,
-                   colmax, counts_in, total_in, pre_best, pre_listed, have_pre, keep_in, kept_in, nk_in, listed_in):
+def query_stages23(R, ivf, ivf_offsets, ivf_blocks, dcells, dcell_offsets, threshold, n2, n3, slot, ticks, docs, floor,
+                   ReT, colmax, counts_in, total_in, pre_best, pre_listed, have_pre, keep_in, kept_in, nk_in, listed_in):
     """Stages 2-3 of :func:`search_query` after :func:`query_head` (``docs`` not empty): (the
     threshold used, stage-2 and stage-3 survivors as sorted indices into ``docs``); ticks[2],
     ticks[3] set.
@@ -1616,7 +1627,7 @@ def query_stages23(R, ivf, ivf_offsets, dcells, dcell_offsets, threshold, n2, n3
                                     vstore(best, d, o, 8, vmax(vload(best, d, o, 8), vload(pre_best[p], d, o, 8)))
                         ivf_finish(best, lst, counts, m, approx, covered)
                     else:
-                        _approx_ivf(R, kept[:nk], docs, ivf, ivf_offsets, counts, slot, approx, covered)
+                        _approx_ivf(R, kept[:nk], docs, ivf, ivf_offsets, ivf_blocks, counts, slot, approx, covered)
                 else:  # the candidates' centroids
                     approx_docs(ReT, m, keep, True, docs, dcells, dcell_offsets, approx, covered)
                 scored = True
@@ -1650,8 +1661,8 @@ _NO_KEEP = np.zeros(1, np.bool_)
 
 
 @jit
-def search_many(R, starts, Q, tables, table_offsets, widths, centroids, ivf, ivf_offsets, dcells, dcell_offsets,
-                doc_offsets, codes, residuals, norm_mode, norm_codes, norm_values, norm_table, alive, use_alive, k,
+def search_many(R, starts, Q, tables, table_offsets, widths, centroids, ivf, ivf_offsets, ivf_blocks, dcells,
+                dcell_offsets, doc_offsets, codes, residuals, norm_mode, norm_codes, norm_values, norm_table, alive, use_alive, k,
                 ncells, threshold, n2, n3, mark, slot, cslot, ids, scores, counts):
     """:func:`search_query` for each query ``i < len(starts) - 1`` of a group, in one call: its rows
     ``starts[i]:starts[i + 1]`` of R (float32 [sum m, C]) and Q (float32 [sum m, dim]), its byte
@@ -1668,8 +1679,8 @@ def search_many(R, starts, Q, tables, table_offsets, widths, centroids, ivf, ivf
         w = widths[i]
         table = tables[lo:hi].reshape(((hi - lo) // w, w))
         hid, hsc, docs, nc, thr, sel2, sel3, bad = search_query(
-            R[a:b], Q[a:b], table, centroids, ivf, ivf_offsets, dcells, dcell_offsets, doc_offsets, codes, residuals,
-            norm_mode, norm_codes, norm_values, norm_table, alive, use_alive, k, ncells, threshold, n2, n3, mark, slot,
+            R[a:b], Q[a:b], table, centroids, ivf, ivf_offsets, ivf_blocks, dcells, dcell_offsets, doc_offsets, codes,
+            residuals, norm_mode, norm_codes, norm_values, norm_table, alive, use_alive, k, ncells, threshold, n2, n3, mark, slot,
             cslot, ticks)
         if bad >= 0:
             return i, bad

@@ -81,12 +81,16 @@ class CPUEngine:
         self.num_documents, self.num_centroids, self.normalized = m.num_documents, m.num_centroids, m.normalized
         self.codec = snap.codec
         self.centroids = snap.centroids
-        self.ivf, self.ivf_offsets, self.doc_offsets = snap.ivf, snap.ivf_offsets, snap.doc_offsets
+        self.ivf_offsets, self.doc_offsets = snap.ivf_offsets, snap.doc_offsets
         self.ivf_lens = np.diff(self.ivf_offsets)
         # stages 2-3 read each document's distinct centroids (the inverted file transposed: 2 B per
         # (centroid, document) pair up to 65,536 centroids, else 4, + 8 B per document, in memory)
-        self.dcells, self.dcell_offsets = stages.doc_cells(self.ivf, self.ivf_offsets, self.num_documents,
+        self.dcells, self.dcell_offsets = stages.doc_cells(snap.ivf, self.ivf_offsets, self.num_documents,
                                                            narrow=True)
+        # the inverted file itself with 16-bit ids (2 B an entry instead of 4; + 8 B per centroid
+        # and block of 65,536 documents): the snapshot's int32 copy is dropped
+        self.ivf, self.ivf_blocks = stages.split_ids(snap.ivf, self.ivf_offsets, self.num_documents)
+        snap.forget("ivf")
         self.codes_file = snap.token_files("codes")
         self.norms_file = snap.token_files("norms") if self.normalized else ""
         self.codes, self.residuals, self.norms = snap.codes(load_all), snap.residuals(load_all), snap.norms(load_all)
@@ -122,7 +126,7 @@ class CPUEngine:
             self.query_arrays = K.QueryArrays(
                 self.centroids, self.ivf, self.ivf_offsets, self.dcells, self.dcell_offsets, self.doc_offsets,
                 self.codes.parts[0], self.residuals.parts[0], self.norms.parts[0] if self.norms is not None else None,
-                self.alive, self.norm_values)
+                self.alive, self.norm_values, self.ivf_blocks)
 
     # -- stages 1-4 in one call ------------------------------------------------------------------
     def search_one(self, q: np.ndarray, R: np.ndarray, b: Budgets, trace: Optional[Trace],
@@ -272,9 +276,7 @@ class CPUEngine:
         return np.multiply(R, self.scoring_factor[None, :], out=R)
 
     def candidates(self, S: QueryScores, cells: np.ndarray) -> np.ndarray:
-        starts = self.ivf_offsets[cells]
-        pos, _ = stages.expand_ranges(starts, self.ivf_offsets[cells + 1] - starts)
-        listed = self.ivf[pos]
+        listed, _ = stages.list_entries(self.ivf, self.ivf_offsets, self.ivf_blocks, cells)
         mark = self._scratch.marks(self.num_documents)
         if len(mark) > FLAG_SCAN_RATIO * len(listed):
             return np.unique(listed).astype(np.int64)
@@ -310,7 +312,7 @@ class CPUEngine:
         # or the candidates' centroids (a low threshold keeps many centroids)
         if self.surviving_entries(keep) <= total:
             slot = self._scratch.slots(self.num_documents)
-            return K.approx_maxsim_ivf(Re, keep, docs, self.ivf, self.ivf_offsets, counts, slot)
+            return K.approx_maxsim_ivf(Re, keep, docs, self.ivf, self.ivf_offsets, counts, slot, self.ivf_blocks)
         return K.approx_maxsim_docs(Re, keep, docs, self.dcells, self.dcell_offsets, ReT=self._table_t(S, total),
                                     return_covered=True)
 

@@ -63,7 +63,7 @@ from .. import _loading
 from ..errors import IndexCorruptError
 from . import stages
 
-__all__ = ["backend", "reset", "warmup", "in_parts", "candidates", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf",
+__all__ = ["backend", "reset", "warmup", "in_parts", "ivf_args", "candidates", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf",
            "used_centroids", "centroid_terms", "scores_product", "product_panels", "exact_maxsim", "exact_maxsim_ranges", "exact_scores", "QueryArrays",
            "search_query", "search_many"]
 
@@ -131,12 +131,12 @@ def wait(timeout: Optional[float] = None) -> bool:
 
 # the arguments each kernel writes; every other array is passed read-only, so that one compiled
 # specialisation serves in-memory and memory-mapped (read-only) inputs alike
-_OUTPUTS = {"candidates": (4, 5), "transpose_table": (1,), "approx_docs": (7, 8), "approx_docs_strided": (6, 7),
-            "approx_ivf": (6, 7, 8), "used_centroids": (4,), "exact": (11,), "stage4": (11, 12),
-            "centroid_terms": (), "scores_product": (3,), "search_query": (22, 23, 24, 25),
-            "query_head": (8, 9), "query_stages23": (8, 9, 16, 17, 19, 20), "ranked": (2,), "kept_at": (2, 3), "candidate_entries": (),
-            "ivf_bits": (), "ivf_accumulate": (6, 7),
-            "search_many": (25, 26, 27, 28, 29, 30)}
+_OUTPUTS = {"candidates": (5, 6), "transpose_table": (1,), "approx_docs": (7, 8), "approx_docs_strided": (6, 7),
+            "approx_ivf": (7, 8, 9), "used_centroids": (4,), "exact": (11,), "stage4": (11, 12),
+            "centroid_terms": (), "scores_product": (3,), "search_query": (23, 24, 25, 26),
+            "query_head": (9, 10), "query_stages23": (9, 10, 17, 18, 20, 21), "ranked": (2,), "kept_at": (2, 3),
+            "candidate_entries": (), "ivf_bits": (), "ivf_accumulate": (7, 8),
+            "search_many": (26, 27, 28, 29, 30, 31)}
 
 
 def _ro(a):
@@ -208,6 +208,7 @@ def _warm(codes_dtype, search_only: bool, one_call: bool) -> None:
     ivf_offsets = np.array([0, 1, 2, 3, 4, 4, 4, 4, 4], np.int64)
     # uint16 cells: what a searcher holds up to 65,536 centroids (stages.doc_cells(narrow=True))
     dcells, dcell_offsets = stages.doc_cells(ivf, ivf_offsets, N, narrow=True)
+    ivf, ivf_blocks = stages.split_ids(ivf, ivf_offsets, N)  # and uint16 ids (the CPU engine's)
     docs = np.arange(N, dtype=np.int64)
     codes = np.array([0, 1, 2], codes_dtype)
     offsets = np.arange(N + 1, dtype=np.int64)
@@ -219,7 +220,7 @@ def _warm(codes_dtype, search_only: bool, one_call: bool) -> None:
     scores_product(q, product_panels((cents * 100).astype(np.int8)), np.ones(C, np.float32), np.empty((m, C), np.float32),
                    0, C)
     arrays = QueryArrays(cents, ivf, ivf_offsets, dcells, dcell_offsets, offsets, codes, np.zeros((N, 1), np.uint8),
-                         np.zeros(N, np.uint8), None, norm_values=np.ones(256, np.float32))
+                         np.zeros(N, np.uint8), None, norm_values=np.ones(256, np.float32), ivf_blocks=ivf_blocks)
     if one_call:
         search_query(Re[:, :C].copy(), q, table, arrays, 2, 1, 0.5, 2, 1, np.zeros(N, bool),
                      np.full(N, -1, np.int32), np.full(C, -1, np.int32))
@@ -238,17 +239,34 @@ def _warm(codes_dtype, search_only: bool, one_call: bool) -> None:
         return None
     keep = rng.random(C) < 0.5
     counts = dcell_offsets[1:] - dcell_offsets[:-1]
-    candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(N, bool))
-    candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(1000, bool))  # the sorting branch
+    candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(N, bool), ivf_blocks)
+    candidates(Re[:, :C], 2, ivf, ivf_offsets, np.zeros(1000, bool), ivf_blocks)  # the sorting branch
     for cells in (dcells, dcells.astype(np.int32)):  # uint16, and int32 (above 65,536 centroids)
         approx_maxsim_docs(Re, keep, docs, cells, dcell_offsets, ReT=centroid_table_t(Re))
         approx_maxsim_docs(Re, keep, docs[:1], cells, dcell_offsets)  # few entries: the strided kernel
-    approx_maxsim_ivf(Re, keep, docs, ivf, ivf_offsets, counts, np.full(N, -1, np.int32))
+    approx_maxsim_ivf(Re, keep, docs, ivf, ivf_offsets, counts, np.full(N, -1, np.int32), ivf_blocks)
     u, slot = used_centroids(codes, offsets, docs, C)
     exact_maxsim(table, rng.random((m, len(u)), dtype=np.float32), slot, codes, np.zeros((N, 1), np.uint8),
                  np.ones(N, np.float16), offsets)
     centroid_terms(q, cents, u)
     return None
+
+
+def ivf_args(ivf: np.ndarray, ivf_offsets: np.ndarray, ivf_blocks: Optional[np.ndarray] = None):
+    """The inverted file as the kernels take it: (ids uint16 or int32 [P], offsets int64 [C + 1],
+    blocks int64 [C * H + 1]). ``ivf_blocks`` None: ``ivf`` holds whole ids (H = 1); else ``ivf``
+    holds their low 16 bits (:func:`plaid.search.stages.split_ids`). Raises ValueError for blocks
+    that do not refine the offsets."""
+    ivf = np.ascontiguousarray(ivf, np.uint16 if np.asarray(ivf).dtype == np.uint16 else np.int32)
+    ivf_offsets = np.ascontiguousarray(ivf_offsets, np.int64)
+    if ivf_blocks is None:
+        return ivf, ivf_offsets, ivf_offsets
+    ivf_blocks = np.ascontiguousarray(ivf_blocks, np.int64)
+    C = len(ivf_offsets) - 1
+    if ivf.dtype != np.uint16 or C < 1 or (len(ivf_blocks) - 1) % C or len(ivf_blocks) < len(ivf_offsets) \
+            or not np.array_equal(ivf_blocks[:: (len(ivf_blocks) - 1) // C], ivf_offsets):
+        raise ValueError("ivf_blocks must refine ivf_offsets (C * H + 1 entries) over uint16 ids")
+    return ivf, ivf_offsets, ivf_blocks
 
 
 #: Up to this ``ncells``, :func:`candidates` finds each token's ``ncells``-th best score in the
@@ -258,12 +276,12 @@ KTH_IN_KERNEL = 64
 
 # -- stage 1 --------------------------------------------------------------------------------------
 def candidates(R: np.ndarray, ncells: int, ivf: np.ndarray, ivf_offsets: np.ndarray,
-               mark: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+               mark: np.ndarray, ivf_blocks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Stage 1 in one pass: :meth:`plaid.search.pipeline.CellCuts.cells` + the inverted file with the ``ncells``-th best scores found here.
 
-    R: float32 [m, C] centroid scores (token-major); ncells: centroids probed per token; ivf:
-    int32 [P], ivf_offsets: int64 [C + 1]; mark: bool [N] scratch, all False (left all False; one
-    per thread). Returns (docs int64 [n]: the sorted distinct documents listed under every
+    R: float32 [m, C] centroid scores (token-major); ncells: centroids probed per token; ivf,
+    ivf_offsets, ivf_blocks: the inverted file (:func:`ivf_args`); mark: bool [N] scratch, all
+    False (left all False; one per thread). Returns (docs int64 [n]: the sorted distinct documents listed under every
     centroid scoring at least some token's ``ncells``-th best score, exact ties all kept; kth
     float32 [m]: those scores, i.e. ``stages.CellCuts(R).kth(ncells)``, or each token's lowest
     score when ``ncells >= C``, so that ``kth.min()`` is :func:`stages.probed_floor`). Equal to
@@ -285,14 +303,11 @@ def candidates(R: np.ndarray, ncells: int, ivf: np.ndarray, ivf_offsets: np.ndar
     have_kth = KTH_IN_KERNEL < ncells < C  # many cells: torch.topk's, not the kernel's insertion buffer
     if have_kth:
         kth[:] = cuts.kth(ncells)
-    r = _run("candidates", R, ncells, np.ascontiguousarray(ivf, np.int32), np.ascontiguousarray(ivf_offsets, np.int64),
-             mark, kth, have_kth)
+    ivf, ivf_offsets, ivf_blocks = ivf_args(ivf, ivf_offsets, ivf_blocks)
+    r = _run("candidates", R, ncells, ivf, ivf_offsets, ivf_blocks, mark, kth, have_kth)
     if r is not None:
         return r[0], kth
-    cells = cuts.cells(ncells)
-    starts = ivf_offsets[cells]
-    pos, _ = stages.expand_ranges(starts, ivf_offsets[cells + 1] - starts)
-    docs = np.unique(ivf[pos]).astype(np.int64)
+    docs = np.unique(stages.list_entries(ivf, ivf_offsets, ivf_blocks, cuts.cells(ncells))[0])
     kth = R.min(1) if ncells >= C else np.array(cuts.kth(ncells), np.float32)
     return docs, kth
 
@@ -365,14 +380,16 @@ def approx_maxsim_docs(Re: np.ndarray, keep: Optional[np.ndarray], docs: np.ndar
 
 
 def approx_maxsim_ivf(Re: np.ndarray, keep: np.ndarray, docs: np.ndarray, ivf: np.ndarray, ivf_offsets: np.ndarray,
-                      cell_counts: np.ndarray, slot: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+                      cell_counts: np.ndarray, slot: np.ndarray,
+                      ivf_blocks: Optional[np.ndarray] = None) -> Tuple[np.ndarray, np.ndarray]:
     """Stage 2, inverted-file side: the pruned scores of :func:`approx_maxsim_docs`, reading only
     the inverted lists of the centroids in ``keep``.
 
-    Re: float32 [m, C + 1]; keep: bool [C]; docs: int64 [n] distinct candidate ids; ivf: int32
-    [P], ivf_offsets: int64 [C + 1]; cell_counts: int64 [n], each candidate's number of distinct
-    centroids; slot: int32 [N] scratch, all -1 (left all -1; one per thread). Each kept
-    centroid's scores are max-ed into its listed candidates' rows of a [n, m] array; a candidate
+    Re: float32 [m, C + 1]; keep: bool [C]; docs: int64 [n] distinct candidate ids; ivf,
+    ivf_offsets, ivf_blocks: the inverted file (:func:`ivf_args`); cell_counts: int64 [n], each
+    candidate's number of distinct centroids; slot: int32 [N] scratch, all -1 (left all -1; one
+    per thread). Each kept centroid's scores are max-ed into its listed candidates' rows of a
+    [n, m] array; a candidate
     with fewer listed centroids than ``cell_counts`` also gets ``PRUNED_SCORE`` per token.
     Returns (float32 [n] scores, bool [n] covered: listed under a kept centroid), bit-identical
     to ``stages.pruned_maxsim(..., return_covered=True)``.
@@ -383,6 +400,7 @@ def approx_maxsim_ivf(Re: np.ndarray, keep: np.ndarray, docs: np.ndarray, ivf: n
     if slot.dtype != np.int32 or not slot.flags.c_contiguous or not slot.flags.writeable:
         raise ValueError("slot must be a writable contiguous int32 array")
     docs = np.ascontiguousarray(docs, np.int64)
+    ivf, ivf_offsets, ivf_blocks = ivf_args(ivf, ivf_offsets, ivf_blocks)
     out = np.empty(len(docs), np.float32)
     covered = np.empty(len(docs), np.bool_)
     if len(docs) and ready():
@@ -391,14 +409,15 @@ def approx_maxsim_ivf(Re: np.ndarray, keep: np.ndarray, docs: np.ndarray, ivf: n
         counts = np.ascontiguousarray(cell_counts, np.int64)
         sd, sc = (docs, counts) if order is None else (docs[order], counts[order])
         o, cv = (out, covered) if order is None else (np.empty_like(out), np.empty_like(covered))
-        if _run("approx_ivf", Re, np.ascontiguousarray(keep, np.bool_), sd, np.ascontiguousarray(ivf, np.int32),
-                np.ascontiguousarray(ivf_offsets, np.int64), sc, slot, o, cv) is not None:
+        if _run("approx_ivf", Re, np.ascontiguousarray(keep, np.bool_), sd, ivf, ivf_offsets, ivf_blocks, sc, slot,
+                o, cv) is not None:
             if order is not None:
                 out[order], covered[order] = o, cv
             return out, covered
     if not len(docs):
         return out, covered
-    return stages.pruned_maxsim(keep, Re, docs, ivf, ivf_offsets, cell_counts, slot, return_covered=True)
+    return stages.pruned_maxsim(keep, Re, docs, ivf, ivf_offsets, cell_counts, slot, return_covered=True,
+                                ivf_blocks=ivf_blocks)
 
 
 # -- stage 4 --------------------------------------------------------------------------------------
@@ -647,7 +666,8 @@ def exact_scores(q: np.ndarray, codec, centroids: np.ndarray, codes: np.ndarray,
 class QueryArrays:
     """The index arrays :func:`search_query` reads, checked and converted once per generation.
 
-    centroids float32 [C, dim] (raw); ivf int32 [P], ivf_offsets int64 [C + 1]; dcells uint16 or
+    centroids float32 [C, dim] (raw); ivf, ivf_offsets, ivf_blocks: the inverted file
+    (:func:`ivf_args`: ``ivf_blocks`` None for whole ids); dcells uint16 or
     int32 [P], dcell_offsets int64 [N + 1] (the transpose, :func:`stages.doc_cells`); doc_offsets
     int64 [N + 1]; codes uint16/int32 [T], residuals uint8 [T, code_bytes], norms uint8 codes
     into ``norm_values`` (float32 [256]), float16/float32 [T], or None (ONE segment's token
@@ -655,7 +675,7 @@ class QueryArrays:
     """
 
     def __init__(self, centroids, ivf, ivf_offsets, dcells, dcell_offsets, doc_offsets, codes, residuals, norms,
-                 alive, norm_values=None):
+                 alive, norm_values=None, ivf_blocks=None):
         residuals = np.asarray(residuals)
         if residuals.dtype != np.uint8 or residuals.ndim != 2:
             raise ValueError("residuals must be uint8 [T, code_bytes]")
@@ -667,8 +687,7 @@ class QueryArrays:
         use_alive = alive is not None
         self.num_centroids, self.num_documents = C, N
         self.args = tuple(_ro(a) if isinstance(a, np.ndarray) else a for a in (
-            np.ascontiguousarray(centroids, np.float32), np.ascontiguousarray(ivf, np.int32),
-            np.ascontiguousarray(ivf_offsets, np.int64), _cells_arg(dcells),
+            np.ascontiguousarray(centroids, np.float32), *ivf_args(ivf, ivf_offsets, ivf_blocks), _cells_arg(dcells),
             np.ascontiguousarray(dcell_offsets, np.int64), np.ascontiguousarray(doc_offsets, np.int64),
             _codes_arg(codes), np.ascontiguousarray(residuals), mode, ncodes, nvalues, ntable,
             np.ascontiguousarray(alive, np.bool_) if use_alive else _NO_ALIVE, use_alive))
@@ -759,9 +778,9 @@ def _search_query_split(R, q, table, arrays: QueryArrays, k, ncells, threshold, 
     scoring in parts (:func:`_split_stage2`) where it applies, ``query_stages23`` (which decides
     as the one call does, using the parts' scores), stage 4 in parts (:func:`_split_stage4`),
     ``ranked``. None when the numpy fallback is in use."""
-    (cents, ivf, ivf_offsets, dcells, dcell_offsets, doc_offsets, codes, residuals, mode, ncodes, nvalues, ntable,
-     alive, use_alive) = arrays.args
-    head = _run_prepared("query_head", (R, ivf, ivf_offsets, alive, use_alive, ncells, n2, n3, mark, ticks))
+    (cents, ivf, ivf_offsets, ivf_blocks, dcells, dcell_offsets, doc_offsets, codes, residuals, mode, ncodes, nvalues,
+     ntable, alive, use_alive) = arrays.args
+    head = _run_prepared("query_head", (R, ivf, ivf_offsets, ivf_blocks, alive, use_alive, ncells, n2, n3, mark, ticks))
     if head is None:
         return None
     docs, nc, floor, ReT, colmax = head
@@ -769,16 +788,16 @@ def _search_query_split(R, q, table, arrays: QueryArrays, k, ncells, threshold, 
     if len(docs) == 0:
         ticks[2:] = ticks[1]
         return none, np.zeros(0, np.float32), docs, nc, threshold, none, none, -1
-    pre = _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, dcell_offsets, len(slot), pool, threads,
-                        min_entries)
+    pre = _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, ivf_blocks, dcell_offsets, len(slot), pool,
+                        threads, min_entries)
     if pre is None:  # stage 2 does not run: nothing computed ahead
         pre = (np.empty(0, np.int64), 0, None, None, np.empty(0, np.bool_), np.empty(0, np.int64), -1, 0)
     counts, total, best, listed, keep, kept, nk, entries = pre
     if best is None:
         best, listed = np.empty((0, 0, ReT.shape[1]), np.float32), np.empty((0, 0), np.int64)
-    r = _run_prepared("query_stages23", (R, ivf, ivf_offsets, dcells, dcell_offsets, threshold, n2, n3, slot, ticks,
-                                         docs, floor, ReT, colmax, counts, int(total), best, listed, best.shape[0] > 0,
-                                         keep, kept, int(nk), int(entries)))
+    r = _run_prepared("query_stages23", (R, ivf, ivf_offsets, ivf_blocks, dcells, dcell_offsets, threshold, n2, n3,
+                                         slot, ticks, docs, floor, ReT, colmax, counts, int(total), best, listed,
+                                         best.shape[0] > 0, keep, kept, int(nk), int(entries)))
     if r is None:
         return None
     thr, sel, sel3 = r
@@ -875,8 +894,8 @@ def _split_stage4(args: tuple, d4: np.ndarray, out: np.ndarray, cslot: np.ndarra
 SPLIT_MERGE_RATIO = 4
 
 
-def _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, dcell_offsets, N: int, pool, threads: int,
-                  min_entries: Optional[int] = None):
+def _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, ivf_blocks, dcell_offsets, N: int, pool,
+                  threads: int, min_entries: Optional[int] = None):
     """Stage 2's first scoring from the inverted file's side, in parts: (counts int64 [n], total:
     :func:`candidate_entries`; best float32 [parts, n, W], listed int64 [parts, n], or None, None;
     keep bool [C], kept int64 [C], how many are kept and their entries: :func:`kept_at` at
@@ -909,7 +928,8 @@ def _split_stage2(R, docs, colmax, threshold, n2, ivf, ivf_offsets, dcell_offset
     def part(p: int) -> None:
         best[p].fill(-np.inf)  # on the part's own thread
         listed_parts[p].fill(0)
-        _nb.ivf_accumulate(R, runs[cuts[p]:cuts[p + 1]], ivf, ivf_offsets, bits, rank, best[p], listed_parts[p])
+        _nb.ivf_accumulate(R, runs[cuts[p]:cuts[p + 1]], ivf, ivf_offsets, ivf_blocks, bits, rank, best[p],
+                           listed_parts[p])
 
     in_parts(pool, part, parts)
     return (counts, total, best, listed_parts) + ahead

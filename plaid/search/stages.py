@@ -22,7 +22,7 @@ token-major, ``R`` [m, C], gathered from ``Re`` [m, C + 1] (``R`` with a last co
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -30,8 +30,8 @@ import torch.nn.functional as F
 
 from .params import PRUNED_SCORE
 
-__all__ = ["PRUNED_SCORE", "expand_ranges", "segment_max_sum", "doc_cells", "centroid_table", "document_cells",
-           "pruned_cells", "covered_documents", "approximate_maxsim", "pruned_maxsim", "adc_scores", "maxsim_scores"]
+__all__ = ["PRUNED_SCORE", "expand_ranges", "segment_max_sum", "doc_cells", "split_ids", "list_entries",
+           "centroid_table", "document_cells", "pruned_cells", "covered_documents", "approximate_maxsim", "pruned_maxsim", "adc_scores", "maxsim_scores"]
 
 
 def expand_ranges(starts: np.ndarray, lens: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -80,17 +80,96 @@ def doc_cells(ivf: np.ndarray, ivf_offsets: np.ndarray, num_documents: int,
     for lo in range(0, len(ivf), TRANSPOSE_BLOCK):
         hi = min(lo + TRANSPOSE_BLOCK, len(ivf))
         d = ivf[lo:hi]
-        c0, c1 = np.searchsorted(ivf_offsets, [lo, hi], side="right") - 1
-        c1 = min(int(c1), C - 1)  # the cells of entries lo .. hi-1, clipped to the block
-        block_lens = np.minimum(ivf_offsets[c0 + 1 : c1 + 2], hi) - np.maximum(ivf_offsets[c0 : c1 + 1], lo)
-        c = np.repeat(np.arange(c0, c1 + 1, dtype=dtype), np.maximum(block_lens, 0))
-        order = np.argsort(d, kind="stable")  # by document, cells ascending within one
-        ds = d[order]
-        first = np.flatnonzero(np.concatenate([[True], ds[1:] != ds[:-1]]))
-        rank = np.arange(len(ds)) - np.repeat(first, np.diff(np.append(first, len(ds))))
-        cells[fill[ds] + rank] = c[order]
-        fill[ds[first]] += np.diff(np.append(first, len(ds)))  # one run per document: no repeats
+        order, dest = _scatter(d, fill)  # by document, cells ascending within one
+        cells[dest] = _cell_of(ivf_offsets, lo, hi)[order]
     return cells, offsets
+
+
+def _scatter(key: np.ndarray, fill: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """One block of a stable counting sort: (order int64 [n]: the block's entries by ``key``,
+    stably; dest int64 [n]: where each goes), ``fill`` (int64, the next free position per key)
+    advanced past them."""
+    order = np.argsort(key, kind="stable")
+    ks = key[order]
+    first = np.flatnonzero(np.concatenate([[True], ks[1:] != ks[:-1]]))
+    runs = np.diff(np.append(first, len(ks)))
+    dest = fill[ks] + (np.arange(len(ks)) - np.repeat(first, runs))
+    fill[ks[first]] += runs
+    return order, dest
+
+
+#: Documents per block of :func:`split_ids`: ids within a block fit 16 bits.
+ID_BLOCK = 1 << 16
+
+
+def split_ids(ivf: np.ndarray, ivf_offsets: np.ndarray, num_documents: int) -> Tuple[np.ndarray, np.ndarray]:
+    """The inverted file as the CPU engine holds it: document ids in 16 bits (half of int32).
+
+    ivf: int32 [P] documents grouped by centroid; ivf_offsets: int64 [C + 1]. Returns (low uint16
+    [P], blocks int64 [C * H + 1]), H = ceil(num_documents / 65,536) (at least 1): entries
+    ``blocks[c * H + h]:blocks[c * H + h + 1]`` are centroid c's documents of block h, each
+    ``h * 65536 + low[p]``; ``blocks[c * H] == ivf_offsets[c]``, so list c keeps its positions
+    (with one block, ``blocks`` equals ``ivf_offsets`` and ``low`` the ids). A list's documents
+    are ascending as written, hence already grouped by block; a list that is not (a file not
+    written so) is regrouped, each block's documents in their order, which changes no score.
+    Works through :data:`TRANSPOSE_BLOCK` entries at a time (bounded scratch).
+    """
+    C = len(ivf_offsets) - 1
+    H = max(1, -(-int(num_documents) // ID_BLOCK))
+    P = len(ivf)
+    low = np.empty(P, np.uint16)
+    if H == 1:
+        low[:] = ivf
+        return low, np.ascontiguousarray(ivf_offsets, np.int64).copy()
+    counts = np.zeros(C * H, np.int64)
+    grouped, last = True, -1
+    keys = []
+    for lo in range(0, P, TRANSPOSE_BLOCK):
+        hi = min(lo + TRANSPOSE_BLOCK, P)
+        d = np.asarray(ivf[lo:hi], np.int64)
+        key = _cell_of(ivf_offsets, lo, hi) * H + (d >> 16)
+        counts += np.bincount(key, minlength=C * H)
+        if grouped and (key[0] < last or bool((key[1:] < key[:-1]).any())):
+            grouped = False
+        last = int(key[-1])
+        low[lo:hi] = d & 0xFFFF
+        keys.append((lo, hi))
+    blocks = np.zeros(C * H + 1, np.int64)
+    np.cumsum(counts, out=blocks[1:])
+    if not grouped:  # a stable counting sort by (centroid, block), as doc_cells sorts by document
+        fill = blocks[:-1].copy()
+        for lo, hi in keys:
+            d = np.asarray(ivf[lo:hi], np.int64)
+            order, dest = _scatter(_cell_of(ivf_offsets, lo, hi) * H + (d >> 16), fill)
+            low[dest] = d[order] & 0xFFFF
+    return low, blocks
+
+
+def _cell_of(ivf_offsets: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """int64 [hi - lo]: the centroid listing each inverted-file entry lo .. hi-1."""
+    C = len(ivf_offsets) - 1
+    c0, c1 = np.searchsorted(ivf_offsets, [lo, hi], side="right") - 1
+    c1 = min(int(c1), C - 1)
+    lens = np.minimum(ivf_offsets[c0 + 1 : c1 + 2], hi) - np.maximum(ivf_offsets[c0 : c1 + 1], lo)
+    return np.repeat(np.arange(c0, c1 + 1, dtype=np.int64), np.maximum(lens, 0))
+
+
+def list_entries(ivf: np.ndarray, ivf_offsets: np.ndarray, ivf_blocks: np.ndarray,
+                 cells: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """The documents listed under ``cells`` (int64 [n] centroid ids), list after list, from the
+    inverted file as :func:`split_ids` holds it (``ivf_blocks`` may be ``ivf_offsets`` for whole
+    ids). Returns (documents int64 [e], lens int64 [n]: how many each cell lists)."""
+    cells = np.asarray(cells, np.int64)
+    C = len(ivf_offsets) - 1
+    H = (len(ivf_blocks) - 1) // max(1, C)
+    b = (cells[:, None] * H + np.arange(H)).ravel()
+    starts = ivf_blocks[b]
+    lens = ivf_blocks[b + 1] - starts
+    pos, _ = expand_ranges(starts, lens)
+    docs = ivf[pos].astype(np.int64)
+    if H > 1:
+        docs += np.repeat(np.tile(np.arange(H, dtype=np.int64) << 16, len(cells)), lens)
+    return docs, lens.reshape(len(cells), H).sum(1)
 
 
 def centroid_table(R: np.ndarray) -> np.ndarray:
@@ -143,7 +222,8 @@ def approximate_maxsim(Re: np.ndarray, cells: np.ndarray, offsets: np.ndarray) -
 
 
 def pruned_maxsim(keep: np.ndarray, Re: np.ndarray, docs: np.ndarray, ivf: np.ndarray, ivf_offsets: np.ndarray,
-                  cell_counts: np.ndarray, slot: np.ndarray, return_covered: bool = False):
+                  cell_counts: np.ndarray, slot: np.ndarray, return_covered: bool = False,
+                  ivf_blocks: Optional[np.ndarray] = None):
     """Stage 2 from the inverted file's side: the same scores as :func:`approximate_maxsim` over
     :func:`pruned_cells`, reading only the lists of the centroids that survive pruning.
 
@@ -152,17 +232,16 @@ def pruned_maxsim(keep: np.ndarray, Re: np.ndarray, docs: np.ndarray, ivf: np.nd
     candidates' (centroid, document) entries on a 50k-document corpus at threshold 0.5: 5x
     faster than the document side there), and their inverted lists name their documents.
     keep: bool [C] from :func:`surviving`; Re: from :func:`centroid_table`; docs: int64 [n]
-    sorted candidates; cell_counts: int64 [n], each candidate's number of distinct centroids;
+    sorted candidates; ivf, ivf_offsets, ivf_blocks: :func:`list_entries`' (``ivf_blocks`` None:
+    whole ids); cell_counts: int64 [n], each candidate's number of distinct centroids;
     slot: int32 [N] scratch, all -1 (left all -1). Returns float32 [n]; with ``return_covered``,
     also bool [n], :func:`covered_documents` (the candidates listed under a surviving centroid).
     """
     kept = np.flatnonzero(keep)
-    starts = ivf_offsets[kept]
-    lens = ivf_offsets[kept + 1] - starts
-    pos, _ = expand_ranges(starts, lens)
+    listed_docs, lens = list_entries(ivf, ivf_offsets, ivf_offsets if ivf_blocks is None else ivf_blocks, kept)
     try:
         slot[docs] = np.arange(len(docs), dtype=np.int32)
-        where = slot[ivf[pos]]  # candidate index of each (surviving centroid, document) entry, or -1
+        where = slot[listed_docs]  # candidate index of each (surviving centroid, document) entry, or -1
     finally:
         slot[docs] = -1
     hit = where >= 0

@@ -170,6 +170,11 @@ class Snapshot:
         """Drop this snapshot's memory map of array ``name`` (after loading it elsewhere)."""
         self._maps.pop(name, None)
 
+    def forget(self, name: str) -> None:
+        """Drop this snapshot's checked copy of array ``name`` (a holder keeping its own form of
+        it: the CPU engine's 16-bit inverted file); asking for it again reads and checks it again."""
+        self._cache.pop(name, None)
+
     def loaded(self, name: str) -> np.ndarray:
         """Array ``name`` read into memory (a private copy). The map's pages are then dropped from
         the resident set: a searcher holding the inverted file would otherwise count it twice."""
