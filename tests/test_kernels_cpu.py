@@ -522,6 +522,16 @@ def test_sixteen_bit_ids_in_blocks_give_what_whole_ids_give(fresh_backend, compi
         K.candidates(Re[:, :C], 1, low, ivf_offsets, np.zeros(N, bool), blocks[:-1])
     with pytest.raises(ValueError, match="ivf_blocks"):
         K.candidates(Re[:, :C], 1, ivf, ivf_offsets, np.zeros(N, bool), blocks)  # int32 ids with blocks
+    bad = blocks.copy()
+    bad[1], bad[2] = bad[2] + 5, bad[1]  # inner starts out of order (a list read past its end)
+    with pytest.raises(ValueError, match="ivf_blocks"):
+        K.approx_maxsim_ivf(Re, keep, docs, low, ivf_offsets, counts, slot, bad)
+    bad = blocks.copy()
+    bad[1] = 1 << 40
+    bad.flags.writeable = False  # a read-only array is checked too, once
+    for _ in range(2):
+        with pytest.raises(ValueError, match="ivf_blocks"):
+            K.candidates(Re[:, :C], 1, low, ivf_offsets, np.zeros(N, bool), bad)
 
 
 def test_fallback_by_environment_warns_once_and_agrees(fresh_backend):

@@ -6,7 +6,8 @@ the per-stage methods below.
 
 State prepared from the store's snapshot: centroids (float32 [C, dim]) and the scoring rows of
 stages 1-3 (int8 [C, dim] and a float32 factor per centroid; a bfloat16 matrix where asked), the
-inverted file (int32 [P], int64 [C + 1]) and its transpose (each
+inverted file (16-bit document ids, uint16 [P], with int64 [C + 1] offsets and int64 [C * H + 1]
+block starts: :func:`plaid.search.stages.split_ids`) and its transpose (each
 document's distinct centroids: uint16 [P] up to 65,536 centroids, else int32; int64 [N + 1]),
 document offsets, tombstones, the norm table (format 3: float32 [256]); the per-token arrays
 (centroid ids, residual codes, norms) stay memory-mapped unless ``load_all``.
@@ -90,6 +91,7 @@ class CPUEngine:
         # the inverted file itself with 16-bit ids (2 B an entry instead of 4; + 8 B per centroid
         # and block of 65,536 documents): the snapshot's int32 copy is dropped
         self.ivf, self.ivf_blocks = stages.split_ids(snap.ivf, self.ivf_offsets, self.num_documents)
+        self.ivf_blocks.flags.writeable = False  # checked once by the kernels' wrappers (K.ivf_args)
         snap.forget("ivf")
         self.codes_file = snap.token_files("codes")
         self.norms_file = snap.token_files("norms") if self.normalized else ""

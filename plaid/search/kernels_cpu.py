@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 import warnings
 from typing import Optional, Tuple
 
@@ -256,17 +257,30 @@ def ivf_args(ivf: np.ndarray, ivf_offsets: np.ndarray, ivf_blocks: Optional[np.n
     """The inverted file as the kernels take it: (ids uint16 or int32 [P], offsets int64 [C + 1],
     blocks int64 [C * H + 1]). ``ivf_blocks`` None: ``ivf`` holds whole ids (H = 1); else ``ivf``
     holds their low 16 bits (:func:`plaid.search.stages.split_ids`). Raises ValueError for blocks
-    that do not refine the offsets."""
+    that do not refine the offsets (C * H + 1 non-decreasing positions, every H-th an offset). A
+    read-only blocks array is checked once (the CPU engine's: its per-query calls then cost
+    nothing at a million documents, where the check reads 8 MB)."""
     ivf = np.ascontiguousarray(ivf, np.uint16 if np.asarray(ivf).dtype == np.uint16 else np.int32)
     ivf_offsets = np.ascontiguousarray(ivf_offsets, np.int64)
     if ivf_blocks is None:
         return ivf, ivf_offsets, ivf_offsets
-    ivf_blocks = np.ascontiguousarray(ivf_blocks, np.int64)
+    if isinstance(ivf_blocks, np.ndarray) and id(ivf_blocks) in _CHECKED_BLOCKS \
+            and _CHECKED_BLOCKS[id(ivf_blocks)] is ivf_blocks and ivf.dtype == np.uint16:
+        return ivf, ivf_offsets, ivf_blocks
+    blocks = np.ascontiguousarray(ivf_blocks, np.int64)
     C = len(ivf_offsets) - 1
-    if ivf.dtype != np.uint16 or C < 1 or (len(ivf_blocks) - 1) % C or len(ivf_blocks) < len(ivf_offsets) \
-            or not np.array_equal(ivf_blocks[:: (len(ivf_blocks) - 1) // C], ivf_offsets):
-        raise ValueError("ivf_blocks must refine ivf_offsets (C * H + 1 entries) over uint16 ids")
-    return ivf, ivf_offsets, ivf_blocks
+    if ivf.dtype != np.uint16 or C < 1 or (len(blocks) - 1) % C or len(blocks) < len(ivf_offsets) \
+            or not np.array_equal(blocks[:: (len(blocks) - 1) // C], ivf_offsets) \
+            or bool((blocks[1:] < blocks[:-1]).any()) or int(blocks[0]) != 0 or int(blocks[-1]) != len(ivf):
+        raise ValueError("ivf_blocks must refine ivf_offsets (C * H + 1 non-decreasing positions) over uint16 ids")
+    if blocks is ivf_blocks and not ivf_blocks.flags.writeable:
+        _CHECKED_BLOCKS[id(ivf_blocks)] = ivf_blocks
+    return ivf, ivf_offsets, blocks
+
+
+#: Read-only block arrays :func:`ivf_args` has checked (weakly held: a freed array's id may be reused,
+#: hence the identity test on lookup).
+_CHECKED_BLOCKS: "weakref.WeakValueDictionary[int, np.ndarray]" = weakref.WeakValueDictionary()
 
 
 #: Up to this ``ncells``, :func:`candidates` finds each token's ``ncells``-th best score in the
