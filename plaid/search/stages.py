@@ -31,7 +31,8 @@ import torch.nn.functional as F
 from .params import PRUNED_SCORE
 
 __all__ = ["PRUNED_SCORE", "expand_ranges", "segment_max_sum", "doc_cells", "split_ids", "list_entries",
-           "centroid_table", "document_cells", "pruned_cells", "covered_documents", "approximate_maxsim", "pruned_maxsim", "adc_scores", "maxsim_scores"]
+           "centroid_table", "document_cells", "pruned_cells", "covered_documents", "approximate_maxsim",
+           "pruned_maxsim", "adc_scores", "maxsim_scores"]
 
 
 def expand_ranges(starts: np.ndarray, lens: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
@@ -105,7 +106,8 @@ ID_BLOCK = 1 << 16
 def split_ids(ivf: np.ndarray, ivf_offsets: np.ndarray, num_documents: int) -> Tuple[np.ndarray, np.ndarray]:
     """The inverted file as the CPU engine holds it: document ids in 16 bits (half of int32).
 
-    ivf: int32 [P] documents grouped by centroid; ivf_offsets: int64 [C + 1]. Returns (low uint16
+    ivf: int32 [P] documents (ids < num_documents, checked by the store) grouped by centroid;
+    ivf_offsets: int64 [C + 1]. Returns (low uint16
     [P], blocks int64 [C * H + 1]), H = ceil(num_documents / 65,536) (at least 1): entries
     ``blocks[c * H + h]:blocks[c * H + h + 1]`` are centroid c's documents of block h, each
     ``h * 65536 + low[p]``; ``blocks[c * H] == ivf_offsets[c]``, so list c keeps its positions
@@ -123,7 +125,7 @@ def split_ids(ivf: np.ndarray, ivf_offsets: np.ndarray, num_documents: int) -> T
         return low, np.ascontiguousarray(ivf_offsets, np.int64).copy()
     counts = np.zeros(C * H, np.int64)
     grouped, last = True, -1
-    keys = []
+    spans = []
     for lo in range(0, P, TRANSPOSE_BLOCK):
         hi = min(lo + TRANSPOSE_BLOCK, P)
         d = np.asarray(ivf[lo:hi], np.int64)
@@ -133,12 +135,12 @@ def split_ids(ivf: np.ndarray, ivf_offsets: np.ndarray, num_documents: int) -> T
             grouped = False
         last = int(key[-1])
         low[lo:hi] = d & 0xFFFF
-        keys.append((lo, hi))
+        spans.append((lo, hi))
     blocks = np.zeros(C * H + 1, np.int64)
     np.cumsum(counts, out=blocks[1:])
     if not grouped:  # a stable counting sort by (centroid, block), as doc_cells sorts by document
         fill = blocks[:-1].copy()
-        for lo, hi in keys:
+        for lo, hi in spans:
             d = np.asarray(ivf[lo:hi], np.int64)
             order, dest = _scatter(_cell_of(ivf_offsets, lo, hi) * H + (d >> 16), fill)
             low[dest] = d[order] & 0xFFFF
