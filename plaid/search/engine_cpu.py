@@ -92,6 +92,8 @@ class CPUEngine:
         # and block of 65,536 documents): the snapshot's int32 copy is dropped
         self.ivf, self.ivf_blocks = stages.split_ids(snap.ivf, self.ivf_offsets, self.num_documents)
         self.ivf_blocks.flags.writeable = False  # checked once by the kernels' wrappers (K.ivf_args)
+        self.ivf_offsets = self.ivf_offsets.view()
+        self.ivf_offsets.flags.writeable = False
         snap.forget("ivf")
         self.codes_file = snap.token_files("codes")
         self.norms_file = snap.token_files("norms") if self.normalized else ""

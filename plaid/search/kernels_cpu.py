@@ -64,7 +64,8 @@ from .. import _loading
 from ..errors import IndexCorruptError
 from . import stages
 
-__all__ = ["backend", "reset", "warmup", "in_parts", "ivf_args", "candidates", "centroid_table_t", "approx_maxsim_docs", "approx_maxsim_ivf",
+__all__ = ["backend", "reset", "warmup", "in_parts", "ivf_args", "candidates", "centroid_table_t", "approx_maxsim_docs",
+           "approx_maxsim_ivf",
            "used_centroids", "centroid_terms", "scores_product", "product_panels", "exact_maxsim", "exact_maxsim_ranges", "exact_scores", "QueryArrays",
            "search_query", "search_many"]
 
@@ -257,30 +258,35 @@ def ivf_args(ivf: np.ndarray, ivf_offsets: np.ndarray, ivf_blocks: Optional[np.n
     """The inverted file as the kernels take it: (ids uint16 or int32 [P], offsets int64 [C + 1],
     blocks int64 [C * H + 1]). ``ivf_blocks`` None: ``ivf`` holds whole ids (H = 1); else ``ivf``
     holds their low 16 bits (:func:`plaid.search.stages.split_ids`). Raises ValueError for blocks
-    that do not refine the offsets (C * H + 1 non-decreasing positions, every H-th an offset). A
-    read-only blocks array is checked once (the CPU engine's: its per-query calls then cost
-    nothing at a million documents, where the check reads 8 MB)."""
+    that do not refine the offsets (C * H + 1 non-decreasing positions from 0 to P, every H-th an
+    offset). Read-only blocks and offsets are checked once (the CPU engine's: its per-query calls
+    at a million documents would read 8 MB each time)."""
     ivf = np.ascontiguousarray(ivf, np.uint16 if np.asarray(ivf).dtype == np.uint16 else np.int32)
     ivf_offsets = np.ascontiguousarray(ivf_offsets, np.int64)
     if ivf_blocks is None:
         return ivf, ivf_offsets, ivf_offsets
-    if isinstance(ivf_blocks, np.ndarray) and id(ivf_blocks) in _CHECKED_BLOCKS \
-            and _CHECKED_BLOCKS[id(ivf_blocks)] is ivf_blocks and ivf.dtype == np.uint16:
-        return ivf, ivf_offsets, ivf_blocks
     blocks = np.ascontiguousarray(ivf_blocks, np.int64)
+    frozen = blocks is ivf_blocks and not blocks.flags.writeable and not ivf_offsets.flags.writeable
+    seen = _CHECKED_BLOCKS.get(id(blocks)) if frozen else None
+    if seen is not None and seen[0]() is blocks and seen[1]() is ivf_offsets and seen[2] == len(ivf) \
+            and ivf.dtype == np.uint16:
+        return ivf, ivf_offsets, blocks  # the same read-only arrays as checked before
     C = len(ivf_offsets) - 1
     if ivf.dtype != np.uint16 or C < 1 or (len(blocks) - 1) % C or len(blocks) < len(ivf_offsets) \
+            or int(blocks[0]) != 0 or int(blocks[-1]) != len(ivf) \
             or not np.array_equal(blocks[:: (len(blocks) - 1) // C], ivf_offsets) \
-            or bool((blocks[1:] < blocks[:-1]).any()) or int(blocks[0]) != 0 or int(blocks[-1]) != len(ivf):
+            or bool((blocks[1:] < blocks[:-1]).any()):
         raise ValueError("ivf_blocks must refine ivf_offsets (C * H + 1 non-decreasing positions) over uint16 ids")
-    if blocks is ivf_blocks and not ivf_blocks.flags.writeable:
-        _CHECKED_BLOCKS[id(ivf_blocks)] = ivf_blocks
+    if frozen:
+        for k in [k for k, v in _CHECKED_BLOCKS.items() if v[0]() is None]:  # forget freed arrays
+            _CHECKED_BLOCKS.pop(k, None)
+        _CHECKED_BLOCKS[id(blocks)] = (weakref.ref(blocks), weakref.ref(ivf_offsets), len(ivf))
     return ivf, ivf_offsets, blocks
 
 
-#: Read-only block arrays :func:`ivf_args` has checked (weakly held: a freed array's id may be reused,
-#: hence the identity test on lookup).
-_CHECKED_BLOCKS: "weakref.WeakValueDictionary[int, np.ndarray]" = weakref.WeakValueDictionary()
+#: id(blocks) -> (weak blocks, weak offsets, P) of the read-only arrays :func:`ivf_args` has checked
+#: (a freed array's id may be reused: the weak references must still name the arrays passed).
+_CHECKED_BLOCKS: dict = {}
 
 
 #: Up to this ``ncells``, :func:`candidates` finds each token's ``ncells``-th best score in the
