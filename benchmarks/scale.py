@@ -27,6 +27,8 @@ with ``python benchmarks/corpora.py --sizes 1m``)::
 
 ``--configs`` names configurations of :data:`CONFIGS` (or gives JSON: ``{"key": {Indexer kwargs}}``).
 Builds are redone unless ``--reuse-builds`` (a cached build of older code would mislead).
+``--ndocs N`` searches at k=10 with ``ndocs=N`` instead of the index's default (768: a build made
+before the balanced preset recorded search depth 3, searched as a new build would be).
 """
 from __future__ import annotations
 
@@ -55,6 +57,14 @@ CONFIGS: Dict[str, dict] = {
 }
 #: Search settings: k=10 with the engine's defaults (plaid's by k; colbert-ai's (1, 0.5, 256)).
 SETTINGS = [{"label": "k10 default", "k": 10, "params": {}}]
+
+
+def settings_for(ndocs: Optional[int]) -> List[dict]:
+    """The search settings of a pass: the index's defaults, or k=10 with ``ndocs`` given (to search
+    an index built before a preset's search depth changed as a new build of it would be)."""
+    if ndocs is None:
+        return SETTINGS
+    return [{"label": f"k10 default, ndocs {ndocs}", "k": 10, "params": {"ndocs": int(ndocs)}}]
 #: Tokens sampled per index to measure the assignment's accuracy and per-token cost.
 ASSIGN_SAMPLE = 1 << 16
 
@@ -136,7 +146,7 @@ def run_size(size: str, specs: List[dict], args) -> (List[dict], dict):
     recall = corpora.Recall(bundle, gt_ids, gt_scores)
     ctxs = []
     for spec in specs:
-        spec = dict(spec, settings=SETTINGS)
+        spec = dict(spec, settings=settings_for(args.ndocs))
         timeout = args.peer_timeout if spec["engine"] != "plaid" else None
         ctx = run.build_engine(spec, size, bundle, meta, args.work, args.threads, not args.reuse_builds, log,
                                timeout=timeout)
@@ -372,6 +382,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--latency-queries", type=int, default=200)
     ap.add_argument("--search-repeats", type=int, default=1)
     ap.add_argument("--batch-repeats", type=int, default=1)
+    ap.add_argument("--ndocs", type=int, default=None,
+                    help="k=10 searches keep this many candidates (default: the index's; 768 is the balanced "
+                         "preset's depth 3, for builds made before it recorded one)")
     ap.add_argument("--session", default=time.strftime("%Y-%m-%d"),
                     help="label of this series of runs: ratios to 50k use runs of one session")
     ap.add_argument("--peer-timeout", type=float, default=7200, help="seconds a peer's build may take")

@@ -151,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     ix = p.add_argument_group("index parameters (see plaid.Indexer)")
     ix.add_argument("--preset", choices=["compact", "balanced", "accurate"], default="balanced",
                     help="measured codec setting (the options below override it): compact PQ 16 bytes, "
-                         "balanced PQ 34 bytes, accurate PQ 64 bytes per token and search depth 4, all with a "
+                         "balanced PQ 34 bytes and search depth 3, accurate PQ 64 bytes and search depth 4, all with a "
                          "learned rotation")
     ix.add_argument("--codec", choices=["pq", "scalar"], default=None,
                     help="residual codec: product quantisation or ColBERTv2 scalar buckets (default: the preset's, pq)")
@@ -171,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "clusters of its tokens (1: every token; 2: about half the vectors)")
     ix.add_argument("--search-depth", type=_positive_int, default=None, metavar="D",
                     help="recorded in the index: searches keep D times the default ndocs through stages 2-4 "
-                         "(default: the preset's, 4 for accurate, else 1; at most 64)")
+                         "(default: the preset's: compact 1, balanced 3, accurate 4; at most 64)")
     sh = p.add_argument_group("sharded index on Ray (needs the [ray] extra)")
     sh.add_argument("--shards", type=_positive_int, default=None, metavar="N",
                     help="build a sharded index of N shards: train once here, encode each shard in a Ray task")

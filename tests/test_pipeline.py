@@ -476,15 +476,15 @@ def test_search_depth_multiplies_ndocs():
 
 
 def test_index_search_depth_is_recorded_applied_and_kept(tmp_path, small_index, small_corpus):
-    """An index built with search_depth=2 searches as the same index at depth 1 with ndocs=512
-    (k=10), and keeps its depth through add()."""
+    """An index built with search_depth=2 searches as the same index built at the default depth
+    (3, the balanced preset's) with ndocs=512 (k=10), and keeps its depth through add()."""
     docs, queries = small_corpus
     path = str(tmp_path / "deep")
     plaid.Indexer(**SMALL_INDEXER, search_depth=2).build(path, docs, doc_ids=[f"doc-{i}" for i in range(len(docs))])
     assert plaid.Index(path).manifest["search"] == {"depth": 2} and plaid.Index(path).info()["search_depth"] == 2
-    assert plaid.Index(small_index).manifest["search"] == {"depth": 1}
+    assert plaid.Index(small_index).manifest["search"] == {"depth": 3}  # the balanced preset's
     deep, flat = plaid.Searcher(path), plaid.Searcher(small_index)
-    assert (deep.search_depth, flat.search_depth) == (2, 1)
+    assert (deep.search_depth, flat.search_depth) == (2, 3)
     a = deep.search(queries, k=10, trace=True)
     b = flat.search(queries, k=10, ndocs=512, trace=True)
     np.testing.assert_array_equal(a.ids, b.ids)

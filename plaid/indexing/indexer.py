@@ -60,13 +60,15 @@ def is_unit_norm(rows: np.ndarray) -> bool:
 #: Named codec settings (``Indexer(preset=...)``), measured on msmarco-5k (whole index folder,
 #: default search at k=10, recall@10 against exhaustive MaxSim on the original vectors; see
 #: docs/CODECS.md and benchmarks/results/codecs.md): compact 23.7 bytes/token, recall@10 0.888;
-#: balanced (the default) 41.6, 0.932 (0.957 at 50k documents, 39.2 bytes/token); accurate 71.7,
-#: 0.984 at its search depth 4 (0.964 at depth 1), 2.99 ms per query against balanced's 0.97.
+#: balanced (the default) 41.6, 0.946 at its search depth 3 (0.932 at depth 1; 0.977 and 0.961
+#: at 50k documents, 39.2 bytes/token); accurate 71.7, 0.984 at its search depth 4 (0.964 at
+#: depth 1). Depth 3 costs balanced 1.9x the latency of depth 1 at 5k (1.43 against 0.74 ms),
+#: 1.6x at 50k and 1.3x at a million documents (docs/CODECS.md, "Why balanced searches 3x deeper").
 #: ``pq_m`` is given for 128-dimensional vectors (ColBERT's) and scales with the dimension:
 #: ``round(dim * pq_m / 128)`` bytes, at least 1 and at most ``dim`` (see :func:`preset_pq_m`).
 PRESETS: Dict[str, Dict] = {
     "compact": {"codec": "pq", "pq_m": 16, "pq_rotation": True, "search_depth": 1},
-    "balanced": {"codec": "pq", "pq_m": 34, "pq_rotation": True, "search_depth": 1},
+    "balanced": {"codec": "pq", "pq_m": 34, "pq_rotation": True, "search_depth": 3},
     "accurate": {"codec": "pq", "pq_m": 64, "pq_rotation": True, "search_depth": 4},
 }
 #: The dimension the presets' ``pq_m`` is given for.
@@ -138,12 +140,13 @@ class Indexer:
         quality (measured in the README). Every later ``Index.add`` pools its documents the same
         way (the manifest records it); ``num_tokens``, ``doclens`` and bytes per token then count
         the pooled vectors.
-    search_depth : int or None, default None (the preset's: 4 for "accurate", else 1)
+    search_depth : int or None, default None (the preset's: 3 for "balanced", 4 for "accurate", 1 for "compact")
         Recorded in the manifest (``search.depth``): a :class:`plaid.Searcher` of this index keeps
         ``search_depth`` times PLAID's default ``ndocs`` (k=10: 256) through stages 2-4 unless
-        the search gives ``ndocs``. A codec as faithful as "accurate"'s leaves the centroid-only
-        stages 2-3 as the limit of recall, which a deeper search lifts (msmarco-5k, k=10: 0.964
-        at depth 1, 0.984 at depth 4, for ~3x the latency). 1 <= search_depth <= 64.
+        the search gives ``ndocs``. A codec as faithful as "balanced"'s or "accurate"'s leaves the
+        centroid-only stages 2-3 as the limit of recall, which a deeper search lifts (msmarco-5k,
+        k=10: balanced 0.932 at depth 1, 0.946 at depth 3, for 1.9x the latency; accurate 0.964
+        at depth 1, 0.984 at depth 4, for ~3x). 1 <= search_depth <= 64.
     show_progress : bool, default True
         tqdm progress bars for the long phases.
     """

@@ -46,7 +46,8 @@ def default_search_params(k: int, depth: int = 1) -> dict:
     shorter queries probe far fewer cells (7-token msmarco-5k queries: recall@100 0.79 with a
     fixed ncells=2, 0.94 with this rule; the ceiling of the index is 0.95).
 
-    ``depth`` (an index's ``search.depth``, recorded by its preset: 4 for "accurate") multiplies
+    ``depth`` (an index's ``search.depth``, recorded by its preset: 3 for "balanced", 4 for
+    "accurate") multiplies
     ``ndocs``: stages 2-4 keep ``depth`` times as many candidates. A faithful codec makes the
     centroid-only stages 2-3 the limit of recall; a deeper search lifts it at the cost of stage 4.
     """
@@ -103,8 +104,9 @@ class SearchParams:
         (with the fallback of :mod:`plaid.search.pipeline`). None: by ``k``.
     ndocs : int or None, default None
         Candidates kept by stage 2 (at least ``k``); stage 3 keeps ``ndocs // 4`` (at least
-        ``k``). None: by ``k``, times the index's search depth (``search_depth``: 4 for an
-        index built with the "accurate" preset, else 1).
+        ``k``). None: by ``k``, times the index's search depth (``search_depth``, recorded by
+        the preset the index was built with: 3 for "balanced", the default; 4 for "accurate";
+        1 for "compact" and for indexes built before the presets recorded one).
     threads : int or None, default None
         Threads of the search: they share the batch's query-centroid product, then run stages
         1-4 of different queries in parallel (a single query on a large index: its stage 2
