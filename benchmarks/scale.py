@@ -277,6 +277,11 @@ def write_markdown(results: dict, path: str) -> None:
             f"{_f(r['search'].get('rss_file_after_queries_mb'), '{:.0f}')} ({_f(r['search'].get('peak_rss_mb'), '{:.0f}')}) | "
             f"{_f(mem / 2**20 if mem else None, '{:.0f}')} | {r['search']['loadavg_1min_before']:.1f} | {r.get('session', '')} |")
     lines.append("")
+    given = [f"{r['corpus']} {r['key']} ({r.get('session', '')}): {k10(r)['label']}" for r in results["runs"]
+             if "settings" in r and k10(r) and k10(r).get("label") != "k10 default"]
+    if given:
+        lines += ["Searched with parameters given (`--ndocs`) rather than the index's defaults: " + "; ".join(given)
+                  + ".", ""]
     summ = results.get("summary", {})
     if summ:
         lines += ["## Growth", "", "Slopes: least-squares fit of log(value) against log(documents) over the sizes "
