@@ -106,7 +106,8 @@ class SearchParams:
         Candidates kept by stage 2 (at least ``k``); stage 3 keeps ``ndocs // 4`` (at least
         ``k``). None: by ``k``, times the index's search depth (``search_depth``, recorded by
         the preset the index was built with: 3 for "balanced", the default; 4 for "accurate";
-        1 for "compact" and for indexes built before the presets recorded one).
+        1 for "compact" and for indexes built before the presets recorded one; a balanced index
+        built before its preset's depth became 3 records 1).
     threads : int or None, default None
         Threads of the search: they share the batch's query-centroid product, then run stages
         1-4 of different queries in parallel (a single query on a large index: its stage 2
