@@ -45,6 +45,8 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.queries < 1:
         ap.error("--rounds and --queries must be at least 1")
+    if args.ndocs is not None and args.ndocs < args.k:
+        ap.error(f"--ndocs must be at least --k ({args.k}), got {args.ndocs}")
     import torch
 
     import plaid

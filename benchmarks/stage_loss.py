@@ -1,6 +1,6 @@
 """Where a search's recall@10 is lost, stage by stage, and what other stage-3 scores would recover.
 
-For each query, the index is searched with its defaults (k=10, ``--ndocs`` for stage 2) and the
+For each query, the index is searched at k=10 with ``--ndocs`` for stage 2 (default 256, PLAID's) and the
 stage-2 survivors are taken from the trace. They are then re-ranked offline by several stage-3
 scores, the best ``n3`` kept, and those ranked by the exact stage-4 score (the codec's decoded
 tokens: centroid + residual, divided by the stored norm), giving the recall@10 each stage-3 score
@@ -39,7 +39,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--index", required=True)
     ap.add_argument("--size", default="5k", help="the corpus the index holds (5k = msmarco-5k)")
-    ap.add_argument("--ndocs", type=int, default=256, help="stage 2's survivors (the default at k=10: 256)")
+    ap.add_argument("--ndocs", type=int, default=256, help="stage 2's survivors (PLAID's at k=10: 256; the balanced preset's depth 3: 768)")
     ap.add_argument("--n3", default="64,128", help="stage-3 survivors to try (the default: ndocs // 4)")
     ap.add_argument("--partial", default="4,8", help="PQ sub-spaces J of the cosine+J scores")
     ap.add_argument("--queries", type=int, default=350)

@@ -210,7 +210,7 @@ def test_a_pooled_sharded_build_pools_every_shard(tmp_path, ray_cluster, mini_co
         assert index.pooling == {"method": "ward", "factor": 2}
         assert index.num_tokens == int(pooled_doclens(np.array([len(d) for d in docs[start:start + n]]), 2).sum())
         one = str(tmp_path / f"one{i}")
-        plaid.Indexer(**SMALL_INDEXER, search_depth=3).build_trained(one, docs[start:start + n], trained,
+        plaid.Indexer(**dict(SMALL_INDEXER, search_depth=3)).build_trained(one, docs[start:start + n], trained,
                                                                      doc_ids=_ids(100)[start:start + n])
         assert _files(shard) == _files(one)
         start += n

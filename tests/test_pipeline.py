@@ -21,15 +21,15 @@ from reference_search import RefIndex, reference_search
 GRID = [(1, 0.5, 256), (2, 0.5, 256), (2, 0.45, 1024), (4, 0.4, 1024), (4, 0.4, 4096), (8, 0.3, 8192)]
 
 
-def _params(k, setting):
+def _params(k, setting, depth=1):
     if setting is None:
-        d = plaid.default_search_params(k)
+        d = plaid.default_search_params(k, depth)
         return d["ncells"], d["centroid_score_threshold"], d["ndocs"]
     return setting
 
 
 def _compare(path, queries, k, setting, engine, subsets=None):
-    nc, th, nd = _params(k, setting)
+    nc, th, nd = _params(k, setting, plaid.Index(path).search_depth)
     s = plaid.Searcher(path, engine=engine, centroid_precision="float32")
     res = s.search(queries, k=k, ncells=nc, centroid_score_threshold=th, ndocs=max(nd, k), subset=subsets)
     ids, scores = reference_search(RefIndex(path), [np.asarray(q, np.float32) for q in queries], res.ids.shape[1],
@@ -463,6 +463,15 @@ def test_search_params_defaults_budgets_and_use(small_index, small_corpus):
         s.search(queries, k=5, params=p)
 
 
+def test_presets_record_their_search_depth():
+    """The default (balanced) searches 3x PLAID's budgets, accurate 4x, compact 1x; an explicit
+    search_depth overrides the preset's."""
+    assert plaid.Indexer().search_depth == 3 and plaid.Indexer(preset="balanced").search_depth == 3
+    assert plaid.Indexer(preset="compact").search_depth == 1 and plaid.Indexer(preset="accurate").search_depth == 4
+    assert plaid.Indexer(search_depth=1).search_depth == 1 and plaid.Indexer(preset="accurate", search_depth=2).search_depth == 2
+    assert plaid.default_search_params(10, plaid.Indexer().search_depth)["ndocs"] == 768
+
+
 def test_search_depth_multiplies_ndocs():
     b = plaid.SearchParams(k=10).budgets(10**6, 1, depth=4)
     assert (b.n2, b.n3, b.small_subset) == (1024, 256, 1024)
@@ -476,15 +485,15 @@ def test_search_depth_multiplies_ndocs():
 
 
 def test_index_search_depth_is_recorded_applied_and_kept(tmp_path, small_index, small_corpus):
-    """An index built with search_depth=2 searches as the same index built at the default depth
-    (3, the balanced preset's) with ndocs=512 (k=10), and keeps its depth through add()."""
+    """An index built with search_depth=2 searches as the same index at depth 1 with ndocs=512
+    (k=10), and keeps its depth through add()."""
     docs, queries = small_corpus
     path = str(tmp_path / "deep")
-    plaid.Indexer(**SMALL_INDEXER, search_depth=2).build(path, docs, doc_ids=[f"doc-{i}" for i in range(len(docs))])
+    plaid.Indexer(**dict(SMALL_INDEXER, search_depth=2)).build(path, docs, doc_ids=[f"doc-{i}" for i in range(len(docs))])
     assert plaid.Index(path).manifest["search"] == {"depth": 2} and plaid.Index(path).info()["search_depth"] == 2
-    assert plaid.Index(small_index).manifest["search"] == {"depth": 3}  # the balanced preset's
+    assert plaid.Index(small_index).manifest["search"] == {"depth": 1}  # SMALL_INDEXER's
     deep, flat = plaid.Searcher(path), plaid.Searcher(small_index)
-    assert (deep.search_depth, flat.search_depth) == (2, 3)
+    assert (deep.search_depth, flat.search_depth) == (2, 1)
     a = deep.search(queries, k=10, trace=True)
     b = flat.search(queries, k=10, ndocs=512, trace=True)
     np.testing.assert_array_equal(a.ids, b.ids)

@@ -225,7 +225,7 @@ def test_k_larger_than_the_corpus_is_capped_at_the_corpus(small_index, small_cor
     for i in range(4):
         assert sorted(res.ids[i].tolist()) == list(range(len(docs)))  # each document once
         assert np.all(np.isfinite(res.scores[i])) and np.all(np.diff(res.scores[i]) <= 0)
-    # the default parameters of the capped k (600: ndocs 4096) reach every document too
+    # the default parameters of the capped k (600: ndocs 4096 at depth 1) reach every document too
     res = s.search(queries[:2], k=k)
     assert res.ids.shape == (2, len(docs)) and (res.ids >= 0).all()
     res = s.search(queries[:2], k=k, ncells=1)  # even from one cell
