@@ -78,7 +78,9 @@ def engine_specs(quick: bool = False) -> List[dict]:
                 {"engine": "colbert", "key": "colbert-nbits2", "config": {"nbits": 2}, "settings": [_plaid_setting(1, 0.5, 256)]},
                 {"engine": "fastplaid", "key": "fastplaid-nbits4", "config": {"nbits": 4},
                  "settings": [{"label": "k10 probe8 full4096", "k": 10, "params": {}}]}]
-    full = [_plaid_setting(*s, profile=(s == (2, 0.5, 256))) for s in PLAID_SWEEP] + [_k100()]
+    # (2, 0.5, 768): the balanced preset's default at k=10 since it records search depth 3
+    full = [_plaid_setting(*s, profile=(s == (2, 0.5, 256))) for s in PLAID_SWEEP[:2]] + [_plaid_setting(2, 0.5, 768)] \
+        + [_plaid_setting(*s) for s in PLAID_SWEEP[2:]] + [_k100()]
     some = [_plaid_setting(1, 0.5, 256), _plaid_setting(2, 0.5, 256), _plaid_setting(2, 0.45, 1024),
             _plaid_setting(4, 0.4, 4096), _k100()]
     return [
@@ -116,8 +118,6 @@ PROFILE_ORDER = ["centroid_scores_QCt", "stage1_candidates", "stage2_3_centroid_
                  "stage2_pruned_maxsim", "stage2_3_document_cells", "stage2_prune", "stage2_3_approx_maxsim", "stage4_score_table", "stage4_adc",
                  "stage4_centroid_terms_and_norms", "stage4_maxsim_reduce", "top_n"]
 
-ENGINE_DEFAULT_LABEL = {"plaid": "k10 nc2 th0.5 nd256", "colbert": "k10 nc1 th0.5 nd256",
-                        "fastplaid": "k10 probe8 full4096", "exhaustive": "k10 exact"}
 
 
 def runner_command(engine: str, work: str) -> Optional[List[str]]:
