@@ -292,6 +292,49 @@ def test_compiled_query_equals_the_stages(small_index, small_scalar_index, small
     _staged_and_compiled(path, queries, COMPILED_GRID)
 
 
+def test_stage4_takes_its_centroid_terms_from_stage1_scores(small_index, small_scalar_index, small_corpus):
+    """Stage 4's centroid terms are stage 1's float32 scores times a gain per centroid (the int8
+    row's scale over its factor): equal to the raw centroids' float32 products within float32
+    rounding, so the search's scores equal stage 4 from the raw products within 1e-5, and every
+    path that has R gives the compiled query's bits. bfloat16 scores are never used for it."""
+    from plaid.search.pipeline import centroid_gain
+
+    _, queries = small_corpus
+    for path in (small_index, small_scalar_index):
+        s = plaid.Searcher(path, centroid_precision="float32")
+        e = s._state.engine
+        assert e.centroid_gain is not None and e.centroid_gain.dtype == np.float32
+        for q in queries[:8]:
+            q = np.asarray(q, np.float32)
+            R = e.centroid_scores(q)
+            raw = q @ e.centroids.T
+            assert np.abs(R * e.centroid_gain - raw).max() <= 2e-6 * max(1.0, float(np.abs(raw).max()))
+            res = s.search(q, k=10)
+            docs = np.sort(res.ids[0][res.ids[0] >= 0])
+            got = dict(zip(res.ids[0].tolist(), res.scores[0].tolist()))
+            with_r = e.exact_scores(q, docs, R)
+            assert [got[d] for d in docs.tolist()] == with_r.tolist()  # the same bits as the one call
+            # ... which are the byte-table kernel's over R[:, u] * gain[u] computed by numpy
+            K = plaid.search.kernels_cpu
+            codes, resid = e.codes.parts[0], e.residuals.parts[0]
+            norms = e.norms.parts[0] if e.norms is not None else None
+            u, slot = K.used_centroids(codes, e.doc_offsets, docs, e.num_centroids)
+            want = K.exact_maxsim_ranges(e.codec.score_table(q).numpy(), K.gained_terms(R, e.centroid_gain, u), slot,
+                                         codes, resid, norms, e.doc_offsets, docs, e.norm_values)
+            assert want.tolist() == with_r.tolist()
+            np.testing.assert_allclose(e.exact_scores(q, docs), with_r, rtol=0, atol=1e-5)  # raw products
+        assert plaid.Searcher(path, centroid_precision="bfloat16")._state.engine.centroid_gain is None
+    # the gain: scale * |row| for unit-vector indexes, 1 otherwise, a zero row 0; None for
+    # centroids that are not exactly int8 rows times a scale (float16 or float32 storage)
+    rows = np.array([[127, 0, -3], [0, 0, 0], [5, -127, 1]], np.int8)
+    scales = np.array([0.01, 0.5, 0.002], np.float32)
+    c = rows.astype(np.float32) * scales[:, None]
+    g = centroid_gain(c, normalized=True)
+    np.testing.assert_allclose(g, scales * np.linalg.norm(rows.astype(np.float64), axis=1), rtol=1e-7)
+    assert g[1] == 0 and (centroid_gain(c, normalized=False) == 1).all()
+    assert centroid_gain(c + np.float32(1e-4), normalized=True) is None
+
+
 @pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")
 def test_one_token_queries_score_alike_on_every_path(small_index, small_scalar_index, small_corpus):
     """A one-token query's byte table is one column: numpy computes such a product by another

@@ -1208,11 +1208,13 @@ def exact(table, cs, slot, codes, residuals, norm_mode, norm_codes, norm_values,
 
 
 @jit
-def stage4(q, table, centroids, codes, residuals, norm_mode, norm_codes, norm_values, norm_table, doc_offsets, docs,
-           cslot, out):
+def stage4(R, cgain, q, table, centroids, codes, residuals, norm_mode, norm_codes, norm_values, norm_table,
+           doc_offsets, docs, cslot, out):
     """All of stage 4 after the byte table: the candidates' distinct centroids (first-seen order,
-    their ids and norms validated), their scores (:func:`centroid_dots`), the exact scores
-    (:func:`_exact_core`) into ``out`` float32 [n]. cslot: int32 [C] scratch, all -1 (left so).
+    their ids and norms validated), their scores, the exact scores (:func:`_exact_core`) into
+    ``out`` float32 [n]. The centroid scores: ``R[i, c] * cgain[c]`` (:func:`gained_terms`) when
+    ``cgain`` float32 [C] is given (R float32 [m, C]: the query's stage-1 scores), else the float32
+    products :func:`centroid_dots` (``cgain`` empty). cslot: int32 [C] scratch, all -1 (left so).
     Returns -1, or the position of the first token with an invalid centroid id or norm (then
     ``out`` is not written)."""
     m = q.shape[0]
@@ -1247,11 +1249,31 @@ def stage4(q, table, centroids, codes, residuals, norm_mode, norm_codes, norm_va
     if bad < 0:
         W = (m + 7) // 8 * 8
         csT = np.empty((U, W), np.float32)
-        centroid_dots(q, centroids, u, U, csT)
+        if cgain.shape[0] > 0:
+            gained_terms(R, cgain, u, U, csT)
+        else:
+            centroid_dots(q, centroids, u, U, csT)
         _exact_core(table, csT, crow, divisor, residuals, doc_offsets, docs, out, m)
     for k in range(U):
         cslot[u[k]] = -1
     return bad
+
+
+@jit
+def gained_terms(R, cgain, u, U, csT):
+    """``csT[k, i] = R[i, u[k]] * cgain[u[k]]`` for k < U and i < m (one float32 multiply), lanes
+    i >= m 0: stage 4's centroid scores from the query's stage-1 scores ``R`` float32 [m, C] (the
+    int8 scoring rows' products times their factor) and ``cgain`` float32 [C] (the stored scale
+    over that factor), equal to the raw centroids' products within float32 rounding."""
+    m = R.shape[0]
+    W = csT.shape[1]
+    for k in range(U):
+        c = u[k]
+        g = cgain[c]
+        for i in range(m):
+            csT[k, i] = R[i, c] * g
+        for i in range(m, W):
+            csT[k, i] = 0.0
 
 
 @jit
@@ -1458,14 +1480,15 @@ def transpose_colmax(R, T, colmax):
 
 
 @jit
-def search_query(R, q, table, centroids, ivf, ivf_offsets, ivf_blocks, dcells, dcell_offsets, doc_offsets, codes,
+def search_query(R, q, table, centroids, cgain, ivf, ivf_offsets, ivf_blocks, dcells, dcell_offsets, doc_offsets, codes,
                  residuals, norm_mode, norm_codes, norm_values, norm_table, alive, use_alive, k, ncells, threshold, n2, n3,
                  mark, slot, cslot, ticks):
     """Stages 1-4 of one query in one call: what ``pipeline.search_query`` decides (no subset),
     with the same results and trace.
 
     R float32 [m, C] the query's centroid scores; q float32 [m, dim]; table float32 [B * 256, m]
-    (``codec.score_table(q)``); the index's arrays (centroids float32 [C, dim], the inverted file
+    (``codec.score_table(q)``); the index's arrays (centroids float32 [C, dim], cgain float32 [C] or
+    empty (:func:`stage4`), the inverted file
     and its transpose, doc_offsets, the single segment's codes, residuals and norms as
     :func:`token_norms`); alive bool [N] (``use_alive``); budgets k, ncells, threshold (float64,
     compared in float32 as numpy does), n2, n3; scratch mark bool [N] all False, slot int32 [N]
@@ -1489,8 +1512,8 @@ def search_query(R, q, table, centroids, ivf, ivf_offsets, ivf_blocks, dcells, d
                                     np.empty(0, np.bool_), np.empty(0, np.int64), -1, 0)
     d4 = docs[sel3]
     exact4 = np.empty(d4.shape[0], np.float32)
-    bad = stage4(q, table, centroids, codes, residuals, norm_mode, norm_codes, norm_values, norm_table, doc_offsets,
-                 d4, cslot, exact4)
+    bad = stage4(R, cgain, q, table, centroids, codes, residuals, norm_mode, norm_codes, norm_values, norm_table,
+                 doc_offsets, d4, cslot, exact4)
     if bad >= 0:
         return none, np.empty(0, np.float32), docs, nc, thr, sel, sel3, bad
     top = ranked(exact4, k, ticks)
@@ -1661,7 +1684,7 @@ _NO_KEEP = np.zeros(1, np.bool_)
 
 
 @jit
-def search_many(R, starts, Q, tables, table_offsets, widths, centroids, ivf, ivf_offsets, ivf_blocks, dcells,
+def search_many(R, starts, Q, tables, table_offsets, widths, centroids, cgain, ivf, ivf_offsets, ivf_blocks, dcells,
                 dcell_offsets, doc_offsets, codes, residuals, norm_mode, norm_codes, norm_values, norm_table, alive, use_alive, k,
                 ncells, threshold, n2, n3, mark, slot, cslot, ids, scores, counts):
     """:func:`search_query` for each query ``i < len(starts) - 1`` of a group, in one call: its rows
@@ -1679,7 +1702,7 @@ def search_many(R, starts, Q, tables, table_offsets, widths, centroids, ivf, ivf
         w = widths[i]
         table = tables[lo:hi].reshape(((hi - lo) // w, w))
         hid, hsc, docs, nc, thr, sel2, sel3, bad = search_query(
-            R[a:b], Q[a:b], table, centroids, ivf, ivf_offsets, ivf_blocks, dcells, dcell_offsets, doc_offsets, codes,
+            R[a:b], Q[a:b], table, centroids, cgain, ivf, ivf_offsets, ivf_blocks, dcells, dcell_offsets, doc_offsets, codes,
             residuals, norm_mode, norm_codes, norm_values, norm_table, alive, use_alive, k, ncells, threshold, n2, n3, mark, slot,
             cslot, ticks)
         if bad >= 0:

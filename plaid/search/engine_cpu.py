@@ -28,7 +28,7 @@ from ..store import Snapshot, checked_codes, checked_norms
 from . import kernels_cpu as K
 from . import stages
 from .params import Budgets
-from .pipeline import Hits, QueryScores, Trace, alive_mask, scoring_centroids, scoring_matrix
+from .pipeline import Hits, QueryScores, Trace, alive_mask, centroid_gain, scoring_centroids, scoring_matrix
 
 __all__ = ["CPUEngine"]
 
@@ -116,6 +116,10 @@ class CPUEngine:
         # stages 1-3 score int8 rows times a factor per centroid (pipeline.scoring_centroids)
         self.scoring_rows, self.scoring_factor = scoring_centroids(self.centroids, self.normalized)
         self.precision = "bfloat16" if precision == "bfloat16" else "float32"
+        # stage 4 takes its centroid terms from stage 1's float32 scores (R * gain, equal to the
+        # raw centroids' products within float32 rounding); bfloat16 scores are too coarse for it
+        self.centroid_gain: Optional[np.ndarray] = \
+            centroid_gain(self.centroids, self.normalized) if self.precision == "float32" else None
         self._scoring_bf16: Optional[torch.Tensor] = None  # the bfloat16 product's matrix (made on first use)
         self._scoring_f32: Optional[torch.Tensor] = None  # the fallback's float32 rows (while it runs)
         self._scratch = _Scratch()
@@ -130,7 +134,7 @@ class CPUEngine:
             self.query_arrays = K.QueryArrays(
                 self.centroids, self.ivf, self.ivf_offsets, self.dcells, self.dcell_offsets, self.doc_offsets,
                 self.codes.parts[0], self.residuals.parts[0], self.norms.parts[0] if self.norms is not None else None,
-                self.alive, self.norm_values, self.ivf_blocks)
+                self.alive, self.norm_values, self.ivf_blocks, self.centroid_gain)
 
     # -- stages 1-4 in one call ------------------------------------------------------------------
     def search_one(self, q: np.ndarray, R: np.ndarray, b: Budgets, trace: Optional[Trace],
@@ -343,7 +347,9 @@ class CPUEngine:
         vector decoded: centroid score + the codec's byte-table sum (ADC), divided by the norm.
 
         The centroid terms come from a float32 product of this query with the raw centroids the
-        tokens use, never from the batch's (possibly bfloat16) scores of stages 1-3: a query's
+        tokens use (a search's stage 4 takes them from its float32 stage-1 scores instead,
+        :meth:`exact_scores` with ``R``: within float32 rounding of these), never from bfloat16
+        scores of stages 1-3: a query's
         scores do not depend on the batch it came in.
         """
         sims = stages.adc_scores(self.codec.score_table(q), self.residuals.take(pos))
@@ -359,24 +365,27 @@ class CPUEngine:
             sims /= torch.from_numpy(self.token_norms(pos)).float().numpy()[:, None]
         return sims
 
-    def exact_scores(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    def exact_scores(self, q: np.ndarray, docs: np.ndarray, R: Optional[np.ndarray] = None) -> np.ndarray:
         """Stage 4 by the compiled kernel: one pass over each candidate's tokens (centroid score +
         byte-table sum, / norm, max per query token, sum), reading a single segment's token
-        arrays in place and several segments' gathered; identical to :meth:`token_sims` +
-        ``stages.maxsim_scores``."""
+        arrays in place and several segments' gathered. The centroid scores come from ``R``
+        (float32 [m, C], the query's stage-1 scores) times :attr:`centroid_gain` when both are
+        there (float32 scores), as the compiled query takes them; else from float32 products of
+        the raw centroids, identical to :meth:`token_sims` + ``stages.maxsim_scores``."""
+        gain = self.centroid_gain if R is not None else None
         try:
             if len(self.codes.parts) == 1:
                 norms = self.norms.parts[0] if self.norms is not None else None
                 return K.exact_scores(q, self.codec, self.centroids, self.codes.parts[0], self.residuals.parts[0],
                                       norms, self.doc_offsets, docs, self._scratch.cslots(self.num_centroids),
-                                      self.norm_values)
+                                      self.norm_values, R=R if gain is not None else None, centroid_gain=gain)
             starts = self.doc_offsets[docs]
             pos, offs = stages.expand_ranges(starts, self.doc_offsets[docs + 1] - starts)
             cc = self.token_codes(pos)
             norms = self.token_norms(pos) if self.normalized else None  # values: float32 or float16
             u, slot = K.used_centroids(cc, offs, np.arange(len(docs), dtype=np.int64), self.num_centroids)
             table = self.codec.score_table(q).numpy()
-            cs = K.centroid_terms(q, self.centroids, u)
+            cs = K.gained_terms(R, gain, u) if gain is not None else K.centroid_terms(q, self.centroids, u)
             return K.exact_maxsim(table, cs, slot, cc, self.residuals.take(pos), norms, offs)
         except IndexCorruptError as e:
             raise IndexCorruptError(f"{self.snapshot.path}: index files {self.codes_file}"

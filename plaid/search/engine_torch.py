@@ -10,7 +10,7 @@ Only small per-query arrays (candidate ids, scores) cross to the host.
 """
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Optional, Tuple
 
 import numpy as np
 import torch
@@ -157,7 +157,8 @@ class TorchEngine:
             sims /= self._norms(pos).unsqueeze(1)
         return sims
 
-    def exact_scores(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
+    def exact_scores(self, q: np.ndarray, docs: np.ndarray, R: Optional[np.ndarray] = None) -> np.ndarray:
+        # R (stage 1's scores) is not used: the centroid terms are the raw centroids' products
         d = torch.from_numpy(docs).to(self.device)
         starts = self.doc_offsets_t[d]
         pos, offs = expand_ranges(starts, self.doc_offsets_t[d + 1] - starts)

@@ -14,8 +14,10 @@ tokens:
   through the codec's per-query table (asymmetric distance computation), over gathered tokens;
 * :func:`exact_maxsim_ranges` — the same reading the per-token arrays (memory-mapped or not) in
   place by each candidate's token range, validating the centroid ids and norms it reads;
+* :func:`gained_terms` — stage 4's centroid terms from stage 1's float32 scores,
+  ``R[:, u] * centroid_gain[u]`` (what the engine uses; :func:`plaid.search.pipeline.centroid_gain`);
 * :func:`centroid_terms` — stage 4's centroid terms ``q @ centroids[u].T`` in one fixed
-  summation order (the kernel's and numpy's alike);
+  summation order (the kernel's and numpy's alike; where no float32 stage-1 scores exist);
 * :func:`exact_scores` — all of stage 4 for one query (table, centroids used, their scores, kernel);
 * :func:`search_query` — stages 1-4 of one query in ONE call (over :class:`QueryArrays`): the
   pipeline's decisions compiled, so that a query's work runs without the GIL from its centroid
@@ -29,8 +31,9 @@ numpy's ``[m, n].sum(0)`` does (but numpy's pairwise order when ``n == 1``: the 
 single contiguous column); stage 4 adds the ``code_bytes`` table entries in order from 0 (as
 ``embedding_bag``), then the centroid score, divides by the norm (IEEE division), and sums the
 per-token maxima in numpy's pairwise order (``[n, m].sum(1)``). Stage 4's centroid terms are
-float32 products added in order over the dimensions (:func:`centroid_terms`: no BLAS, so the
-kernel and the fallback agree bit for bit; within ~1e-6 of a BLAS product).
+either one float32 multiply of the stage-1 score (:func:`gained_terms`) or float32 products added
+in order over the dimensions (:func:`centroid_terms`: no BLAS); either way the kernel and the
+fallback agree bit for bit (within ~1e-6 of a BLAS product).
 ``tests/test_kernels_cpu.py`` compares with ``==``.
 
 **Compilation.** Importing this module imports neither numba nor compiles anything. The first
@@ -66,7 +69,7 @@ from . import stages
 
 __all__ = ["backend", "reset", "warmup", "in_parts", "ivf_args", "candidates", "centroid_table_t", "approx_maxsim_docs",
            "approx_maxsim_ivf",
-           "used_centroids", "centroid_terms", "scores_product", "product_panels", "exact_maxsim", "exact_maxsim_ranges", "exact_scores", "QueryArrays",
+           "used_centroids", "centroid_terms", "gained_terms", "scores_product", "product_panels", "exact_maxsim", "exact_maxsim_ranges", "exact_scores", "QueryArrays",
            "search_query", "search_many"]
 
 _NEG_INF = np.float32(-np.inf)
@@ -134,11 +137,11 @@ def wait(timeout: Optional[float] = None) -> bool:
 # the arguments each kernel writes; every other array is passed read-only, so that one compiled
 # specialisation serves in-memory and memory-mapped (read-only) inputs alike
 _OUTPUTS = {"candidates": (5, 6), "transpose_table": (1,), "approx_docs": (7, 8), "approx_docs_strided": (6, 7),
-            "approx_ivf": (7, 8, 9), "used_centroids": (4,), "exact": (11,), "stage4": (11, 12),
-            "centroid_terms": (), "scores_product": (3,), "search_query": (23, 24, 25, 26),
+            "approx_ivf": (7, 8, 9), "used_centroids": (4,), "exact": (11,), "stage4": (13, 14),
+            "centroid_terms": (), "scores_product": (3,), "search_query": (24, 25, 26, 27),
             "query_head": (9, 10), "query_stages23": (9, 10, 17, 18, 20, 21), "ranked": (2,), "kept_at": (2, 3),
             "candidate_entries": (), "ivf_bits": (), "ivf_accumulate": (7, 8),
-            "search_many": (26, 27, 28, 29, 30, 31)}
+            "search_many": (27, 28, 29, 30, 31, 32)}
 
 
 def _ro(a):
@@ -222,7 +225,8 @@ def _warm(codes_dtype, search_only: bool, one_call: bool) -> None:
     scores_product(q, product_panels((cents * 100).astype(np.int8)), np.ones(C, np.float32), np.empty((m, C), np.float32),
                    0, C)
     arrays = QueryArrays(cents, ivf, ivf_offsets, dcells, dcell_offsets, offsets, codes, np.zeros((N, 1), np.uint8),
-                         np.zeros(N, np.uint8), None, norm_values=np.ones(256, np.float32), ivf_blocks=ivf_blocks)
+                         np.zeros(N, np.uint8), None, norm_values=np.ones(256, np.float32), ivf_blocks=ivf_blocks,
+                         centroid_gain=np.ones(C, np.float32))
     if one_call:
         search_query(Re[:, :C].copy(), q, table, arrays, 2, 1, 0.5, 2, 1, np.zeros(N, bool),
                      np.full(N, -1, np.int32), np.full(C, -1, np.int32))
@@ -597,6 +601,15 @@ def centroid_terms(q: np.ndarray, centroids: np.ndarray, u: np.ndarray) -> np.nd
     return _np_centroid_terms(q, centroids, u)
 
 
+def gained_terms(R: np.ndarray, centroid_gain: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """Stage 4's centroid terms from stage 1's scores: float32 [m, U], ``R[:, u] * centroid_gain[u]``
+    (one float32 multiply each, as the kernel's :func:`stage4` does). R: float32 [m, C] the
+    query's float32 centroid scores; centroid_gain: float32 [C]
+    (:func:`plaid.search.pipeline.centroid_gain`); u: int64 [U] centroid ids."""
+    u = np.asarray(u, np.int64)
+    return np.ascontiguousarray(np.asarray(R, np.float32)[:, u] * np.asarray(centroid_gain, np.float32)[u])
+
+
 #: Column ranges of :func:`scores_product` handed to different threads start at multiples of
 #: this (the kernel's panel of centroids).
 PRODUCT_ALIGN = 48
@@ -642,16 +655,19 @@ def scores_product(Q: np.ndarray, P: np.ndarray, factor: np.ndarray, out: np.nda
 
 def exact_scores(q: np.ndarray, codec, centroids: np.ndarray, codes: np.ndarray, residuals: np.ndarray,
                  norms: Optional[np.ndarray], doc_offsets: np.ndarray, docs: np.ndarray,
-                 cslot: Optional[np.ndarray] = None, norm_values: Optional[np.ndarray] = None) -> np.ndarray:
+                 cslot: Optional[np.ndarray] = None, norm_values: Optional[np.ndarray] = None,
+                 R: Optional[np.ndarray] = None, centroid_gain: Optional[np.ndarray] = None) -> np.ndarray:
     """All of stage 4 for one query, reading the token arrays in place.
 
     q: float32 [m, dim]; codec: the index's :class:`~plaid.codecs.ResidualCodec`; centroids:
     float32 [C, dim] (raw); codes, residuals, norms, doc_offsets, docs: as
     :func:`exact_maxsim_ranges` (``norm_values``: float32 [256] when ``norms`` are one-byte
     codes); cslot: optional int32 [C] scratch, all -1 (left so). Builds the
-    ADC table (``codec.score_table``), finds the centroids used, scores them
-    (:func:`centroid_terms`' order) and runs the kernel. Returns float32 [n], bit-identical to
-    :func:`exact_maxsim_ranges` over ``centroid_terms(q, centroids, u)``. Raises
+    ADC table (``codec.score_table``), finds the centroids used, scores them and runs the kernel.
+    The centroid scores: with ``R`` float32 [m, C] (the query's float32 stage-1 scores) and
+    ``centroid_gain`` float32 [C] (:func:`plaid.search.pipeline.centroid_gain`) both given,
+    ``R[:, u] * centroid_gain[u]`` (:func:`gained_terms`); else :func:`centroid_terms`. Returns
+    float32 [n], bit-identical to :func:`exact_maxsim_ranges` over those scores. Raises
     :class:`IndexCorruptError` for a token whose centroid id or norm is invalid.
     """
     q = np.ascontiguousarray(q, np.float32)
@@ -667,16 +683,25 @@ def exact_scores(q: np.ndarray, codec, centroids: np.ndarray, codes: np.ndarray,
             raise ValueError("stage 4: docs outside doc_offsets")
         if int(doc_offsets[docs].min()) < 0 or int(doc_offsets[docs + 1].max()) > len(codes):
             raise ValueError("stage 4: the documents' token ranges run past the token arrays")
+    gained = R is not None and centroid_gain is not None and len(centroid_gain) > 0
+    if gained:
+        R = np.ascontiguousarray(R, np.float32)
+        gain = _gain_arg(centroid_gain)
+        if R.shape != (len(q), C) or gain.shape != (C,):
+            raise ValueError(f"stage 4: R {R.shape} and centroid_gain {gain.shape} must be [m, C] and [C] "
+                             f"(m={len(q)}, C={C})")
+    else:
+        R, gain = np.zeros((len(q), 0), np.float32), _gain_arg(None)
     mode, ncodes, nvalues, ntable = _norm_args(norms, norm_values)
     out = np.empty(len(docs), np.float32)
     if cslot is None:
         cslot = np.full(C, -1, np.int32)
-    r = _run("stage4", q, table, np.ascontiguousarray(centroids, np.float32), codes, residuals, mode, ncodes, nvalues,
-             ntable, doc_offsets, docs, cslot, out)
+    r = _run("stage4", R, gain, q, table, np.ascontiguousarray(centroids, np.float32), codes, residuals, mode, ncodes,
+             nvalues, ntable, doc_offsets, docs, cslot, out)
     if r is None:
         u, slot = used_centroids(codes, doc_offsets, docs, C)
-        return exact_maxsim_ranges(table, centroid_terms(q, centroids, u), slot, codes, residuals, norms,
-                                   doc_offsets, docs, norm_values)
+        cs = gained_terms(R, gain, u) if gained else centroid_terms(q, centroids, u)
+        return exact_maxsim_ranges(table, cs, slot, codes, residuals, norms, doc_offsets, docs, norm_values)
     if r[0] >= 0:
         raise IndexCorruptError(f"stage 4: token {r[0]}: centroid id or norm invalid (id {int(codes[r[0]])})")
     return out
@@ -691,29 +716,42 @@ class QueryArrays:
     int32 [P], dcell_offsets int64 [N + 1] (the transpose, :func:`stages.doc_cells`); doc_offsets
     int64 [N + 1]; codes uint16/int32 [T], residuals uint8 [T, code_bytes], norms uint8 codes
     into ``norm_values`` (float32 [256]), float16/float32 [T], or None (ONE segment's token
-    arrays, memory-mapped or not: read in place); alive bool [N] or None.
+    arrays, memory-mapped or not: read in place); alive bool [N] or None; centroid_gain float32
+    [C] or None: stage 4 takes its centroid scores from the query's stage-1 scores R times it
+    (:func:`plaid.search.pipeline.centroid_gain`), else from float32 products of the raw
+    centroids.
     """
 
     def __init__(self, centroids, ivf, ivf_offsets, dcells, dcell_offsets, doc_offsets, codes, residuals, norms,
-                 alive, norm_values=None, ivf_blocks=None):
+                 alive, norm_values=None, ivf_blocks=None, centroid_gain=None):
         residuals = np.asarray(residuals)
         if residuals.dtype != np.uint8 or residuals.ndim != 2:
             raise ValueError("residuals must be uint8 [T, code_bytes]")
         C, N = len(ivf_offsets) - 1, len(doc_offsets) - 1
         if len(centroids) != C or len(dcell_offsets) != N + 1 or len(codes) != len(residuals) \
-                or (norms is not None and len(norms) != len(codes)) or (alive is not None and len(alive) != N):
+                or (norms is not None and len(norms) != len(codes)) or (alive is not None and len(alive) != N) \
+                or (centroid_gain is not None and np.shape(centroid_gain) != (C,)):
             raise ValueError("QueryArrays: inconsistent array sizes")
         mode, ncodes, nvalues, ntable = _norm_args(norms, norm_values)
         use_alive = alive is not None
         self.num_centroids, self.num_documents = C, N
         self.args = tuple(_ro(a) if isinstance(a, np.ndarray) else a for a in (
-            np.ascontiguousarray(centroids, np.float32), *ivf_args(ivf, ivf_offsets, ivf_blocks), _cells_arg(dcells),
+            np.ascontiguousarray(centroids, np.float32), _gain_arg(centroid_gain),
+            *ivf_args(ivf, ivf_offsets, ivf_blocks), _cells_arg(dcells),
             np.ascontiguousarray(dcell_offsets, np.int64), np.ascontiguousarray(doc_offsets, np.int64),
             _codes_arg(codes), np.ascontiguousarray(residuals), mode, ncodes, nvalues, ntable,
             np.ascontiguousarray(alive, np.bool_) if use_alive else _NO_ALIVE, use_alive))
 
 
 _NO_ALIVE = np.ones(1, np.bool_)
+
+
+def _gain_arg(centroid_gain) -> np.ndarray:
+    """The kernels' ``cgain``: float32 [C] C-contiguous, or empty (stage 4 then computes the
+    centroid scores as float32 products of the raw centroids)."""
+    if centroid_gain is None:
+        return np.zeros(0, np.float32)
+    return np.ascontiguousarray(centroid_gain, np.float32)
 
 
 def _run_prepared(name: str, args: tuple):
@@ -768,7 +806,7 @@ def search_query(R: np.ndarray, q: np.ndarray, table: np.ndarray, arrays: QueryA
     if not ready():
         return None
     ticks = np.zeros(5, np.int64)
-    if pool is not None and threads >= 2 and len(arrays.args[1]) >= SPLIT_MIN_INDEX_ENTRIES:
+    if pool is not None and threads >= 2 and len(arrays.args[2]) >= SPLIT_MIN_INDEX_ENTRIES:
         try:
             r = _search_query_split(_ro(R), _ro(q), _ro(table), arrays, int(k), int(ncells), float(threshold),
                                     int(n2), int(n3), mark, slot, cslot, ticks, pool, int(threads), scratch=scratch)
@@ -798,8 +836,8 @@ def _search_query_split(R, q, table, arrays: QueryArrays, k, ncells, threshold, 
     scoring in parts (:func:`_split_stage2`) where it applies, ``query_stages23`` (which decides
     as the one call does, using the parts' scores), stage 4 in parts (:func:`_split_stage4`),
     ``ranked``. None when the numpy fallback is in use."""
-    (cents, ivf, ivf_offsets, ivf_blocks, dcells, dcell_offsets, doc_offsets, codes, residuals, mode, ncodes, nvalues,
-     ntable, alive, use_alive) = arrays.args
+    (cents, cgain, ivf, ivf_offsets, ivf_blocks, dcells, dcell_offsets, doc_offsets, codes, residuals, mode, ncodes,
+     nvalues, ntable, alive, use_alive) = arrays.args
     head = _run_prepared("query_head", (R, ivf, ivf_offsets, ivf_blocks, alive, use_alive, ncells, n2, n3, mark, ticks))
     if head is None:
         return None
@@ -823,7 +861,7 @@ def _search_query_split(R, q, table, arrays: QueryArrays, k, ncells, threshold, 
     thr, sel, sel3 = r
     d4 = docs[sel3]
     exact4 = np.empty(len(d4), np.float32)
-    stage4_args = (q, table, cents, codes, residuals, mode, ncodes, nvalues, ntable, doc_offsets)
+    stage4_args = (R, cgain, q, table, cents, codes, residuals, mode, ncodes, nvalues, ntable, doc_offsets)
     # stage 4 in parts too when the query was large enough for stage 2's (cached and short, its
     # parts cost more than they save: 1.09x the one-call latency at 50k documents)
     bad = _split_stage4(stage4_args, d4, exact4, cslot, pool if best.shape[0] > 1 else None, threads, scratch)

@@ -74,8 +74,10 @@ class Engine(Protocol):
     def full_scores(self, S: "QueryScores", docs: np.ndarray) -> np.ndarray:
         """Stage 3: approximate MaxSim over every centroid of ``docs``: float32 [n]."""
 
-    def exact_scores(self, q: np.ndarray, docs: np.ndarray) -> np.ndarray:
-        """Stage 4: exact MaxSim of query ``q`` float32 [m, dim] with ``docs``: float32 [n]."""
+    def exact_scores(self, q: np.ndarray, docs: np.ndarray, R: Optional[np.ndarray] = None) -> np.ndarray:
+        """Stage 4: exact MaxSim of query ``q`` float32 [m, dim] with ``docs``: float32 [n]. ``R``:
+        the query's centroid scores [m, C], which an engine may take stage 4's centroid terms
+        from (the CPU engine does when they are float32)."""
 
     # optional: ``independent_rows: bool``, True when a query's row of ``centroid_scores`` does
     # not depend on the other rows of the call (then the pipeline may group queries freely).
@@ -115,6 +117,25 @@ def scoring_centroids(centroids: np.ndarray, normalized: bool) -> Tuple[np.ndarr
     else:
         factor = scales.astype(np.float32)
     return np.ascontiguousarray(rows), factor
+
+
+def centroid_gain(centroids: np.ndarray, normalized: bool) -> Optional[np.ndarray]:
+    """float32 [C]: what turns a query token's stage-1 score of centroid ``c`` (``R[i, c]``, the
+    int8 row's product times its factor, :func:`scoring_centroids`) into its product with the raw
+    centroid, stage 4's centroid term: the row's scale over its factor (``scale * |row|`` for an
+    index of unit vectors, 1 otherwise). The term then equals the float32 product of the raw
+    centroid within float32 rounding (~1e-7 relative), and stage 4 reads it from ``R`` instead
+    of multiplying the candidates' centroids again. None when the raw centroids are not exactly
+    their int8 rows times a scale (centroids stored as float16 or float32): then stage 4
+    multiplies them."""
+    c = np.asarray(centroids, np.float32)
+    q = quantize_centroids(c)
+    rows, scales = q["centroids"], np.asarray(q["centroid_scales"], np.float32)
+    if not np.array_equal(rows.astype(np.float32) * scales[:, None], c):
+        return None
+    if not normalized:
+        return np.ones(len(rows), np.float32)
+    return (scales.astype(np.float64) * np.linalg.norm(rows.astype(np.float64), axis=1)).astype(np.float32)
 
 
 def scoring_matrix(rows: np.ndarray, factor: np.ndarray) -> np.ndarray:
@@ -249,11 +270,12 @@ def stage3_rank(engine: Engine, S: QueryScores, docs: np.ndarray, sel: np.ndarra
     return sel[np.sort(top_n(approx, b.n3))]
 
 
-def stage4_exact(engine: Engine, q: np.ndarray, docs: np.ndarray, k: int) -> Hits:
-    """Stage 4: the ``k`` best of ``docs`` (sorted, non-empty, live) by exact MaxSim."""
+def stage4_exact(engine: Engine, q: np.ndarray, docs: np.ndarray, k: int, R: Optional[np.ndarray] = None) -> Hits:
+    """Stage 4: the ``k`` best of ``docs`` (sorted, non-empty, live) by exact MaxSim (``R``: the
+    query's centroid scores, see :meth:`Engine.exact_scores`)."""
     if len(docs) == 0:
         return np.zeros(0, np.int64), np.zeros(0, np.float32)
-    exact = engine.exact_scores(q, docs)
+    exact = engine.exact_scores(q, docs, R)
     top = top_n(exact, k)
     return docs[top], exact[top]
 
@@ -274,7 +296,7 @@ def search_query(engine: Engine, q: np.ndarray, R: np.ndarray, b: Budgets, subse
         if len(subset) == 0:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
         if len(subset) <= b.small_subset:  # small subset: exact within it
-            return stage4_exact(engine, q, subset, b.k)
+            return stage4_exact(engine, q, subset, b.k, R)
         nc = scaled_ncells(nc, len(subset), engine.num_live, engine.num_centroids)
     else:
         one = getattr(engine, "search_one", None)  # the same stages compiled into one call
@@ -292,7 +314,7 @@ def search_query(engine: Engine, q: np.ndarray, R: np.ndarray, b: Budgets, subse
     t2 = clock()
     sel3 = stage3_rank(engine, S, docs, sel, b)
     t3 = clock()
-    hits = stage4_exact(engine, q, docs[sel3], b.k)
+    hits = stage4_exact(engine, q, docs[sel3], b.k, R)
     if trace is not None:
         trace.candidates, trace.ncells, trace.threshold = docs, nc, threshold
         trace.stage2, trace.stage3 = docs[sel], docs[sel3]
