@@ -104,8 +104,8 @@ class PlaidEngine:
                 for q, c in zip(queries, final):
                     docs = np.sort(c[c >= 0])
                     t0 = time.perf_counter()
-                    eng.centroid_scores(q)  # Q·Cᵀ
-                    exact = eng.exact_scores(q, docs)
+                    R = eng.centroid_scores(q)  # Q·Cᵀ (stage 4 may take its centroid terms from it)
+                    exact = eng.exact_scores(q, docs, R)
                     top_n(exact, k)
                     if rep:
                         times.append(time.perf_counter() - t0)

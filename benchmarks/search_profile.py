@@ -89,8 +89,8 @@ def main(argv=None) -> dict:
                 stages["other"].append(total - sum(tm.values()))
                 docs = np.sort(final[i][final[i] >= 0])  # what stage 4 scored
                 t0 = time.perf_counter()
-                eng.centroid_scores(q)
-                top_n(eng.exact_scores(q, docs), args.k)
+                R = eng.centroid_scores(q)
+                top_n(eng.exact_scores(q, docs, R), args.k)
                 floor.append(time.perf_counter() - t0)
     if not all((a == b).all() for a, b in zip(ids[2], ids["2one"])):
         raise SystemExit("two threads in parts and in one call returned different ids")

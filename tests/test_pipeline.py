@@ -324,6 +324,9 @@ def test_stage4_takes_its_centroid_terms_from_stage1_scores(small_index, small_s
             assert want.tolist() == with_r.tolist()
             np.testing.assert_allclose(e.exact_scores(q, docs), with_r, rtol=0, atol=1e-5)  # raw products
         assert plaid.Searcher(path, centroid_precision="bfloat16")._state.engine.centroid_gain is None
+        # scores that are not the compiled product's (a plain copy stands for the fallback's BLAS
+        # product, whose bits may depend on the batch) are not used: the raw products' bits
+        assert e.exact_scores(q, docs, np.array(R)).tolist() == e.exact_scores(q, docs).tolist()
     # the gain: scale * |row| for unit-vector indexes, 1 otherwise, a zero row 0; None for
     # centroids that are not exactly int8 rows times a scale (float16 or float32 storage)
     rows = np.array([[127, 0, -3], [0, 0, 0], [5, -127, 1]], np.int8)
@@ -333,6 +336,28 @@ def test_stage4_takes_its_centroid_terms_from_stage1_scores(small_index, small_s
     np.testing.assert_allclose(g, scales * np.linalg.norm(rows.astype(np.float64), axis=1), rtol=1e-7)
     assert g[1] == 0 and (centroid_gain(c, normalized=False) == 1).all()
     assert centroid_gain(c + np.float32(1e-4), normalized=True) is None
+    # a finite centroid whose gain (scale * |row|, |row| up to 127 * sqrt(dim)) overflows float32
+    huge = np.full((1, 128), 127, np.int8).astype(np.float32) * np.float32(np.finfo(np.float32).max / 254)
+    assert np.isfinite(huge).all() and centroid_gain(huge, normalized=True) is None
+
+
+def test_stage4_centroid_terms_from_stage1_on_several_segments(living, small_corpus):
+    """A several-segment index (stages run one by one, stage 4 over gathered tokens) takes the same
+    centroid terms from R: a subset search, the staged search and exact_scores with R agree."""
+    _, queries = small_corpus
+    s = plaid.Searcher(living)
+    e = s._state.engine
+    assert len(e.codes.parts) > 1 and e.centroid_gain is not None and e.query_arrays is None
+    for q in queries[:6]:
+        q = np.asarray(q, np.float32)
+        R = e.centroid_scores(q)
+        res = s.search(q, k=10)
+        docs = np.sort(res.ids[0][res.ids[0] >= 0])
+        got = dict(zip(res.ids[0].tolist(), res.scores[0].tolist()))
+        assert [got[d] for d in docs.tolist()] == e.exact_scores(q, docs, R).tolist()
+        sub = s.search(q, k=10, subset=docs)  # a small subset: stage 4 over it directly
+        assert dict(zip(sub.ids[0].tolist(), sub.scores[0].tolist())) == got
+        np.testing.assert_allclose(e.exact_scores(q, docs), e.exact_scores(q, docs, R), rtol=0, atol=1e-5)
 
 
 @pytest.mark.skipif(plaid.search.kernels_cpu.backend() != "numba", reason="numba is not importable here")

@@ -107,7 +107,8 @@ def scoring_centroids(centroids: np.ndarray, normalized: bool) -> Tuple[np.ndarr
     :func:`plaid.codecs.quantize_centroids`): for an index whose centroids are stored so, exactly
     the stored rows. ``factor`` is the scale (within a float32 ulp of the stored one), or ``1 / |rows[c]|`` when the index holds unit
     vectors (stages 1-3 then score the unit centroids: cosine, the scale PLAID's thresholds are
-    set in). Stage 4 scores the raw centroids. A quarter of a float32 copy's memory, which a
+    set in). Stage 4's centroid terms are the raw centroids' products: on the CPU engine taken
+    from these scores times :func:`centroid_gain` when they are float32 and compiled. A quarter of a float32 copy's memory, which a
     single query's product at 65,536 centroids reads (:func:`plaid.search.kernels_cpu.scores_product`)."""
     q = quantize_centroids(np.asarray(centroids, np.float32))
     rows, scales = q["centroids"], q["centroid_scales"]
@@ -126,8 +127,8 @@ def centroid_gain(centroids: np.ndarray, normalized: bool) -> Optional[np.ndarra
     index of unit vectors, 1 otherwise). The term then equals the float32 product of the raw
     centroid within float32 rounding (~1e-7 relative), and stage 4 reads it from ``R`` instead
     of multiplying the candidates' centroids again. None when the raw centroids are not exactly
-    their int8 rows times a scale (centroids stored as float16 or float32): then stage 4
-    multiplies them."""
+    their int8 rows times a scale (centroids stored as float16 or float32), or when a gain would
+    not be a finite float32: then stage 4 multiplies them."""
     c = np.asarray(centroids, np.float32)
     q = quantize_centroids(c)
     rows, scales = q["centroids"], np.asarray(q["centroid_scales"], np.float32)
@@ -135,7 +136,12 @@ def centroid_gain(centroids: np.ndarray, normalized: bool) -> Optional[np.ndarra
         return None
     if not normalized:
         return np.ones(len(rows), np.float32)
-    return (scales.astype(np.float64) * np.linalg.norm(rows.astype(np.float64), axis=1)).astype(np.float32)
+    gain = scales.astype(np.float64) * np.linalg.norm(rows.astype(np.float64), axis=1)
+    # |row| reaches 127 * sqrt(dim): a finite centroid's gain can overflow (a hostile scale near
+    # float32's largest), where R * gain would give inf or NaN (0 * inf) for a finite product
+    if not (np.abs(gain) <= np.finfo(np.float32).max).all():
+        return None
+    return gain.astype(np.float32)
 
 
 def scoring_matrix(rows: np.ndarray, factor: np.ndarray) -> np.ndarray:
