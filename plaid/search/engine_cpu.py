@@ -71,13 +71,6 @@ class _Scratch(threading.local):
         return buf
 
 
-class CompiledScores(np.ndarray):
-    """Query-centroid scores made by the compiled float32 product (:meth:`CPUEngine.centroid_scores`):
-    a query's row has the same bits whatever its batch, its thread count or the BLAS, so stage 4
-    may take its centroid terms from it (:attr:`CPUEngine.centroid_gain`). A view of the plain
-    float32 array; slicing keeps the mark, a copy (``np.array``) drops it."""
-
-
 class CPUEngine:
     """Kernels of the four stages on the CPU (see :class:`plaid.search.pipeline.Engine`)."""
 
@@ -152,8 +145,8 @@ class CPUEngine:
         fallback): then the pipeline runs its stages on this engine's kernels. ``pool``: idle
         workers for ``b.threads - 1`` more threads (the caller's is one), over which a large stage 2
         is split (:func:`kernels_cpu.search_query`); None: this thread alone."""
-        if self.query_arrays is None or (self.centroid_gain is not None and not isinstance(R, CompiledScores)):
-            return None  # (R from the fallback's BLAS product, while the kernels load: the stages)
+        if self.query_arrays is None:
+            return None
         clock = time.perf_counter
         t0 = clock()
         q = np.ascontiguousarray(q, np.float32)
@@ -278,7 +271,7 @@ class CPUEngine:
             done = K.in_parts(pool, lambda p: K.scores_product(Q, self._scoring_t, fac, out, *ranges[p]), len(ranges)) \
                 if len(ranges) > 1 else [K.scores_product(Q, self._scoring_t, fac, out, *ranges[0])]
             if all(done):
-                return out.view(CompiledScores)
+                return out
         S = self._scoring_f32  # (dropped again once the compiled kernels are in use)
         if S is None:
             S = self._scoring_f32 = torch.from_numpy(self.scoring_rows.astype(np.float32))
@@ -376,12 +369,14 @@ class CPUEngine:
         """Stage 4 by the compiled kernel: one pass over each candidate's tokens (centroid score +
         byte-table sum, / norm, max per query token, sum), reading a single segment's token
         arrays in place and several segments' gathered. The centroid scores come from ``R``
-        (float32 [m, C], the query's stage-1 scores) times :attr:`centroid_gain` when ``R`` is
-        the compiled product's (:class:`CompiledScores`: its bits depend on neither the batch
-        nor a BLAS) and the gain exists, as the compiled query takes them; else from float32
-        products of the raw centroids, identical to :meth:`token_sims` +
-        ``stages.maxsim_scores``."""
-        gain = self.centroid_gain if isinstance(R, CompiledScores) else None
+        (float32 [m, C], the query's stage-1 scores, :meth:`centroid_scores`) times
+        :attr:`centroid_gain` when both are there, as the compiled query takes them; else from
+        float32 products of the raw centroids, identical to :meth:`token_sims` +
+        ``stages.maxsim_scores``. (The numpy fallback's R is a BLAS product padded to equal the
+        compiled one's bits where the BLAS sums in order, as MKL does: then its final scores
+        are the compiled query's too; elsewhere they may differ in the last bits, as its
+        stages 1-3 scores may.)"""
+        gain = self.centroid_gain if R is not None else None
         try:
             if len(self.codes.parts) == 1:
                 norms = self.norms.parts[0] if self.norms is not None else None
