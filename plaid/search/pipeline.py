@@ -99,7 +99,8 @@ def alive_mask(deleted: np.ndarray, num_documents: int) -> Optional[np.ndarray]:
     return alive
 
 
-def scoring_centroids(centroids: np.ndarray, normalized: bool) -> Tuple[np.ndarray, np.ndarray]:
+def scoring_centroids(centroids: np.ndarray, normalized: bool,
+                      quantized: Optional[dict] = None) -> Tuple[np.ndarray, np.ndarray]:
     """What stages 1-3 score query tokens against: (rows int8 [C, dim], factor float32 [C]); a
     query token ``t`` scores ``(t . rows[c]) * factor[c]`` against centroid ``c``.
 
@@ -108,9 +109,11 @@ def scoring_centroids(centroids: np.ndarray, normalized: bool) -> Tuple[np.ndarr
     the stored rows. ``factor`` is the scale (within a float32 ulp of the stored one), or ``1 / |rows[c]|`` when the index holds unit
     vectors (stages 1-3 then score the unit centroids: cosine, the scale PLAID's thresholds are
     set in). Stage 4's centroid terms are the raw centroids' products: on the CPU engine taken
-    from these scores times :func:`centroid_gain` when they are float32 and compiled. A quarter of a float32 copy's memory, which a
-    single query's product at 65,536 centroids reads (:func:`plaid.search.kernels_cpu.scores_product`)."""
-    q = quantize_centroids(np.asarray(centroids, np.float32))
+    from these scores times :func:`centroid_gain` when they are float32. A quarter of a float32
+    copy's memory, which a single query's product at 65,536 centroids reads
+    (:func:`plaid.search.kernels_cpu.scores_product`). ``quantized``: ``quantize_centroids(centroids)``
+    when the caller has it already."""
+    q = quantize_centroids(np.asarray(centroids, np.float32)) if quantized is None else quantized
     rows, scales = q["centroids"], q["centroid_scales"]
     if normalized:
         norms = np.linalg.norm(rows.astype(np.float64), axis=1)
@@ -120,7 +123,7 @@ def scoring_centroids(centroids: np.ndarray, normalized: bool) -> Tuple[np.ndarr
     return np.ascontiguousarray(rows), factor
 
 
-def centroid_gain(centroids: np.ndarray, normalized: bool) -> Optional[np.ndarray]:
+def centroid_gain(centroids: np.ndarray, normalized: bool, quantized: Optional[dict] = None) -> Optional[np.ndarray]:
     """float32 [C]: what turns a query token's stage-1 score of centroid ``c`` (``R[i, c]``, the
     int8 row's product times its factor, :func:`scoring_centroids`) into its product with the raw
     centroid, stage 4's centroid term: the row's scale over its factor (``scale * |row|`` for an
@@ -128,9 +131,9 @@ def centroid_gain(centroids: np.ndarray, normalized: bool) -> Optional[np.ndarra
     centroid within float32 rounding (~1e-7 relative), and stage 4 reads it from ``R`` instead
     of multiplying the candidates' centroids again. None when the raw centroids are not exactly
     their int8 rows times a scale (centroids stored as float16 or float32), or when a gain would
-    not be a finite float32: then stage 4 multiplies them."""
+    not be a finite float32: then stage 4 multiplies them. ``quantized``: as :func:`scoring_centroids`."""
     c = np.asarray(centroids, np.float32)
-    q = quantize_centroids(c)
+    q = quantize_centroids(c) if quantized is None else quantized
     rows, scales = q["centroids"], np.asarray(q["centroid_scales"], np.float32)
     if not np.array_equal(rows.astype(np.float32) * scales[:, None], c):
         return None
