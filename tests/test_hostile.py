@@ -795,6 +795,8 @@ for _cid, _name, _edit in [
         ("centroid_scales_nan", "centroid_scales", lambda ctx, a: _scale_of_top(ctx, a, np.nan)),
         ("centroid_scales_inf", "centroid_scales", lambda ctx, a: _scale_of_top(ctx, a, np.inf)),
         ("centroid_scales_negative", "centroid_scales", lambda ctx, a: _scale_of_top(ctx, a, -1.0)),
+        # finite centroids whose products with a query overflow float32 (scores inf or NaN)
+        ("centroid_scales_huge", "centroid_scales", lambda ctx, a: _scale_of_top(ctx, a, 1e36)),
         ("norms_nan", "norm_values", lambda ctx, a: _norm_value_of_top(ctx, a, np.nan)),
         ("norms_zero", "norm_values", lambda ctx, a: _set(a, 0, 0.0)),
         ("norms_inf", "norm_values", lambda ctx, a: _set(a, -1, np.inf)),

@@ -35,6 +35,10 @@ MANIFEST_MAX_BYTES = 64 << 20
 VERIFY_BLOCK_ROWS = 1 << 22
 #: Attempts to open a generation while writers keep committing new ones.
 OPEN_ATTEMPTS = 5
+#: Largest magnitude a (dequantized) centroid value may have: far beyond any embedding's, and small
+#: enough that a query token's product with a centroid stays a finite float32 (a re-signed index
+#: with scales near float32's largest would otherwise give infinite or NaN scores).
+MAX_CENTROID_VALUE = 1e18
 
 
 def read_manifest(path: str) -> Manifest:
@@ -207,6 +211,11 @@ class Snapshot:
                 c = np.array(raw, dtype=np.float32)
             if not np.isfinite(c).all():
                 raise self._bad("centroids", "centroids that are NaN or infinite")
+            big = float(np.abs(c).max()) if c.size else 0.0
+            if big > MAX_CENTROID_VALUE:
+                raise self._bad("centroid_scales" if raw.dtype == np.int8 else "centroids",
+                                f"centroid values up to {big:.3g}, beyond {MAX_CENTROID_VALUE:.0e} (search scores "
+                                "would overflow)")
             return c
         return self._cached("centroids", make)
 
